@@ -1,0 +1,128 @@
+"""The classifier that attention methods such as Grad-CAM read, and building a run's
+attention function.
+
+DHAT computes Grad-CAM with a *separate* ResNet-18 trained normally on the same data
+and frozen. The authors do not ship it; dhat-seg trains it (``dhat-seg train --method
+standard``, or automatically) and keeps it in the cache directory keyed by the data
+and settings, so later runs with the same data reuse it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dhat_seg.attention import AttentionContext, AttentionFn, AttentionSpec, validate_attention
+from dhat_seg.checkpoint import load_weights, resolve_weights
+from dhat_seg.config import TrainConfig
+from dhat_seg.errors import UserError
+from dhat_seg.models import Classifier
+from dhat_seg.plugin_manager import get_attention_spec
+
+
+def cache_root(override: str | Path | None = None) -> Path:
+    """Where dhat-seg keeps attention models and mask caches (``DHAT_SEG_CACHE``)."""
+    if override:
+        return Path(override)
+    return Path(os.environ.get("DHAT_SEG_CACHE", Path.home() / ".cache" / "dhat-seg"))
+
+
+def attention_model_config(cfg: TrainConfig) -> TrainConfig:
+    """Settings of the normally trained attention model for the data of ``cfg``."""
+    epochs = cfg.attention_model_epochs
+    return dataclasses.replace(
+        cfg,
+        method="standard",
+        model=cfg.attention_model_arch,
+        epochs=epochs,
+        milestones=sorted({m for m in (int(epochs * 0.5), int(epochs * 0.75)) if m >= 1}),
+        attention_model=None,
+        test_examples=cfg.test_examples,
+    )
+
+
+def attention_model_dir(cfg: TrainConfig, train_fingerprint: str, root: Path) -> Path:
+    sub = attention_model_config(cfg)
+    keyed = {k: getattr(sub, k) for k in ("data", "image_size", "train_size", "val_size", "rho", "augment", "model",
+                                           "epochs", "batch_size", "lr", "momentum", "weight_decay", "seed")}
+    keyed["train_fingerprint"] = train_fingerprint
+    digest = hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return root / "attention-models" / f"{cfg.data}-{sub.model}-{digest}"
+
+
+def ensure_attention_model(cfg: TrainConfig, train_fingerprint: str, root: Path, log: Callable[[str], None]) -> Path:
+    """Path of the attention model's weights: ``cfg.attention_model``, or the cached one,
+    or one trained now (said in the output) and cached for later runs."""
+    if cfg.attention_model:
+        return resolve_weights(cfg.attention_model)
+    run_dir = attention_model_dir(cfg, train_fingerprint, root)
+    if (run_dir / "summary.json").is_file():
+        log(f"attention model: reusing normally trained {cfg.attention_model_arch} from {run_dir}")
+        return resolve_weights(run_dir)
+    log(
+        f"attention model: none given (--attention-model), so training a {cfg.attention_model_arch} normally for "
+        f"{cfg.attention_model_epochs} epochs first, as the paper does; it is saved in {run_dir} and reused by later runs"
+    )
+    from dhat_seg.trainer import Trainer
+
+    Trainer(attention_model_config(cfg), run_dir, log=log, cache_dir=root).run(resume=run_dir.exists())
+    return resolve_weights(run_dir)
+
+
+def frozen(model: Classifier, device: torch.device) -> Classifier:
+    model = model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class CheckedAttention:
+    """Wraps an attention function: validates every result, naming the method."""
+
+    def __init__(self, spec: AttentionSpec, fn: AttentionFn, options: dict, classifier_path: Path | None):
+        self.spec, self.fn, self.options, self.classifier_path = spec, fn, options, classifier_path
+
+    def __call__(self, images, labels):
+        return validate_attention(self.fn(images, labels), images, self.spec.name)
+
+
+def build_attention(
+    cfg: TrainConfig,
+    *,
+    train_fingerprint: str,
+    num_classes: int,
+    device: torch.device,
+    log: Callable[[str], None],
+    root: Path,
+    classifier: Classifier | None = None,
+) -> CheckedAttention:
+    """Resolve ``cfg.attention`` to a validated per-batch attention function."""
+    spec = get_attention_spec(cfg.attention)
+    options = dict(cfg.attention_options or {})
+    if cfg.attention_checkpoint:
+        if "checkpoint" not in spec.default_options:
+            raise UserError(f"attention method {spec.name!r} takes no checkpoint; drop --attention-checkpoint")
+        options["checkpoint"] = cfg.attention_checkpoint
+    options = spec.resolve_options(options)
+    problem = spec.check_ready(options) if spec.check_ready else None
+    if problem:
+        raise UserError(f"attention method {spec.name!r} cannot run: {problem}")
+    path = None
+    if spec.needs_classifier(options) and classifier is None:
+        path = ensure_attention_model(cfg, train_fingerprint, root, log)
+        classifier = frozen(load_weights(path), device)
+    ctx = AttentionContext(
+        options=options,
+        device=device,
+        classifier=classifier,
+        cam_layer=classifier.cam_layer if classifier is not None else None,
+        image_size=(cfg.image_size, cfg.image_size),
+        num_classes=num_classes,
+    )
+    return CheckedAttention(spec, spec.build(ctx), options, path)

@@ -1,0 +1,162 @@
+"""Checkpoints: safetensors weights + a ``weights_only`` torch state, written atomically.
+
+Layout of ``RUN/checkpoints/``::
+
+    epoch_0007/model.safetensors   weights, with metadata (model, num_classes, mean, std)
+    epoch_0007/state.pt            optimiser, scheduler, epoch, best score (tensors + plain types)
+    pointers.json                  {"last": "epoch_0007", "best": "epoch_0005", ...}
+
+Each epoch directory is written under a temporary name and renamed into place, then
+``pointers.json`` is replaced atomically: a run killed at any moment leaves the
+previous consistent checkpoint. Nothing is ever unpickled: state files are read with
+``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file, safe_open
+from torch import nn
+
+from dhat_seg.errors import UserError
+from dhat_seg.models import Classifier, create_model
+
+WEIGHTS = "model.safetensors"
+STATE = "state.pt"
+POINTERS = "pointers.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_weights(model: Classifier, path: Path, model_name: str) -> None:
+    """Weights of a registry model as safetensors, with what is needed to rebuild it."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    num_classes = _num_classes(model)
+    meta = {
+        "model": model_name,
+        "num_classes": str(num_classes),
+        "mean": json.dumps(model.mean.flatten().tolist()),
+        "std": json.dumps(model.std.flatten().tolist()),
+        "format": "dhat-seg/1",
+    }
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(state, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def _num_classes(model: nn.Module) -> int:
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    return last.out_features
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"checkpoint {str(path)!r} is corrupt or not a safetensors file: {exc}") from None
+
+
+def load_weights(path: str | Path, model: nn.Module | None = None, expected_model: str | None = None) -> Classifier:
+    """Load a weights file into ``model`` (or build the model its metadata names).
+
+    Raises UserError for a missing file, a corrupt file, or weights of another
+    architecture, naming the file and what was expected.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {str(path)!r} does not exist; expected a {WEIGHTS} file or a run directory")
+    meta = read_metadata(path)
+    if model is None:
+        if "model" not in meta:
+            raise UserError(f"checkpoint {str(path)!r} has no dhat-seg metadata; expected a file written by dhat-seg")
+        if expected_model and meta["model"] != expected_model:
+            raise UserError(f"checkpoint {str(path)!r} holds model {meta['model']!r}; expected {expected_model!r}")
+        model = create_model(meta["model"], int(meta["num_classes"]), json.loads(meta["mean"]), json.loads(meta["std"]))
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"checkpoint {str(path)!r} is corrupt: {exc}") from None
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        arch = meta.get("model", "unknown")
+        detail = (missing or unexpected or wrong)[:3]
+        raise UserError(
+            f"checkpoint {str(path)!r} does not fit the model (it holds {arch!r} weights; "
+            f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} mis-shaped keys, e.g. {detail})"
+        )
+    model.load_state_dict(state)
+    return model
+
+
+def save_checkpoint(ckpt_dir: Path, epoch: int, model: Classifier, model_name: str, state: dict[str, Any], is_best: bool) -> None:
+    """Write epoch ``epoch`` atomically and update the last/best pointers."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    name = f"epoch_{epoch:04d}"
+    tmp = ckpt_dir / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_weights(model, tmp / WEIGHTS, model_name)
+    torch.save(state, tmp / STATE)
+    final = ckpt_dir / name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    pointers = read_pointers(ckpt_dir)
+    pointers["last"] = name
+    if is_best or "best" not in pointers:
+        pointers["best"] = name
+    atomic_write_text(ckpt_dir / POINTERS, json.dumps(pointers, indent=1))
+    keep = {pointers["last"], pointers["best"]}
+    for old in ckpt_dir.glob("epoch_*"):
+        if old.name not in keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def read_pointers(ckpt_dir: Path) -> dict[str, str]:
+    path = ckpt_dir / POINTERS
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{str(path)!r} is corrupt; expected JSON with 'last' and 'best' checkpoint names") from None
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or not a weights-only file: never fall back to unpickling
+        raise UserError(f"training state {str(path)!r} is corrupt or unsafe to load: {str(exc).splitlines()[0]}") from None
+
+
+def resolve_weights(target: str | Path, which: str = "best") -> Path:
+    """A run directory, a checkpoint directory or a weights file -> the weights file."""
+    target = Path(target)
+    if target.is_file():
+        return target
+    if not target.exists():
+        raise UserError(f"path {str(target)!r} does not exist; expected a run directory, checkpoint directory or {WEIGHTS}")
+    if (target / WEIGHTS).is_file():
+        return target / WEIGHTS
+    ckpt_dir = target / "checkpoints" if (target / "checkpoints").is_dir() else target
+    pointers = read_pointers(ckpt_dir)
+    if which not in pointers:
+        raise UserError(f"{str(target)!r} holds no {which} checkpoint; expected a run directory written by `dhat-seg train`")
+    return ckpt_dir / pointers[which] / WEIGHTS

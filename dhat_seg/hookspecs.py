@@ -1,0 +1,48 @@
+"""The dhat-seg plugin contract (pluggy hook specifications).
+
+Plugins are modules or objects with functions decorated by ``dhat_seg.hookimpl``.
+Built-in plugins live in ``plugins/`` (importable as ``dhat_seg.plugins.*``); third
+party plugins are found through the entry-point group ``dhat_seg``.
+
+Hooks are always called with keyword arguments; implementations may accept any subset
+of the arguments, by name, and must not rely on default values.
+
+The training loop never calls pluggy per batch: plugins hand over plain
+:class:`dhat_seg.attention.AttentionSpec` objects once, through ``register``, and the
+trainer calls the function the spec builds.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT_NAME = "dhat_seg"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+@hookspec
+def register_attention_methods(register):
+    """Register attention methods (ways to find the foreground of an image).
+
+    When: once, the first time dhat-seg needs the list of attention methods (for
+    ``dhat-seg plugins``, ``train --attention NAME``, ``masks build``, ``ablate``).
+
+    Receives: ``register``, a callable taking one
+    :class:`dhat_seg.attention.AttentionSpec`. Call it once per method the plugin
+    provides. Registering a name that is already taken is an error that names both
+    plugins.
+
+    Returns: nothing (the return value is ignored).
+
+    Example::
+
+        from dhat_seg import hookimpl
+        from dhat_seg.attention import AttentionSpec
+
+        @hookimpl
+        def register_attention_methods(register):
+            register(AttentionSpec(name="centre", description="a centred disc",
+                                   factory=build_centre, version="1"))
+    """

@@ -1,0 +1,240 @@
+"""The training loop: optimiser, schedule, devices, checkpoints, resume, selection.
+
+What is computed per batch lives in ``methods.py``; where foreground masks come from
+in ``attention_model.py``. Data flows one way: dataset -> (image, label, index) ->
+attention / foreground mask of the clean image -> method loss -> metrics.
+
+Reproducibility: every epoch reseeds the RNGs from (seed, epoch), so an epoch depends
+only on the state saved at the end of the previous one. A run killed at any point and
+restarted with ``resume=True`` redoes the interrupted epoch and ends with the same
+``summary.json`` as an uninterrupted run (on CPU; CUDA kernels may be nondeterministic).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dhat_seg import __version__, attacks, evaluate
+from dhat_seg.attention import foreground_mask
+from dhat_seg.attention_model import build_attention, cache_root
+from dhat_seg.checkpoint import load_state, load_weights, read_pointers, save_checkpoint
+from dhat_seg.config import TrainConfig, save_config
+from dhat_seg.data import build_dataset
+from dhat_seg.errors import UserError
+from dhat_seg.methods import create_method
+from dhat_seg.models import CIFAR_MEAN, CIFAR_STD, create_model
+
+CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "summary.json"
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device {name!r} is invalid; expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} was asked for but CUDA is not available; use --device cpu or auto")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def channel_stats(dataset, n: int = 2000) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of up to ``n`` images (normalisation inside the model)."""
+    x = torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
+    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+
+
+class Trainer:
+    """Trains one run into ``out_dir`` (config.yaml, metrics.jsonl, checkpoints/, summary.json)."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: str | Path, *, log: Callable[[str], None] | None = None,
+                 cache_dir: str | Path | None = None, progress: bool = True):
+        self.cfg = cfg.validate()
+        self.out = Path(out_dir)
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.cache_root = cache_root(cache_dir)
+        self.progress = progress
+        self.device = select_device(cfg.device)
+        self.amp = cfg.amp and self.device.type == "cuda"
+
+    # ------------------------------------------------------------------ setup
+    def _datasets(self):
+        c = self.cfg
+        common = dict(root=c.data_root, download=c.download, seed=c.seed, image_size=c.image_size, val_size=c.val_size, rho=c.rho)
+        train = build_dataset(c.data, "train", size=c.train_size, augment=c.augment, **common)
+        val = build_dataset(c.data, "val", size=c.train_size, **common)
+        test = build_dataset(c.data, "test", size=c.test_size, **common)
+        return train, val, test
+
+    def _prepare_out_dir(self, resume: bool) -> None:
+        config_path = self.out / CONFIG_FILE
+        if config_path.exists() and not resume:
+            raise UserError(f"run directory {str(self.out)!r} already holds a run; pass --resume to continue it or choose another --out")
+        if resume and config_path.exists():
+            import yaml
+
+            saved = yaml.safe_load(config_path.read_text()) or {}
+            current = self.cfg.to_dict()
+            diff = [k for k in current if k in saved and saved[k] != current[k] and k not in ("device", "num_workers", "amp")]
+            if diff:
+                k = diff[0]
+                raise UserError(f"cannot resume {str(self.out)!r}: option {k}={current[k]!r} differs from the run's {saved[k]!r}")
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, config_path)
+
+    # ------------------------------------------------------------------ main
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        c = self.cfg
+        self._prepare_out_dir(resume)
+        seed_everything(c.seed)
+        train_ds, val_ds, test_ds = self._datasets()
+        mean, std = (CIFAR_MEAN, CIFAR_STD) if c.data.startswith("cifar") else channel_stats(train_ds)
+        model = create_model(c.model, train_ds.num_classes, mean, std).to(self.device)
+        method = create_method(c)
+        attention = None
+        if method.needs_attention:
+            attention = build_attention(c, train_fingerprint=train_ds.fingerprint(), num_classes=train_ds.num_classes,
+                                        device=self.device, log=self.log, root=self.cache_root)
+        optimizer = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        # MultiStepLR multiplies by gamma once per milestone (the authors' code compounds every epoch)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(c.milestones), gamma=c.gamma)
+        scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+
+        start_epoch, best = 0, -math.inf
+        ckpt_dir = self.out / "checkpoints"
+        pointers = read_pointers(ckpt_dir) if resume else {}
+        if pointers.get("last"):
+            state = load_state(ckpt_dir / pointers["last"] / "state.pt")
+            load_weights(ckpt_dir / pointers["last"] / "model.safetensors", model)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if "scaler" in state and self.amp:
+                scaler.load_state_dict(state["scaler"])
+            start_epoch, best = int(state["epoch"]), float(state["best"])
+            self.log(f"resuming {self.out} after epoch {start_epoch}/{c.epochs}")
+        elif resume:
+            self.log(f"nothing to resume in {self.out}: starting from scratch")
+        self._truncate_metrics(start_epoch)
+
+        val_x, val_y = evaluate.collect(val_ds, c.val_examples)
+        for epoch in range(start_epoch, c.epochs):
+            seed_everything(c.seed * 100_003 + epoch)
+            t0 = time.time()
+            train_stats = self._train_epoch(model, method, attention, train_ds, optimizer, scaler, epoch)
+            scheduler.step()
+            val = self._validate(model, val_x, val_y, epoch)
+            score = val["val_robust_acc"] if val["val_robust_acc"] is not None else val["val_clean_acc"]
+            is_best = score > best
+            best = max(best, score)
+            record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **train_stats, **val,
+                      "best": is_best, "seconds": round(time.time() - t0, 2)}
+            with open(self.out / METRICS_FILE, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            print(json.dumps(record), flush=True)
+            state = {"epoch": epoch + 1, "best": best, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            if self.amp:
+                state["scaler"] = scaler.state_dict()
+            save_checkpoint(ckpt_dir, epoch + 1, model, c.model, state, is_best)
+
+        return self._finish(model, test_ds, ckpt_dir, attention)
+
+    # ------------------------------------------------------------------ pieces
+    def _truncate_metrics(self, epochs_done: int) -> None:
+        path = self.out / METRICS_FILE
+        if not path.exists():
+            return
+        lines = [l for l in path.read_text().splitlines() if l.strip()]
+        kept = [l for l in lines if json.loads(l).get("epoch", 0) <= epochs_done]
+        path.write_text("".join(l + "\n" for l in kept))
+
+    def _train_epoch(self, model, method, attention, dataset, optimizer, scaler, epoch) -> dict[str, float]:
+        c = self.cfg
+        generator = torch.Generator().manual_seed(c.seed * 7919 + epoch)
+        loader = DataLoader(dataset, batch_size=c.batch_size, shuffle=True, drop_last=len(dataset) > c.batch_size,
+                            num_workers=c.num_workers, generator=generator, pin_memory=self.device.type == "cuda")
+        model.train()
+        totals: dict[str, float] = {}
+        n_batches = 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{c.epochs} [{c.method}]", leave=False, disable=not self.progress or None,
+                   file=sys.stderr, dynamic_ncols=True)
+        for batch in bar:
+            x, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
+            foreground = None
+            if attention is not None:
+                foreground = foreground_mask(attention(x, y), c.threshold_policy, c.omega, c.quantile)
+            with torch.autocast(self.device.type, enabled=self.amp):
+                loss, stats = method.loss(model, x, y, foreground)
+            if not torch.isfinite(loss):
+                raise UserError(f"loss became {loss.item()} at epoch {epoch + 1}; lower --lr or check the loss settings")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            stats["loss"] = loss.item()
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v
+            n_batches += 1
+            bar.set_postfix(loss=f"{stats['loss']:.3f}")
+        return {f"train_{k}": round(v / max(n_batches, 1), 5) for k, v in totals.items()}
+
+    def _validate(self, model, x, y, epoch) -> dict[str, float | None]:
+        c = self.cfg
+        torch.manual_seed(c.seed + epoch)
+        clean = evaluate.correct_under_attack(model, x, y, "clean", device=self.device)
+        robust = None
+        if c.method != "standard":
+            model.eval()
+            flags = []
+            for s in range(0, len(x), 256):
+                xb, yb = x[s : s + 256].to(self.device), y[s : s + 256].to(self.device)
+                x_adv = attacks.pgd(model, xb, yb, c.eps / 255, 2 / 255, c.val_attack_steps, mode="eval")
+                with torch.no_grad():
+                    flags.append((model(x_adv).argmax(1) == yb).cpu())
+            robust = evaluate.percent(torch.cat(flags))
+        return {"val_clean_acc": evaluate.percent(clean), "val_robust_acc": robust}
+
+    def _finish(self, model, test_ds, ckpt_dir, attention) -> dict[str, Any]:
+        c = self.cfg
+        pointers = read_pointers(ckpt_dir)
+        load_weights(ckpt_dir / pointers["best"] / "model.safetensors", model)
+        model.eval()
+        x, y = evaluate.collect(test_ds, c.test_examples)
+        clean = evaluate.correct_under_attack(model, x, y, "clean", device=self.device, seed=c.seed)
+        pgd10 = evaluate.correct_under_attack(model, x, y, "pgd10", eps=c.eps / 255, device=self.device, seed=c.seed)
+        best_state = load_state(ckpt_dir / pointers["best"] / "state.pt")
+        summary = {
+            "method": c.method,
+            "attention": c.attention if attention is not None else None,
+            "model": c.model,
+            "data": c.data,
+            "epochs": c.epochs,
+            "seed": c.seed,
+            "best_epoch": int(best_state["epoch"]),
+            "best_val_score": round(float(best_state["best"]), 2),
+            "clean_acc": evaluate.percent(clean),
+            "pgd10_acc": evaluate.percent(pgd10),
+            "n_test": len(y),
+            "eps": c.eps,
+            "config_digest": c.digest(),
+            "dhat_seg_version": __version__,
+        }
+        (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
