@@ -246,3 +246,14 @@ def minmax_normalise(maps: Tensor, eps: float = 1e-12) -> Tensor:
     lo = flat.min(dim=1, keepdim=True).values
     hi = flat.max(dim=1, keepdim=True).values
     return ((flat - lo) / (hi - lo).clamp_min(eps)).view_as(maps)
+
+
+def foreground_iou(predicted: Tensor, truth: Tensor) -> Tensor:
+    """Per-image IoU of two bool foreground masks (B x 1 x H x W or B x H x W) -> B.
+
+    An image where both masks are empty scores 1 (they agree).
+    """
+    p, t = predicted.flatten(1).bool(), truth.flatten(1).bool()
+    inter = (p & t).sum(1).float()
+    union = (p | t).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))

@@ -157,6 +157,12 @@ def plugins():
     print_table(rows, [("name", "name"), ("plugin", "plugin"), ("kind", "kind"), ("ready", "ready"), ("description", "description")])
 
 
+from dhat_seg import cli_ablate, cli_masks  # noqa: E402  (sub-commands register themselves)
+
+cli_masks.register(app)
+cli_ablate.register(app)
+
+
 def main() -> None:
     app()
 

@@ -83,3 +83,11 @@ def test_spec_rejects_bad_names_and_kinds():
         AttentionSpec(name="bad name", description="", factory=lambda c: None)
     with pytest.raises(PluginError, match="kind"):
         AttentionSpec(name="ok", description="", factory=lambda c: None, kind="magic")
+
+
+def test_foreground_iou_by_hand():
+    from dhat_seg.attention import foreground_iou
+
+    p = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.bool).view(2, 1, 2, 2)
+    t = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0]], dtype=torch.bool).view(2, 2, 2)
+    assert foreground_iou(p, t).tolist() == pytest.approx([1 / 3, 1.0])
