@@ -125,6 +125,17 @@ def get_attention_spec(name: str) -> AttentionSpec:
     return methods[name]
 
 
+def register_plugin(plugin: object, name: str, label: str | None = None) -> None:
+    """Register a plugin object or module in-process (notebooks, tests).
+
+    It is added to the process-wide manager; the method table is rebuilt on next use.
+    """
+    pm = get_plugin_manager()
+    pm.register(plugin, name=name)
+    pm._dhat_labels[name] = label or f"{name} (registered in-process)"
+    attention_methods.cache_clear()
+
+
 def reset() -> None:
     """Forget loaded plugins (tests, or after installing a plugin in-process)."""
     attention_methods.cache_clear()
