@@ -149,18 +149,18 @@ def plugins():
         methods = attention_methods()
     for w in caught:
         typer.echo(f"warning: {w.message}", err=True)
-    rows = []
+    rows, reasons = [], []
     for spec in methods.values():
         problem = spec.readiness()
         rows.append({"name": spec.name, "plugin": spec.plugin, "kind": spec.kind,
-                     "ready": "yes" if problem is None else f"no: {problem}", "description": spec.description})
+                     "ready": "yes" if problem is None else "no (see below)", "description": spec.description})
+        if problem:
+            reasons.append(f"{spec.name}: {problem}")
     print_table(rows, [("name", "name"), ("plugin", "plugin"), ("kind", "kind"), ("ready", "ready"), ("description", "description")])
-
-
-from dhat_seg import cli_ablate, cli_masks  # noqa: E402  (sub-commands register themselves)
-
-cli_masks.register(app)
-cli_ablate.register(app)
+    if reasons:
+        typer.echo("\nnot ready:")
+        for line in reasons:
+            typer.echo(f"  {line}")
 
 
 def main() -> None:
