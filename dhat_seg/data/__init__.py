@@ -1,0 +1,30 @@
+"""Datasets for dhat-seg: the built-in synthetic set, CIFAR-10/100 and image folders.
+
+Every dataset yields ``(image, label, index)`` (see :class:`IndexedDataset`); build one
+with :func:`build_dataset`.
+"""
+
+from dhat_seg.data.base import IndexedDataset, TensorImageDataset, carve_validation, derive_seed
+from dhat_seg.data.datasets import DEFAULT_DATA_ROOT, FolderDataset, SyntheticDataset
+from dhat_seg.data.registry import DATASETS, DatasetInfo, build_dataset, list_datasets
+from dhat_seg.data.synthetic import BACKGROUNDS, SHAPES, SyntheticArrays, generate_synthetic
+from dhat_seg.data.transforms import JointAugment
+
+__all__ = [
+    "BACKGROUNDS",
+    "DATASETS",
+    "DEFAULT_DATA_ROOT",
+    "DatasetInfo",
+    "FolderDataset",
+    "IndexedDataset",
+    "JointAugment",
+    "SHAPES",
+    "SyntheticArrays",
+    "SyntheticDataset",
+    "TensorImageDataset",
+    "build_dataset",
+    "carve_validation",
+    "derive_seed",
+    "generate_synthetic",
+    "list_datasets",
+]

@@ -1,0 +1,304 @@
+"""Concrete datasets: synthetic (built in), CIFAR-10/100 (torchvision), image folders.
+
+Each ``load_*`` function returns an :class:`~dhat_seg.data.base.IndexedDataset` for one
+split. Train and val come from the same training pool: val is carved out of it
+deterministically from ``seed`` and the two are disjoint with union = the pool. The
+test set is never used for validation.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dhat_seg.data.base import (
+    IndexedDataset,
+    JointTransform,
+    TensorImageDataset,
+    carve_validation,
+    derive_seed,
+    images_from_hwc,
+    subset_indices,
+    validation_count,
+)
+from dhat_seg.data.synthetic import BACKGROUNDS, GENERATOR_VERSION, SHAPES, SyntheticArrays, generate_synthetic
+from dhat_seg.errors import UserError
+
+#: Where CIFAR is looked for (and downloaded to) when no root is given.
+DEFAULT_DATA_ROOT = "~/.cache/dhat-seg/data"
+
+SYNTHETIC_TRAIN_SIZE = 5000
+SYNTHETIC_TEST_SIZE = 1000
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+def _pool_split(split: str, pool: int, val_size: int | float, seed: int) -> Tensor:
+    """Indices (into a training pool of size ``pool``) of the train or val split."""
+    n_val = validation_count(pool, val_size)
+    if split == "val" and n_val == 0:
+        raise UserError(f"the validation split is empty with val_size={val_size!r}: use a positive fraction or count")
+    train_idx, val_idx = carve_validation(pool, n_val, seed)
+    return train_idx if split == "train" else val_idx
+
+
+# ---------------------------------------------------------------------------------
+# Synthetic
+# ---------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=2)
+def _generate_cached(n: int, seed: int, image_size: int, rho: float, mode: str) -> SyntheticArrays:
+    # train and val are carved from the same pool, usually built one after the other
+    return generate_synthetic(n, seed=seed, image_size=image_size, rho=rho, background=mode)
+
+
+class SyntheticDataset(TensorImageDataset):
+    """The built-in shapes-on-textures dataset (:mod:`dhat_seg.data.synthetic`).
+
+    Extra attributes: ``backgrounds`` (int64 N, texture index per sample),
+    ``background_names``; ``gt_masks`` holds the exact object masks.
+    """
+
+    def __init__(self, *args: Any, backgrounds: Tensor, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.backgrounds = backgrounds
+        self.background_names = list(BACKGROUNDS[: self.num_classes])
+
+
+def load_synthetic(
+    split: str,
+    *,
+    seed: int,
+    image_size: int,
+    size: int | None,
+    rho: float,
+    val_size: int | float,
+    transform: JointTransform | None,
+) -> SyntheticDataset:
+    """train/val: a pool of ``size`` (default 5000) correlated samples, val carved out;
+    test: ``size`` (default 1000) samples correlated like training (the ``same``
+    variant); test-mixed-rand: the same objects with uniformly random backgrounds."""
+    is_test = split.startswith("test")
+    n = size if size is not None else (SYNTHETIC_TEST_SIZE if is_test else SYNTHETIC_TRAIN_SIZE)
+    mode = "random" if split == "test-mixed-rand" else "correlated"
+    # both test variants share a seed: same objects, only the background draw differs
+    gen_seed = derive_seed(seed, "synthetic", "test" if is_test else "train")
+    if not is_test:
+        validation_count(n, val_size)  # reject a bad val_size before generating
+    arrays = _generate_cached(n, gen_seed, image_size, rho, mode)
+    params: dict[str, Any] = {
+        "generator": GENERATOR_VERSION,
+        "seed": int(seed),
+        "rho": float(rho),
+        "background": mode,
+        "pool": n,
+    }
+    if is_test:
+        idx = None
+        take = slice(None)
+    else:
+        idx = take = _pool_split(split, n, val_size, seed)
+        params["val_size"] = val_size
+    # indexing copies, so datasets never share storage with the generation cache
+    return SyntheticDataset(
+        arrays.images[take].clone(),
+        arrays.labels[take].clone(),
+        backgrounds=arrays.backgrounds[take].clone(),
+        gt_masks=arrays.masks[take].clone(),
+        params=params,
+        name="synthetic",
+        split=split,
+        num_classes=len(SHAPES),
+        class_names=SHAPES,
+        source_indices=idx,
+        transform=transform,
+    )
+
+
+# ---------------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100 (torchvision)
+# ---------------------------------------------------------------------------------
+
+
+def resolve_root(root: str | os.PathLike | None) -> Path:
+    return Path(root if root is not None else DEFAULT_DATA_ROOT).expanduser()
+
+
+def load_cifar(
+    name: str,
+    split: str,
+    *,
+    root: str | os.PathLike | None,
+    download: bool,
+    seed: int,
+    image_size: int,
+    size: int | None,
+    val_size: int | float,
+    transform: JointTransform | None,
+) -> TensorImageDataset:
+    """CIFAR-10/100 from ``root`` (downloaded there only when ``download``)."""
+    from torchvision import datasets as tvd  # heavy-ish import, only when needed
+
+    cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+    pretty = "CIFAR-10" if name == "cifar10" else "CIFAR-100"
+    base = resolve_root(root)
+    # accept the extracted folder itself (".../cifar-10-batches-py") as the root
+    if base.name == cls.base_folder:
+        base = base.parent
+    try:
+        ds = cls(root=str(base), train=not split.startswith("test"), download=download)
+    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted ..."
+        raise UserError(
+            f"{pretty} not found under {base}: pass --download to fetch it, or --data-root PATH "
+            f"pointing at a folder that contains {cls.base_folder}"
+        ) from exc
+    except OSError as exc:  # network / disk problems while downloading
+        raise UserError(f"downloading {pretty} into {base} failed: {exc}") from exc
+    images = images_from_hwc(ds.data)
+    labels = torch.as_tensor(ds.targets, dtype=torch.int64)
+    sub = subset_indices(len(labels), size, seed, f"{name}-{'test' if split == 'test' else 'train'}")
+    if sub is not None:
+        images, labels = images[sub], labels[sub]
+    source = sub
+    params: dict[str, Any] = {"size": size, "subset_seed": int(seed) if sub is not None else None}
+    if split != "test":
+        idx = _pool_split(split, len(labels), val_size, seed)
+        images, labels = images[idx], labels[idx]
+        source = idx if sub is None else sub[idx]
+        params.update(seed=int(seed), val_size=val_size)
+    return TensorImageDataset(
+        images,
+        labels,
+        params=params,
+        image_size=(image_size, image_size),
+        name=name,
+        split=split,
+        num_classes=len(ds.classes),
+        class_names=ds.classes,
+        source_indices=source,
+        transform=transform,
+    )
+
+
+# ---------------------------------------------------------------------------------
+# Image folders
+# ---------------------------------------------------------------------------------
+
+
+def scan_image_folder(path: Path) -> tuple[list[str], list[Path], list[str]]:
+    """ImageFolder layout: one subfolder per class. Returns (class names sorted, files
+    sorted by class then relative path, class name of each file). Classes without
+    images are skipped."""
+    classes, files, file_classes = [], [], []
+    for class_dir in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found = sorted(
+            p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if found:
+            classes.append(class_dir.name)
+            files.extend(found)
+            file_classes.extend([class_dir.name] * len(found))
+    return classes, files, file_classes
+
+
+class FolderDataset(IndexedDataset):
+    """Images read lazily from files, converted to RGB and resized to ``image_size``
+    (bilinear; the aspect ratio is not kept). Fingerprint: the files' relative paths,
+    labels and bytes."""
+
+    def __init__(self, files: list[Path], labels: Tensor, *, root: Path, **kwargs: Any):
+        super().__init__(labels=labels, **kwargs)
+        self.files = files
+        self.root = root
+
+    def load_image(self, index: int) -> Tensor:
+        from PIL import Image, UnidentifiedImageError
+
+        path = self.files[index]
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB").resize((self.image_size[1], self.image_size[0]), Image.BILINEAR)
+                array = np.asarray(im, dtype=np.uint8)
+        except (OSError, UnidentifiedImageError) as exc:
+            raise UserError(f"cannot read image {path}: {exc}") from exc
+        return torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
+
+    def _fingerprint_payload(self, h: "hashlib._Hash") -> None:
+        for path, label in zip(self.files, self._labels.tolist()):
+            h.update(f"{path.relative_to(self.root).as_posix()}:{label}\n".encode())
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+
+
+def load_folder(
+    split: str,
+    *,
+    root: str | os.PathLike | None,
+    seed: int,
+    image_size: int,
+    size: int | None,
+    val_size: int | float,
+    transform: JointTransform | None,
+) -> FolderDataset:
+    """An image folder: either ``root/train`` (+ ``root/test``, optional ``root/val``)
+    each with one subfolder per class, or ``root`` itself with one subfolder per class
+    (training data only). Without ``root/val``, val is carved out of the training data.
+    """
+    if root is None:
+        raise UserError("dataset 'folder' needs the folder of images: pass --data-root PATH")
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise UserError(f"image folder {base} does not exist or is not a directory")
+    split_layout = (base / "train").is_dir()
+    train_dir = base / "train" if split_layout else base
+    train_classes, _, _ = scan_image_folder(train_dir)
+    if not train_classes:
+        raise UserError(
+            f"no images found in {train_dir}: expected one subfolder per class holding image files "
+            f"({', '.join(IMAGE_EXTENSIONS)})"
+        )
+    has_val_dir = split_layout and (base / "val").is_dir()
+    if split == "test" or (split == "val" and has_val_dir):
+        source_dir = base / split
+        if not split_layout or not source_dir.is_dir():
+            raise UserError(f"image folder {base} has no {split}/ subfolder (expected {base}/{split}/<class>/<images>)")
+    else:
+        source_dir = train_dir
+    _, files, file_classes = scan_image_folder(source_dir)
+    if not files:
+        raise UserError(f"no images found in {source_dir}: expected one subfolder per class holding image files")
+    unknown = sorted(set(file_classes) - set(train_classes))
+    if unknown:
+        raise UserError(f"classes {unknown} in {source_dir} do not appear in the training folder {train_dir}")
+    class_index = {c: i for i, c in enumerate(train_classes)}
+    labels = torch.tensor([class_index[c] for c in file_classes], dtype=torch.int64)
+
+    sub = subset_indices(len(files), size, seed, f"folder-{source_dir.name}")
+    if sub is not None:
+        files = [files[i] for i in sub.tolist()]
+        labels = labels[sub]
+    source = sub
+    if split in ("train", "val") and not has_val_dir:
+        idx = _pool_split(split, len(files), val_size, seed)
+        files = [files[i] for i in idx.tolist()]
+        labels = labels[idx]
+        source = idx if sub is None else sub[idx]
+    return FolderDataset(
+        files,
+        labels,
+        root=base,
+        name="folder",
+        split=split,
+        num_classes=len(train_classes),
+        image_size=(image_size, image_size),
+        class_names=train_classes,
+        source_indices=source,
+        transform=transform,
+    )

@@ -1,0 +1,130 @@
+"""Dataset registry: names users pass to ``--dataset`` and :func:`build_dataset`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from dhat_seg.data.base import IndexedDataset
+from dhat_seg.data.datasets import load_cifar, load_folder, load_synthetic
+from dhat_seg.data.transforms import JointAugment
+from dhat_seg.errors import UserError
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What ``dhat-seg datasets`` lists about a dataset.
+
+    Attributes:
+        name: the registry name.
+        description: one line.
+        num_classes: number of classes, or None when it depends on the data (folder).
+        needs_download: True when the data must be fetched (``--download``) or supplied
+            (``--data-root``) before use.
+        splits: the split names :func:`build_dataset` accepts.
+    """
+
+    name: str
+    description: str
+    num_classes: int | None
+    needs_download: bool
+    splits: tuple[str, ...] = ("train", "val", "test")
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    info.name: info
+    for info in (
+        DatasetInfo(
+            "synthetic",
+            "built-in shapes on textures, 10 classes, exact foreground masks; the background "
+            "matches the class with probability rho (spurious cue); no download",
+            10,
+            False,
+            ("train", "val", "test", "test-mixed-rand"),
+        ),
+        DatasetInfo("cifar10", "CIFAR-10 (torchvision), 32x32, 10 classes", 10, True),
+        DatasetInfo("cifar100", "CIFAR-100 (torchvision), 32x32, 100 classes", 100, True),
+        DatasetInfo(
+            "folder",
+            "your images: --data-root with train/ and test/ (optional val/) subfolders of class "
+            "folders, or a single folder of class folders",
+            None,
+            False,
+        ),
+    )
+}
+
+#: Alternative split names.
+SPLIT_ALIASES = {"test-same": "test", "valid": "val", "validation": "val"}
+
+
+def list_datasets() -> list[DatasetInfo]:
+    """All registered datasets, in registry order."""
+    return list(DATASETS.values())
+
+
+def build_dataset(
+    name: str,
+    split: str,
+    *,
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    seed: int = 0,
+    image_size: int = 32,
+    size: int | None = None,
+    rho: float = 0.9,
+    val_size: int | float = 0.1,
+    augment: bool = False,
+) -> IndexedDataset:
+    """Build one split of a registered dataset.
+
+    Args:
+        name: a key of :data:`DATASETS`.
+        split: "train", "val", "test" (and for synthetic "test-mixed-rand"; "test" is
+            the ``same`` variant, correlated like training).
+        root: data folder (CIFAR: default ``~/.cache/dhat-seg/data``; folder: required).
+        download: CIFAR only: fetch the data into ``root`` if it is missing.
+        seed: seeds generation (synthetic), the validation carve-out and ``size`` subsets.
+        image_size: side of the returned square images (CIFAR is resized on access
+            when it is not 32).
+        size: number of samples: for train and val, the size of the *training pool*
+            that val is carved from (so train + val = size); for test, of the test set.
+            Synthetic defaults: pool 5000, test 1000; others: all samples (a
+            deterministic random subset when given).
+        rho: synthetic only: P(background == class) in train and test ("same").
+        val_size: fraction in [0, 1) or count of the training pool held out for val.
+        augment: apply :class:`JointAugment` (random crop pad 4 + horizontal flip) to
+            train images; ignored for the other splits.
+    """
+    info = DATASETS.get(name)
+    if info is None:
+        raise UserError(f"dataset {name!r} is unknown; known datasets: {', '.join(DATASETS)}")
+    split = SPLIT_ALIASES.get(split, split)
+    if split not in info.splits:
+        raise UserError(f"split {split!r} is unknown for dataset {name!r}; expected one of {', '.join(info.splits)}")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size <= 0):
+        raise UserError(f"size {size!r} is invalid: expected a positive integer (number of samples)")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 8 <= image_size <= 1024:
+        raise UserError(f"image size {image_size!r} is invalid: expected an integer from 8 to 1024")
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0.0 <= float(rho) <= 1.0:
+        raise UserError(f"rho {rho!r} is invalid: expected a probability in [0, 1]")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UserError(f"seed {seed!r} is invalid: expected an integer")
+    transform = JointAugment(padding=4, flip=True) if augment and split == "train" else None
+    if name == "synthetic":
+        return load_synthetic(
+            split, seed=seed, image_size=image_size, size=size, rho=float(rho), val_size=val_size, transform=transform
+        )
+    if name in ("cifar10", "cifar100"):
+        return load_cifar(
+            name,
+            split,
+            root=root,
+            download=download,
+            seed=seed,
+            image_size=image_size,
+            size=size,
+            val_size=val_size,
+            transform=transform,
+        )
+    return load_folder(split, root=root, seed=seed, image_size=image_size, size=size, val_size=val_size, transform=transform)
