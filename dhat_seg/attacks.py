@@ -16,22 +16,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dhat_seg.errors import UserError
+from dhat_seg.models import module_mode
 
 MODES = ("train", "eval", None)
 
 
 @contextlib.contextmanager
 def model_mode(model: nn.Module, mode: str | None):
-    """Temporarily put ``model`` in train or eval mode (None: leave it)."""
+    """Temporarily put ``model`` in "train" or "eval" mode (None: leave it as it is)."""
     if mode not in MODES:
         raise UserError(f"model mode {mode!r} is invalid; expected 'train', 'eval' or None")
-    was_training = model.training
-    if mode is not None:
-        model.train(mode == "train")
-    try:
+    if mode is None:
         yield model
-    finally:
-        model.train(was_training)
+        return
+    with module_mode(model, training=mode == "train"):
+        yield model
 
 
 def cw_margin_loss(logits: Tensor, y: Tensor, kappa: float = 50.0) -> Tensor:

@@ -27,6 +27,9 @@ from dhat_seg.errors import PluginError, UserError
 #: method's own weights (SAM, SOLO).
 KINDS = ("classifier", "image")
 
+#: Which class a classifier-based map explains: the true label (DHAT) or the prediction (PART).
+CLASSIFIER_TARGETS = ("label", "pred")
+
 
 class AttentionFn(Protocol):
     """What an :class:`AttentionSpec` factory builds: called once per batch."""

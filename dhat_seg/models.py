@@ -8,8 +8,9 @@ one way in; ``MODELS`` describes every entry without building it.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,29 @@ from dhat_seg.errors import UserError
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2471, 0.2435, 0.2616)
+
+
+@contextlib.contextmanager
+def module_mode(module: nn.Module, training: bool = False) -> Iterator[nn.Module]:
+    """Put ``module`` in train (``training=True``) or eval mode for a block, then restore.
+
+    Every submodule's own ``training`` flag is restored, not just the top one: a model
+    in train mode with, say, frozen BatchNorm layers kept in eval mode must come back
+    exactly as it was (``module.train(flag)`` would flip those layers too).
+    """
+    saved = [(m, m.training) for m in module.modules()]
+    module.train(training)
+    try:
+        yield module
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+def predicted_labels(classifier: nn.Module, images: Tensor, eval_mode: bool = True) -> Tensor:
+    """argmax of the classifier's logits, without gradients, in eval mode by default."""
+    with torch.no_grad(), module_mode(classifier, training=not eval_mode):
+        return classifier(images).argmax(dim=1)
 
 
 class Classifier(nn.Module):

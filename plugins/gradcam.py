@@ -9,42 +9,15 @@ round trip, no per-image loop.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dhat_seg.attention import CLASSIFIER_TARGETS as TARGETS
 from dhat_seg.attention import AttentionContext, AttentionSpec, minmax_normalise
 from dhat_seg.errors import UserError
 from dhat_seg.hookspecs import hookimpl
-
-TARGETS = ("label", "pred")
-
-
-@contextlib.contextmanager
-def module_mode(module: nn.Module, training: bool = False) -> Iterator[nn.Module]:
-    """Put ``module`` in train (``training=True``) or eval mode for a block, then restore.
-
-    Every submodule's own ``training`` flag is restored, not just the top one: a model
-    in train mode with, say, frozen BatchNorm layers kept in eval mode must come back
-    exactly as it was (``module.train(flag)`` would flip those layers too).
-    """
-    saved = [(m, m.training) for m in module.modules()]
-    module.train(training)
-    try:
-        yield module
-    finally:
-        for m, flag in saved:
-            m.training = flag
-
-
-def predicted_labels(classifier: nn.Module, images: Tensor, eval_mode: bool = True) -> Tensor:
-    """argmax of the classifier's logits (PART's "predicted class" target), no gradients."""
-    with torch.no_grad(), module_mode(classifier, training=not eval_mode):
-        return classifier(images).argmax(dim=1)
-
+from dhat_seg.models import module_mode, predicted_labels
 
 def grad_cam(classifier: nn.Module, layer: nn.Module, images: Tensor, targets: Tensor, eval_mode: bool = True) -> Tensor:
     """Grad-CAM maps, B x 1 x H x W in [0, 1].

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from dhat_seg.attention import AttentionContext, AttentionSpec, minmax_normalise
 from dhat_seg.errors import UserError
 from dhat_seg.hookspecs import hookimpl
-from dhat_seg.plugins.gradcam import TARGETS, module_mode, predicted_labels
+from dhat_seg.attention import CLASSIFIER_TARGETS as TARGETS
+from dhat_seg.models import module_mode, predicted_labels
 
 #: Baselines x': "black" = zeros (the paper's choice for images), "white" = ones,
 #: "mean" = each image's mean colour, "blur" = the image under a strong Gaussian blur
