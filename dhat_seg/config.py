@@ -43,6 +43,15 @@ class TrainConfig:
     threshold_policy: str = "fixed"
     omega: float = 0.1
     quantile: float = 0.5
+    # where DHAT's masks come from: "cache" = computed once per sample on the
+    # un-augmented image and augmented with it (dhat_seg.cache); "online" = recomputed
+    # every batch on the augmented clean image (the authors' code)
+    mask_source: str = "cache"
+    # "frozen" = the separate attention model (the paper); "self" = the model being
+    # trained, in eval mode (as PART); with mask_source "cache" its masks are rebuilt
+    # every mask_refresh_every epochs (0 = computed once, at the first epoch)
+    attention_source: str = "frozen"
+    mask_refresh_every: int = 0
     # losses
     lambda1: float = 1.0
     lambda2: float = 1.0
@@ -91,6 +100,9 @@ class TrainConfig:
             (self.image_size >= 8, "image_size", "an integer >= 8"),
             (self.num_workers >= 0, "num_workers", "a non-negative integer"),
             (self.val_examples >= 1, "val_examples", "a positive integer"),
+            (self.mask_source in ("cache", "online"), "mask_source", "'cache' or 'online'"),
+            (self.attention_source in ("frozen", "self"), "attention_source", "'frozen' or 'self'"),
+            (self.mask_refresh_every >= 0, "mask_refresh_every", "a non-negative integer (epochs; 0 = never)"),
         ]
         for ok, name, expected in checks:
             if not ok:

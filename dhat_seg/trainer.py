@@ -1,8 +1,11 @@
 """The training loop: optimiser, schedule, devices, checkpoints, resume, selection.
 
 What is computed per batch lives in ``methods.py``; where foreground masks come from
-in ``attention_model.py``. Data flows one way: dataset -> (image, label, index) ->
-attention / foreground mask of the clean image -> method loss -> metrics.
+in ``attention_model.py`` and ``cache.py``. Data flows one way: dataset -> (image,
+label, index[, cached mask]) -> foreground mask of the clean image -> method loss ->
+metrics. With ``mask_source: cache`` (the default) each sample's mask is computed once,
+on the un-augmented image, and travels with its image through the same random crop and
+flip; with ``mask_source: online`` the attention method runs on every augmented batch.
 
 Reproducibility: every epoch reseeds the RNGs from (seed, epoch), so an epoch depends
 only on the state saved at the end of the previous one. A run killed at any point and
@@ -26,6 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dhat_seg import __version__, attacks, evaluate
+from dhat_seg import cache as mask_cache
 from dhat_seg.attention import foreground_mask
 from dhat_seg.attention_model import build_attention, cache_root
 from dhat_seg.checkpoint import load_state, load_weights, read_pointers, save_checkpoint
@@ -33,7 +37,7 @@ from dhat_seg.config import TrainConfig, save_config
 from dhat_seg.data import build_dataset
 from dhat_seg.errors import UserError
 from dhat_seg.methods import create_method
-from dhat_seg.models import CIFAR_MEAN, CIFAR_STD, create_model
+from dhat_seg.models import CIFAR_MEAN, CIFAR_STD, create_model, module_mode
 
 CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "summary.json"
 
@@ -66,8 +70,9 @@ class Trainer:
     """Trains one run into ``out_dir`` (config.yaml, metrics.jsonl, checkpoints/, summary.json)."""
 
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, *, log: Callable[[str], None] | None = None,
-                 cache_dir: str | Path | None = None, progress: bool = True):
+                 cache_dir: str | Path | None = None, progress: bool = True, rebuild_masks: bool = False):
         self.cfg = cfg.validate()
+        self.rebuild_masks = rebuild_masks
         self.out = Path(out_dir)
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.cache_root = cache_root(cache_dir)
@@ -109,10 +114,25 @@ class Trainer:
         mean, std = (CIFAR_MEAN, CIFAR_STD) if c.data.startswith("cifar") else channel_stats(train_ds)
         model = create_model(c.model, train_ds.num_classes, mean, std).to(self.device)
         method = create_method(c)
-        attention = None
-        if method.needs_attention:
+        # per-batch attention function (mask_source "online") or per-sample masks (cache)
+        attention, masks = None, None
+        if method.needs_attention and c.attention_source == "self":
+            spec, options = mask_cache.resolve_method(c)
+            if not spec.needs_classifier(options):
+                raise UserError(f"attention_source='self' needs an attention method that reads a classifier (gradcam, ig, "
+                                f"sam with prompt=peak); {c.attention!r} does not: use attention_source='frozen'")
+        if method.needs_attention and c.mask_source == "online":
             attention = build_attention(c, train_fingerprint=train_ds.fingerprint(), num_classes=train_ds.num_classes,
-                                        device=self.device, log=self.log, root=self.cache_root)
+                                        device=self.device, log=self.log, root=self.cache_root,
+                                        classifier=model if c.attention_source == "self" else None)
+            if c.attention_source == "self":
+                attention = _in_eval_mode(attention, model)
+        elif method.needs_attention and c.attention_source == "frozen":
+            if c.mask_refresh_every:
+                self.log("mask_refresh_every is ignored with attention_source='frozen': the frozen model's masks never change")
+            masks = mask_cache.ensure_mask_cache(c, train_ds, device=self.device, root=self.cache_root, log=self.log,
+                                                 rebuild=self.rebuild_masks, progress=self.progress)
+        self_masks = method.needs_attention and c.mask_source == "cache" and c.attention_source == "self"
         optimizer = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
         # MultiStepLR multiplies by gamma once per milestone (the authors' code compounds every epoch)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(c.milestones), gamma=c.gamma)
@@ -130,15 +150,21 @@ class Trainer:
                 scaler.load_state_dict(state["scaler"])
             start_epoch, best = int(state["epoch"]), float(state["best"])
             self.log(f"resuming {self.out} after epoch {start_epoch}/{c.epochs}")
+            if self_masks and isinstance(state.get("masks"), dict) and start_epoch < c.epochs:
+                masks = self._resume_self_masks(state["masks"], train_ds, start_epoch)
         elif resume:
             self.log(f"nothing to resume in {self.out}: starting from scratch")
         self._truncate_metrics(start_epoch)
 
         val_x, val_y = evaluate.collect(val_ds, c.val_examples)
         for epoch in range(start_epoch, c.epochs):
-            seed_everything(c.seed * 100_003 + epoch)
             t0 = time.time()
-            train_stats = self._train_epoch(model, method, attention, train_ds, optimizer, scaler, epoch)
+            if self_masks:
+                # before reseeding: the build forks its own RNG, the epoch's draws stay the same
+                masks = self._self_masks(model, train_ds, epoch, masks)
+            seed_everything(c.seed * 100_003 + epoch)
+            data = mask_cache.MaskedDataset(train_ds, masks) if masks is not None else train_ds
+            train_stats = self._train_epoch(model, method, attention, data, optimizer, scaler, epoch)
             scheduler.step()
             val = self._validate(model, val_x, val_y, epoch)
             score = val["val_robust_acc"] if val["val_robust_acc"] is not None else val["val_clean_acc"]
@@ -152,9 +178,12 @@ class Trainer:
             state = {"epoch": epoch + 1, "best": best, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
             if self.amp:
                 state["scaler"] = scaler.state_dict()
+            if self_masks:
+                # which self-attention masks are in use, so that a resumed run finds them
+                state["masks"] = {"epoch": masks.key["classifier"]["epoch"], "sha256": masks.key["classifier"]["sha256"]}
             save_checkpoint(ckpt_dir, epoch + 1, model, c.model, state, is_best)
 
-        return self._finish(model, test_ds, ckpt_dir, attention)
+        return self._finish(model, test_ds, ckpt_dir, method.needs_attention)
 
     # ------------------------------------------------------------------ pieces
     def _truncate_metrics(self, epochs_done: int) -> None:
@@ -164,6 +193,36 @@ class Trainer:
         lines = [l for l in path.read_text().splitlines() if l.strip()]
         kept = [l for l in lines if json.loads(l).get("epoch", 0) <= epochs_done]
         path.write_text("".join(l + "\n" for l in kept))
+
+    def _refresh_epoch(self, epoch: int) -> int:
+        """The epoch whose starting weights give the self-attention masks of ``epoch``."""
+        every = self.cfg.mask_refresh_every
+        return 0 if every == 0 else (epoch // every) * every
+
+    def _self_masks(self, model, train_ds, epoch, current):
+        """Self-attention masks for ``epoch``: kept, or rebuilt from the current weights
+        at a refresh epoch (kept in RUN/masks/; older refreshes are deleted)."""
+        refresh = self._refresh_epoch(epoch)
+        if current is not None and current.key["classifier"]["epoch"] == refresh:
+            return current
+        if refresh != epoch:
+            # resumed without the masks of the last refresh: the nearest we can do
+            self.log(f"mask cache: the self-attention masks of epoch {refresh} are missing; recomputing them from the "
+                     f"weights of epoch {epoch} (this run now differs from an uninterrupted one)")
+        built = mask_cache.self_mask_cache(self.cfg, train_ds, model, refresh, self.out / "masks", device=self.device,
+                                           log=self.log, progress=self.progress)
+        mask_cache.remove_other_caches(self.out / "masks", built.directory)
+        return built
+
+    def _resume_self_masks(self, saved: dict, train_ds, start_epoch: int):
+        """The self-attention masks a checkpoint was using, if still on disk and still
+        current at ``start_epoch`` (else None: they are rebuilt)."""
+        if int(saved["epoch"]) != self._refresh_epoch(start_epoch) or self._refresh_epoch(start_epoch) == start_epoch:
+            return None
+        found = mask_cache.open_self_cache(self.out / "masks", train_ds, self.cfg, str(saved["sha256"]), int(saved["epoch"]))
+        if found is not None:
+            self.log(f"mask cache: reusing self-attention masks of epoch {saved['epoch']} from {found.directory}")
+        return found
 
     def _train_epoch(self, model, method, attention, dataset, optimizer, scaler, epoch) -> dict[str, float]:
         c = self.cfg
@@ -178,7 +237,10 @@ class Trainer:
         for batch in bar:
             x, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
             foreground = None
-            if attention is not None:
+            if len(batch) == 4:  # (image, label, index, cached mask augmented with the image)
+                foreground = mask_cache.batch_foreground(batch[3].to(self.device, non_blocking=True), c.threshold_policy,
+                                                         c.omega, c.quantile)
+            elif attention is not None:
                 foreground = foreground_mask(attention(x, y), c.threshold_policy, c.omega, c.quantile)
             with torch.autocast(self.device.type, enabled=self.amp):
                 loss, stats = method.loss(model, x, y, foreground)
@@ -211,7 +273,7 @@ class Trainer:
             robust = evaluate.percent(torch.cat(flags))
         return {"val_clean_acc": evaluate.percent(clean), "val_robust_acc": robust}
 
-    def _finish(self, model, test_ds, ckpt_dir, attention) -> dict[str, Any]:
+    def _finish(self, model, test_ds, ckpt_dir, uses_attention: bool) -> dict[str, Any]:
         c = self.cfg
         pointers = read_pointers(ckpt_dir)
         load_weights(ckpt_dir / pointers["best"] / "model.safetensors", model)
@@ -222,7 +284,7 @@ class Trainer:
         best_state = load_state(ckpt_dir / pointers["best"] / "state.pt")
         summary = {
             "method": c.method,
-            "attention": c.attention if attention is not None else None,
+            "attention": c.attention if uses_attention else None,
             "model": c.model,
             "data": c.data,
             "epochs": c.epochs,
@@ -238,3 +300,13 @@ class Trainer:
         }
         (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+def _in_eval_mode(attention, model):
+    """``attention`` called with ``model`` (the model being trained) in eval mode."""
+
+    def fn(images, labels):
+        with module_mode(model, training=False):
+            return attention(images, labels)
+
+    return fn

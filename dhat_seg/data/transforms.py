@@ -31,7 +31,10 @@ class JointAugment:
             that reflection copies into the border.
 
     Call: ``aug(image, mask) -> (image, mask)`` with image float 3 x H x W and mask bool
-    1 x H x W or None (returned as None). Outputs are plain tensors of the input sizes.
+    1 x H x W, uint8 1 x H x W (a quantised soft map from the mask cache; padding fills
+    0, i.e. background) or None (returned as None). Outputs are plain tensors of the
+    input sizes and dtypes. The random draws are the same with or without a mask, so a
+    mask never changes how its image is augmented.
     Randomness comes from torch's global generator (seeded per DataLoader worker).
     """
 
