@@ -731,6 +731,7 @@ def ensure_mask_cache(
     progress: bool = True,
     batch_size: int | None = None,
     hint: str = REBUILD_HINT,
+    chunk_size: int = CHUNK_SIZE,
 ) -> MaskCache:
     """Reuse, finish or build the frozen-attention mask cache of ``dataset`` for the
     attention settings of ``cfg``; says which in ``log``.
@@ -762,7 +763,7 @@ def ensure_mask_cache(
     threshold = Threshold(cfg.threshold_policy, cfg.omega, cfg.quantile)
     extra = {"dataset_args": dataset_args(cfg, dataset.split), "attention_model": str(path) if path else None}
     return build_masks(attention, dataset, directory, key, device=device, batch_size=batch_size or cfg.batch_size,
-                       num_workers=cfg.num_workers, threshold=threshold, rebuild=rebuild, log=log, progress=progress,
+                       chunk_size=chunk_size, num_workers=cfg.num_workers, threshold=threshold, rebuild=rebuild, log=log, progress=progress,
                        method_name=spec.name, extra_meta=extra)
 
 

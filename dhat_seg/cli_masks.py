@@ -109,6 +109,7 @@ def build(
     rebuild: bool = typer.Option(False, "--rebuild", help="discard the existing cache and compute every mask again"),
     cache_dir: Optional[Path] = _CACHE_DIR,
     batch_size: Optional[int] = typer.Option(None, help="images per attention call (default: the config's batch_size)"),
+    chunk_size: int = typer.Option(1024, help="samples per cache file (the unit of atomic writes and of resuming)"),
     seed: Optional[int] = _SEED,
     device: Optional[str] = _DEVICE,
 ):
@@ -122,11 +123,13 @@ def build(
                         "`masks build` builds frozen-attention caches only")
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size {batch_size} is invalid; expected a positive integer")
+    if chunk_size < 1:
+        raise UserError(f"--chunk-size {chunk_size} is invalid; expected a positive integer")
     dataset = dataset_for(cfg, split)
     try:
         cache = ensure_mask_cache(cfg, dataset, device=_device(cfg), root=_root(cache_dir), log=_log,
                                   train_fingerprint=_train_fingerprint(cfg, dataset), rebuild=rebuild,
-                                  batch_size=batch_size, hint=BUILD_HINT)
+                                  batch_size=batch_size, hint=BUILD_HINT, chunk_size=chunk_size)
     except KeyboardInterrupt:
         typer.echo("interrupted: finished chunks are kept; run the same command again to resume the build", err=True)
         raise typer.Exit(130) from None
