@@ -41,7 +41,7 @@ def attention_model_config(cfg: TrainConfig) -> TrainConfig:
         method="standard",
         model=cfg.attention_model_arch,
         epochs=epochs,
-        milestones=sorted({m for m in (int(epochs * 0.5), int(epochs * 0.75)) if m >= 1}),
+        milestones=[max(1, int(epochs * 0.75))],  # one decay, three quarters of the way
         attention_model=None,
         test_examples=cfg.test_examples,
     )

@@ -13,7 +13,7 @@ from torch import Tensor
 from dhat_seg.errors import UserError
 
 DHLR_FORMS = ("code", "paper", "paper-adv")
-FLOE_FORMS = ("paper", "code")
+FLOE_FORMS = ("paper", "code", "relative")
 
 
 def kl_div(p_logits: Tensor, q_logits: Tensor) -> Tensor:
@@ -49,11 +49,19 @@ def floe_loss(z_inv: Tensor, z_background: Tensor, form: str = "paper", p: float
       it enlarges the part of z_inv that the background logits cannot explain.
     * ``"code"`` (the authors' code): a batch-level projection
       R = z_inv - (z_inv z_B^T / ||z_B z_B^T||_F) z_B and the loss is +||R||_F / B.
+      Minimising it shrinks z_inv towards the span of z_B (and towards 0).
+    * ``"relative"`` (dhat-seg's scale-free variant, not in the paper):
+      -mean_b ||r_b||_p / ||z_inv_b||_p, i.e. -sin(angle(z_inv, z_B)) for p = 2. The
+      paper form's gradient has unit size whatever the logits' scale, so it can lower
+      the loss forever by inflating the logits; this one is bounded in [-1, 0] and only
+      rewards the direction the paper asks for.
     """
-    if form == "paper":
+    if form in ("paper", "relative"):
         coef = (z_inv * z_background).sum(dim=1, keepdim=True) / (z_background.pow(2).sum(dim=1, keepdim=True).clamp_min(eps))
-        residual = z_inv - coef * z_background
-        return -torch.linalg.vector_norm(residual, ord=p, dim=1).mean()
+        residual = torch.linalg.vector_norm(z_inv - coef * z_background, ord=p, dim=1)
+        if form == "relative":
+            residual = residual / torch.linalg.vector_norm(z_inv, ord=p, dim=1).clamp_min(eps)
+        return -residual.mean()
     if form == "code":
         gram_norm = torch.linalg.matrix_norm(z_background @ z_background.T).clamp_min(eps)
         residual = z_inv - (z_inv @ z_background.T / gram_norm) @ z_background

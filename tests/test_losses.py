@@ -109,3 +109,11 @@ def test_unknown_forms_are_user_errors():
         losses.dhlr_loss(t(Z_ADV), t(Z_INV), t(Z_B), form="x")
     with pytest.raises(UserError, match="floe_form 'y'"):
         losses.floe_loss(t(Z_INV), t(Z_B), form="y")
+
+
+def test_floe_relative_form_is_minus_sine_and_scale_free():
+    zi, zb = t([[3.0, 4.0]]), t([[1.0, 0.0]])
+    # residual [0, 4], ||z_inv|| = 5: sin = 0.8
+    assert losses.floe_loss(zi, zb, form="relative").item() == pytest.approx(-0.8)
+    assert losses.floe_loss(10 * zi, zb, form="relative").item() == pytest.approx(-0.8)
+    assert losses.floe_loss(10 * zi, zb, form="paper").item() == pytest.approx(-40.0)
