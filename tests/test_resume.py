@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 ARGS = ["--method", "dhat", "--attention", "gradcam", "--epochs", "3", "--batch-size", "32", "--seed", "3",
-        "--set", "train_size=480", "--set", "test_size=64", "--set", "val_size=32", "--set", "val_examples=32",
-        "--set", "attack_steps=2", "--set", "inv_steps=2", "--set", "val_attack_steps=2",
+        "--set", "train_size=320", "--set", "test_size=64", "--set", "val_size=32", "--set", "val_examples=32",
+        "--set", "attack_steps=1", "--set", "inv_steps=1", "--set", "val_attack_steps=1",
         "--set", "attention_model_epochs=1", "--set", "milestones=[2]", "--device", "cpu"]
 
 
@@ -39,7 +39,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and metrics.read_text().count("\n") >= 1:
-            time.sleep(0.5)  # well into epoch 2
+            time.sleep(0.3)  # into epoch 2
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed"
