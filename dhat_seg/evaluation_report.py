@@ -1,29 +1,53 @@
-"""``dhat-seg eval``: load a trained model, run the requested attacks, write eval.json."""
+"""``dhat-seg eval``: load a trained model, run the evaluation protocol, write eval.json.
+
+What is measured (DHAT evaluation protocol, REFERENCE section 1):
+
+* accuracy under each requested attack (clean, FGSM, PGD-10/20/50, C&W-inf, AutoAttack)
+  on the first ``n_examples`` samples of the test split, and the per-sample worst case;
+* the Robust Gap: the same attack (``gap_attack``, default PGD-10) on the first
+  ``gap_examples`` samples of the *un-augmented training split* minus on the test set;
+* on datasets with a background-shifted test set (the built-in synthetic data): the
+  BG-gap, clean and PGD-10 accuracy on ``test`` (training-like backgrounds) minus
+  ``test-mixed-rand`` (random backgrounds), on the same objects;
+* for runs trained with an attention method: the IoU of its foreground (after the run's
+  threshold policy) with the ground-truth masks, where the dataset has them;
+* optionally (``sanity=True``) the gradient-masking checks of :mod:`dhat_seg.sanity`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import os
 import platform
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
 
 from dhat_seg import __version__, evaluate
 from dhat_seg.checkpoint import load_weights, resolve_weights
-from dhat_seg.config import TrainConfig
-from dhat_seg.data import build_dataset
+from dhat_seg.config import FIELDS, TrainConfig
+from dhat_seg.data import DATASETS, build_dataset
 from dhat_seg.errors import UserError
 from dhat_seg.trainer import select_device
 
+EVAL_FILE = "eval.json"
+MIXED_RAND_SPLIT = "test-mixed-rand"
+
 
 def run_config_for(target: Path) -> TrainConfig | None:
-    """The config.yaml of the run a target belongs to, if any."""
+    """The config.yaml of the run a target belongs to, if any (unknown keys ignored)."""
     for candidate in (target, target.parent, target.parent.parent, target.parent.parent.parent):
         path = candidate / "config.yaml"
         if path.is_file():
-            return TrainConfig(**(yaml.safe_load(path.read_text()) or {}))
+            values = yaml.safe_load(path.read_text()) or {}
+            return TrainConfig(**{k: v for k, v in values.items() if k in FIELDS})
     return None
 
 
@@ -39,46 +63,289 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def run_eval(target: str | Path, *, attacks: str, n_examples: int | None, data: str | None, split: str, eps: float,
-             batch_size: int, device: str, seed: int) -> dict[str, Any]:
+def sha256_of_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def parse_count(value: str | None, flag: str, allow_zero: bool = False) -> int | None:
+    """A sample count given on the command line ("all" or empty: None)."""
+    if value is None or value.strip().lower() in ("", "all"):
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = None
+    if n is None or n < (0 if allow_zero else 1):
+        expected = "a non-negative integer (0 = off) or 'all'" if allow_zero else "a positive integer or 'all'"
+        raise UserError(f"{flag} {value!r} is invalid; expected {expected}")
+    return n
+
+
+@dataclass
+class EvalOptions:
+    """Settings of one evaluation. Counts: None = all samples; 0 disables that part.
+
+    Attributes:
+        attacks: comma list of :data:`dhat_seg.evaluate.EVAL_ATTACKS` names.
+        n_examples: the first N samples of ``split``.
+        aa_examples: AutoAttack on the first N of those only (it is the slow one).
+        gap_attack: attack of the Robust Gap ("none" disables it).
+        gap_examples: first N samples of the un-augmented training split for the Robust
+            Gap (None: as many as test examples evaluated).
+        bg_gap: measure the BG-gap where the dataset has a ``test-mixed-rand`` split.
+        iou_examples: attention IoU on the first N test images (0: off).
+        sanity: run the gradient-masking checks.
+        sanity_examples: the sanity checks use the first N evaluated samples.
+        eps: L_inf budget in 1/255 units.
+    """
+
+    attacks: str = ",".join(evaluate.DEFAULT_ATTACKS)
+    n_examples: int | None = None
+    aa_examples: int | None = None
+    gap_attack: str = "pgd10"
+    gap_examples: int | None = None
+    bg_gap: bool = True
+    iou_examples: int | None = 500
+    sanity: bool = False
+    sanity_examples: int | None = 500
+    data: str | None = None
+    split: str = "test"
+    eps: float = 8.0
+    batch_size: int = 256
+    device: str = "auto"
+    seed: int = 0
+    cache_dir: str | None = None
+    output: str | None = None
+    show_progress: bool = True
+
+    def validate(self) -> "EvalOptions":
+        self.attack_names = evaluate.parse_attacks(self.attacks)
+        for flag, value, minimum in (("--n-examples", self.n_examples, 1), ("--aa-examples", self.aa_examples, 1),
+                                     ("--gap-examples", self.gap_examples, 0), ("--iou-examples", self.iou_examples, 0),
+                                     ("--sanity-examples", self.sanity_examples, 1)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+                what = "a positive integer" if minimum else "a non-negative integer (0 = off)"
+                raise UserError(f"{flag} {value!r} is invalid; expected {what}")
+        gap = (self.gap_attack or "none").strip()
+        if gap not in ("none", "") and gap not in evaluate.EVAL_ATTACKS:
+            raise UserError(f"--gap-attack {gap!r} is unknown; expected one of {', '.join(evaluate.EVAL_ATTACKS)} or 'none'")
+        self.gap_attack = "none" if gap == "" else gap
+        if self.eps < 0:
+            raise UserError(f"--eps {self.eps} is invalid; expected a non-negative number (units of 1/255)")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size {self.batch_size} is invalid; expected a positive integer")
+        return self
+
+    def result_settings(self) -> dict[str, Any]:
+        """The settings that change the numbers (compared by ``dhat-seg ablate`` to reuse a row)."""
+        keys = ("attacks", "n_examples", "aa_examples", "gap_attack", "gap_examples", "bg_gap", "iou_examples",
+                "sanity", "sanity_examples", "data", "split", "eps", "seed")
+        out = {k: getattr(self, k) for k in keys}
+        out["attacks"] = list(evaluate.parse_attacks(self.attacks))
+        return out
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _dataset(cfg: TrainConfig, split: str):
+    """A split as the trainer builds it, un-augmented."""
+    size = cfg.test_size if split.startswith("test") else cfg.train_size
+    return build_dataset(cfg.data, split, root=cfg.data_root, download=cfg.download, seed=cfg.seed,
+                         image_size=cfg.image_size, size=size, val_size=cfg.val_size, rho=cfg.rho)
+
+
+def run_eval(target: str | Path, options: EvalOptions | None = None, *, log: Callable[[str], None] = _log,
+             **kwargs: Any) -> dict[str, Any]:
+    """Evaluate the model at ``target`` (run dir, checkpoint dir or weights file) and
+    write the report (default: RUN/eval.json). Keyword arguments set :class:`EvalOptions`."""
+    opts = dataclasses.replace(options or EvalOptions(), **kwargs).validate()
     target = Path(target)
     weights = resolve_weights(target)
-    names = evaluate.parse_attacks(attacks)
-    if n_examples is not None and n_examples < 1:
-        raise UserError(f"--n-examples {n_examples} is invalid; expected a positive integer")
-    if eps < 0:
-        raise UserError(f"--eps {eps} is invalid; expected a non-negative number (units of 1/255)")
     cfg = run_config_for(target.parent if target.is_file() else target) or TrainConfig()
-    if data:
-        cfg.data = data
-    dev = select_device(device)
+    if opts.data:
+        cfg.data = opts.data
+    info = DATASETS.get(cfg.data)
+    if info is None:
+        raise UserError(f"dataset {cfg.data!r} is unknown; known datasets: {', '.join(DATASETS)}")
+    dev = select_device(opts.device)
     model = load_weights(weights).to(dev).eval()
-    dataset = build_dataset(cfg.data, split, root=cfg.data_root, download=cfg.download, seed=cfg.seed,
-                            image_size=cfg.image_size, size=cfg.test_size if split.startswith("test") else cfg.train_size,
-                            val_size=cfg.val_size, rho=cfg.rho)
-    x, y = evaluate.collect(dataset, n_examples)
+    for p in model.parameters():  # attacks need input gradients only
+        p.requires_grad_(False)
     out_dir = weights.parent.parent.parent if weights.parent.parent.name == "checkpoints" else weights.parent
-    flags = {}
-    for name in names:
-        flags[name] = evaluate.correct_under_attack(model, x, y, name, eps=eps / 255, batch_size=batch_size, device=dev,
-                                                    seed=seed, aa_state_path=out_dir / f"aa_state_{split}.json")
+    weights_sha = sha256_of_file(weights)
+    t_start = time.time()
+
+    test_ds = _dataset(cfg, opts.split)
+    x, y = evaluate.collect(test_ds, opts.n_examples)
+    n_aa = len(x) if opts.aa_examples is None else min(opts.aa_examples, len(x))
+    common = dict(eps=opts.eps / 255, batch_size=opts.batch_size, device=dev, seed=opts.seed, show_progress=opts.show_progress)
+
+    def aa_state(split: str, n: int) -> Path:
+        # keyed by everything that changes AutoAttack's result, so a stale state is never continued
+        key = hashlib.sha256(json.dumps([weights_sha, split, n, opts.eps, opts.seed, cfg.data]).encode()).hexdigest()[:10]
+        return out_dir / "aa_state" / f"{split}-{key}.json"
+
+    seconds: dict[str, float] = {}
+    aa_warnings: list[str] = []
+    flags: dict[str, torch.Tensor] = {}
+    for name in opts.attack_names:
+        t0 = time.time()
+        flags.update(evaluate.flags_for_attacks(model, x, y, [name], aa_examples=n_aa, aa_state_path=aa_state(opts.split, n_aa),
+                                                aa_warnings=aa_warnings, **common))
+        seconds[name] = round(time.time() - t0, 2)
     accuracy = {name: evaluate.percent(f) for name, f in flags.items()}
-    attacked = [n for n in names if n != "clean"]
-    if len(attacked) > 1:
-        accuracy["worst_case"] = evaluate.percent(torch.stack([flags[n] for n in attacked]).all(dim=0))
-    report = {
+    examples = {name: len(f) for name, f in flags.items()}
+    worst, n_worst = evaluate.worst_case(flags)
+    if len(flags) > 1:
+        accuracy["worst_case"] = evaluate.percent(worst)
+        examples["worst_case"] = n_worst
+
+    report: dict[str, Any] = {
         "weights": str(weights),
+        "weights_sha256": weights_sha,
         "data": cfg.data,
-        "split": split,
+        "split": opts.split,
         "n_examples": len(y),
         "accuracy": accuracy,
-        "attack_settings": {"eps": eps / 255, "step_size": 2 / 255, "random_start": True, "autoattack": "standard"},
-        "seed": seed,
+        "examples": examples,
+        # per-sample worst case on the samples every attack saw, with each attack on those same samples
+        "worst_case": {"accuracy": evaluate.percent(worst), "n": n_worst, "over": list(flags),
+                       "each_on_same_samples": {k: evaluate.percent(f[:n_worst]) for k, f in flags.items()}},
+    }
+
+    # ---- Robust Gap: same attack on training samples minus on test samples
+    report["robust_gap"] = None
+    if opts.gap_attack != "none" and opts.gap_examples != 0:
+        t0 = time.time()
+        gap = opts.gap_attack
+        if gap in flags:
+            test_flags = flags[gap]
+        else:
+            n_test = n_aa if gap == "aa" else len(x)
+            test_flags = evaluate.flags_for_attacks(model, x[:n_test], y[:n_test], [gap], aa_state_path=aa_state(opts.split, n_test),
+                                                    label="gap test ", aa_warnings=aa_warnings, **common)[gap]
+        train_ds = _dataset(cfg, "train")
+        n_train = opts.gap_examples if opts.gap_examples is not None else len(test_flags)
+        xt, yt = evaluate.collect(train_ds, n_train)
+        train_flags = evaluate.flags_for_attacks(model, xt, yt, [gap], aa_state_path=aa_state("train", len(xt)), label="gap train ",
+                                                 aa_warnings=aa_warnings, **common)[gap]
+        report["robust_gap"] = {"attack": gap, **evaluate.robust_gap(train_flags, test_flags),
+                                "train_split": f"train (un-augmented), first {len(xt)} samples",
+                                "test_split": f"{opts.split}, first {len(test_flags)} samples"}
+        seconds["robust_gap"] = round(time.time() - t0, 2)
+
+    # ---- BG-gap: training-like backgrounds minus random backgrounds (same objects)
+    report["bg_gap"] = None
+    if opts.bg_gap and MIXED_RAND_SPLIT in info.splits:
+        t0 = time.time()
+        report["bg_gap"] = _bg_gap(model, cfg, opts, flags if opts.split == "test" else {}, len(x), common)
+        seconds["bg_gap"] = round(time.time() - t0, 2)
+
+    # ---- attention quality
+    report["attention_iou"] = None
+    uses_attention = cfg.method == "dhat"
+    if uses_attention and opts.iou_examples != 0:
+        t0 = time.time()
+        report["attention_iou"] = _attention_iou(cfg, opts, model, dev, log)
+        seconds["attention_iou"] = round(time.time() - t0, 2)
+
+    if opts.sanity:
+        from dhat_seg import sanity
+
+        t0 = time.time()
+        n_s = min(opts.sanity_examples or len(x), len(x))
+        surrogate, surrogate_desc = sanity.surrogate_for(cfg, model, dev, cache_dir=opts.cache_dir, log=log)
+        results = sanity.run_checks(model, x[:n_s], y[:n_s], surrogate=surrogate, num_classes=test_ds.num_classes,
+                                    eps=opts.eps / 255, batch_size=opts.batch_size, device=dev, seed=opts.seed,
+                                    show_progress=opts.show_progress)
+        report["sanity"] = {"n": n_s, "surrogate": surrogate_desc, "passed": all(r.passed for r in results),
+                            "checks": [r.to_dict() for r in results]}
+        seconds["sanity"] = round(time.time() - t0, 2)
+
+    report.update({
+        "attack_settings": evaluate.attack_settings(opts.attack_names, opts.eps / 255),
+        "eval_settings": opts.result_settings(),
+        "autoattack_warnings": sorted(set(aa_warnings)),
+        "seed": opts.seed,
+        "method": cfg.method,
+        "attention": cfg.attention if uses_attention else None,
         "config_digest": cfg.digest(),
+        "device": str(dev),
+        "seconds": {**seconds, "total": round(time.time() - t_start, 2)},
         "versions": package_versions(),
         "dhat_seg_version": __version__,
-    }
-    path = out_dir / "eval.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    })
+    path = Path(opts.output) if opts.output else out_dir / EVAL_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
     report["path"] = str(path)
     return report
+
+
+def _bg_gap(model, cfg: TrainConfig, opts: EvalOptions, test_flags: dict, n: int, common: dict) -> dict[str, Any]:
+    """Clean and PGD-10 accuracy on ``test`` minus on ``test-mixed-rand`` (first n of each)."""
+    names = ("clean", "pgd10")
+    same = {k: v for k, v in test_flags.items() if k in names and len(v) == n}
+    missing = [k for k in names if k not in same]
+    if missing:
+        xs, ys = evaluate.collect(_dataset(cfg, "test"), n)
+        same.update(evaluate.flags_for_attacks(model, xs, ys, missing, label="bg same ", **common))
+    xm, ym = evaluate.collect(_dataset(cfg, MIXED_RAND_SPLIT), n)
+    mixed = evaluate.flags_for_attacks(model, xm, ym, names, label="bg mixed-rand ", **common)
+    return {k: evaluate.background_gap(same[k], mixed[k]) for k in names} | {"n": min(n, len(ym))}
+
+
+def _attention_iou(cfg: TrainConfig, opts: EvalOptions, model, device, log) -> dict[str, Any]:
+    """Mean IoU of the run's attention foreground with the ground truth on test images.
+
+    The attention function is built exactly as for training (``build_attention`` with
+    the run's config); the frozen attention model is taken from the cache, never
+    trained here. Returns a dict with ``mean_iou`` or a ``note`` saying why not.
+    """
+    from dhat_seg.attention_model import attention_model_dir, build_attention, cache_root, frozen
+
+    test_ds = _dataset(cfg, "test")
+    base = {"method": cfg.attention, "threshold_policy": cfg.threshold_policy, "omega": cfg.omega, "quantile": cfg.quantile}
+    if test_ds.gt_masks is None:
+        return base | {"mean_iou": None, "note": f"dataset {cfg.data!r} has no ground-truth masks"}
+    root = cache_root(opts.cache_dir)
+    train_ds = _dataset(cfg, "train")
+    try:
+        from dhat_seg.plugin_manager import get_attention_spec
+
+        spec = get_attention_spec(cfg.attention)
+        options = dict(cfg.attention_options or {})
+        if cfg.attention_checkpoint:
+            options["checkpoint"] = cfg.attention_checkpoint
+        options = spec.resolve_options(options)
+        classifier = None
+        if spec.needs_classifier(options):
+            if getattr(cfg, "attention_source", "frozen") == "self":
+                classifier = model  # PART-style: the evaluated model itself, in eval mode
+            elif cfg.attention_model:
+                classifier = frozen(load_weights(resolve_weights(cfg.attention_model)), device)
+            else:
+                run_dir = attention_model_dir(cfg, train_ds.fingerprint(), root)
+                if not (run_dir / "summary.json").is_file():
+                    return base | {"mean_iou": None, "note": f"the run's attention model is not in the cache {root} "
+                                                             f"(pass --cache-dir, the one used for training)"}
+                classifier = frozen(load_weights(resolve_weights(run_dir)), device)
+        fn = build_attention(cfg, train_fingerprint=train_ds.fingerprint(), num_classes=test_ds.num_classes, device=device,
+                             log=log, root=root, classifier=classifier)
+    except UserError as exc:
+        return base | {"mean_iou": None, "note": str(exc)}
+    n = min(opts.iou_examples or len(test_ds), len(test_ds))
+    x, y = evaluate.collect(test_ds, n)
+    with evaluate.progress_bar("attention IoU", n, opts.show_progress) as bar:
+        iou = evaluate.attention_iou(fn, x, y, test_ds.gt_masks[:n], policy=cfg.threshold_policy, omega=cfg.omega,
+                                     quantile=cfg.quantile, batch_size=min(opts.batch_size, 128), device=device,
+                                     progress=bar.update)
+    return base | {"mean_iou": round(iou.mean().item(), 4), "median_iou": round(iou.median().item(), 4), "n": n}

@@ -1,0 +1,155 @@
+"""`dhat-seg ablate`: the table, skipped and failed rows, reuse and resume of rows."""
+
+from __future__ import annotations
+
+import csv
+import json
+import types
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dhat_seg import ablate, hookimpl, plugin_manager
+from dhat_seg.attention import AttentionSpec
+from dhat_seg.cli import app
+from dhat_seg.errors import UserError
+
+TINY = ["--epochs", "1", "--device", "cpu", "--n-examples", "24", "--aa-examples", "6", "--gap-examples", "24",
+        "--set", "image_size=16", "--set", "train_size=200", "--set", "test_size=60", "--set", "val_size=0.2",
+        "--set", "batch_size=50", "--set", "attack_steps=1", "--set", "inv_steps=1", "--set", "val_examples=20",
+        "--set", "val_attack_steps=1", "--set", "attention_model_epochs=1"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_plugins():
+    plugin_manager.reset()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a busy 2-core machine
+    yield
+    torch.set_num_threads(threads)
+    plugin_manager.reset()
+
+
+def test_ablate_is_a_dhat_seg_command():
+    assert "ablate" in {c.name or c.callback.__name__ for c in app.registered_commands}
+
+
+def invoke(args):
+    return CliRunner().invoke(app, ["ablate"] + args)
+
+
+@pytest.fixture(scope="module")
+def first_ablation(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ablate")
+    plugin_manager.reset()
+    torch.set_num_threads(1)
+    result = invoke(["--attention", "-,gradcam,sam", "--out", str(root / "out"), "--cache-dir", str(root / "cache")] + TINY)
+    return root, result
+
+
+def rows_of(out):
+    return {r["row"]: r for r in json.loads((out / "ablation.json").read_text())["rows"]}
+
+
+def test_ablate_writes_the_table_with_sam_skipped(first_ablation):
+    root, result = first_ablation
+    assert result.exit_code == 0, result.output
+    out = root / "out"
+    for name in ("ablation.md", "ablation.csv", "ablation.json", "ablation.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    rows = rows_of(out)
+    assert list(rows) == ["- (UIAT)", "Grad-CAM", "SAM"]
+    assert rows["SAM"]["status"].startswith("skipped:") and "--attention-checkpoint sam=PATH" in rows["SAM"]["status"]
+    for name, method in (("- (UIAT)", "uiat"), ("Grad-CAM", "dhat")):
+        row = rows[name]
+        assert row["status"] == "ok" and row["method"] == method
+        for key in ("clean", "pgd10", "cw", "aa", "robust_gap", "bg_gap"):
+            assert isinstance(row[key], float), (name, key, row)
+        evaluation = json.loads((out / ("uiat" if method == "uiat" else "gradcam") / "eval.json").read_text())
+        assert evaluation["config_digest"] == json.loads((out / row["run_dir"].split("/")[-1] / "summary.json").read_text())["config_digest"]
+    assert rows["Grad-CAM"]["iou"] is not None and rows["- (UIAT)"]["iou"] is None
+    # the two rows differ only in the method: the rest of the config is shared
+    uiat = (out / "uiat" / "config.yaml").read_text().splitlines()
+    grad = (out / "gradcam" / "config.yaml").read_text().splitlines()
+    assert [a for a, b in zip(uiat, grad) if a != b] == ["method: uiat"]
+    # one attention model, in the cache
+    assert len(list((root / "cache" / "attention-models").iterdir())) == 1
+    with open(out / "ablation.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert [r["status"][:7] for r in table] == ["ok", "ok", "skipped"]
+    assert "| Grad-CAM |" in result.output and "skipped:" in result.output
+
+
+def test_second_invocation_reuses_finished_rows(first_ablation):
+    root, _ = first_ablation
+    out = root / "out"
+    watched = [out / d / f for d in ("uiat", "gradcam") for f in ("summary.json", "eval.json")]
+    before = {p: p.stat().st_mtime_ns for p in watched}
+    result = invoke(["--attention", "-,gradcam,sam", "--out", str(out), "--cache-dir", str(root / "cache")] + TINY)
+    assert result.exit_code == 0, result.output
+    assert {p: p.stat().st_mtime_ns for p in watched} == before
+    rows = rows_of(out)
+    assert rows["- (UIAT)"]["status"] == "reused" and rows["Grad-CAM"]["status"] == "reused"
+    assert rows["SAM"]["status"].startswith("skipped:")
+
+
+def _raising_plugin():
+    def factory(ctx):
+        def fn(images, labels):
+            raise RuntimeError("boom from the test plugin")
+
+        return fn
+
+    return types.SimpleNamespace(register_attention_methods=hookimpl(
+        lambda register: register(AttentionSpec(name="boom", description="raises", factory=factory, kind="image"))))
+
+
+def test_a_failing_row_is_reported_and_an_interrupted_row_resumes(first_ablation):
+    root, _ = first_ablation
+    out = root / "out"
+    # interrupt the UIAT row after training: its evaluation must be redone, training resumed (nothing left)
+    (out / "uiat" / "summary.json").unlink()
+    (out / "uiat" / "eval.json").unlink()
+    plugin_manager.register_plugin(_raising_plugin(), "boom")
+    result = invoke(["--attention", "-,boom", "--out", str(out), "--cache-dir", str(root / "cache")] + TINY)
+    assert result.exit_code == 0, result.output
+    assert "resuming" in result.output  # Trainer(resume=True) on the existing run directory
+    rows = rows_of(out)
+    assert rows["- (UIAT)"]["status"] == "ok" and isinstance(rows["- (UIAT)"]["aa"], float)
+    assert rows["boom"]["status"].startswith("failed:") and "boom from the test plugin" in rows["boom"]["status"]
+    assert "boom from the test plugin" in (out / "boom" / "error.log").read_text()
+    assert "failed:" in (out / "ablation.md").read_text()
+
+
+def test_parse_rows():
+    installed = {"sam": 1, "gradcam": 1, "zeta": 1, "ig": 1}
+    assert ablate.parse_rows("all", installed) == (["-", "gradcam", "ig", "sam", "zeta"], {})
+    assert ablate.parse_rows("none, gradcam,-,sam", installed) == (["-", "gradcam", "sam"], {})
+    rows, unavailable = ablate.parse_rows("-,solo", installed)
+    assert rows == ["-", "solo"] and "solo" in unavailable["solo"]
+    with pytest.raises(UserError, match="--attention 'gradkam' is unknown"):
+        ablate.parse_rows("-,gradkam", installed)
+
+
+def assert_one_line_error(result, *needles):
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--attention", "-,nosuch"], ["--attention 'nosuch' is unknown"]),
+        (["--preset", "huge"], ["--preset 'huge' is unknown", "quick"]),
+        (["--attention-opt", "ig-steps"], ["--attention-opt 'ig-steps' is invalid"]),
+        (["--n-examples", "0"], ["--n-examples '0' is invalid"]),
+        (["--set", "bogus=1"], ["'bogus' is unknown"]),
+    ],
+)
+def test_ablate_cli_errors_are_one_line(tmp_path, args, needles):
+    assert_one_line_error(invoke(["--out", str(tmp_path / "o")] + args), *needles)
