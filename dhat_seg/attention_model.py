@@ -92,6 +92,22 @@ class CheckedAttention:
         return validate_attention(self.fn(images, labels), images, self.spec.name)
 
 
+def resolve_attention_method(cfg: TrainConfig) -> tuple[AttentionSpec, dict]:
+    """The attention spec of ``cfg`` and its resolved options; a UserError when the
+    method cannot run with them (e.g. a missing checkpoint)."""
+    spec = get_attention_spec(cfg.attention)
+    options = dict(cfg.attention_options or {})
+    if cfg.attention_checkpoint:
+        if "checkpoint" not in spec.default_options:
+            raise UserError(f"attention method {spec.name!r} takes no checkpoint; drop --attention-checkpoint")
+        options["checkpoint"] = cfg.attention_checkpoint
+    options = spec.resolve_options(options)
+    problem = spec.check_ready(options) if spec.check_ready else None
+    if problem:
+        raise UserError(f"attention method {spec.name!r} cannot run: {problem}")
+    return spec, options
+
+
 def build_attention(
     cfg: TrainConfig,
     *,
@@ -103,16 +119,7 @@ def build_attention(
     classifier: Classifier | None = None,
 ) -> CheckedAttention:
     """Resolve ``cfg.attention`` to a validated per-batch attention function."""
-    spec = get_attention_spec(cfg.attention)
-    options = dict(cfg.attention_options or {})
-    if cfg.attention_checkpoint:
-        if "checkpoint" not in spec.default_options:
-            raise UserError(f"attention method {spec.name!r} takes no checkpoint; drop --attention-checkpoint")
-        options["checkpoint"] = cfg.attention_checkpoint
-    options = spec.resolve_options(options)
-    problem = spec.check_ready(options) if spec.check_ready else None
-    if problem:
-        raise UserError(f"attention method {spec.name!r} cannot run: {problem}")
+    spec, options = resolve_attention_method(cfg)
     path = None
     if spec.needs_classifier(options) and classifier is None:
         path = ensure_attention_model(cfg, train_fingerprint, root, log)

@@ -676,19 +676,9 @@ def dataset_for(cfg, split: str = "train"):
 
 def resolve_method(cfg) -> tuple[AttentionSpec, dict[str, Any]]:
     """The attention spec of ``cfg`` and its resolved options (as ``build_attention``)."""
-    from dhat_seg.plugin_manager import get_attention_spec
+    from dhat_seg.attention_model import resolve_attention_method
 
-    spec = get_attention_spec(cfg.attention)
-    options = dict(cfg.attention_options or {})
-    if cfg.attention_checkpoint:
-        if "checkpoint" not in spec.default_options:
-            raise UserError(f"attention method {spec.name!r} takes no checkpoint; drop --attention-checkpoint")
-        options["checkpoint"] = cfg.attention_checkpoint
-    options = spec.resolve_options(options)
-    problem = spec.check_ready(options) if spec.check_ready else None
-    if problem:
-        raise UserError(f"attention method {spec.name!r} cannot run: {problem}")
-    return spec, options
+    return resolve_attention_method(cfg)
 
 
 def classifier_weights(cfg, train_fingerprint: str, root: Path, log: Callable[[str], None], train: bool = True) -> Path | None:
