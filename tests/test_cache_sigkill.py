@@ -61,6 +61,8 @@ def test_sigkilled_build_resumes_without_redoing_chunks(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming the interrupted build" in resumed.stderr
     after = {p.name: p.stat().st_mtime_ns for p in directory.glob("chunk_*.npy")}
-    recorded = [name for name in before if name in json.loads((directory / "meta.json").read_text())["chunks"]]
-    assert all(after[name] == before[name] for name in recorded)  # finished chunks were not rewritten
+    # chunks recorded as finished when the build was killed were not recomputed
+    # (a chunk file written but not yet recorded in meta.json is legitimately redone)
+    recorded = [name for name, record in meta.get("chunks", {}).items() if record]
+    assert recorded and all(after[name] == before[name] for name in recorded)
     assert cache_files(cache) == reference
