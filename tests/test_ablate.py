@@ -14,6 +14,7 @@ from dhat_seg import ablate, hookimpl, plugin_manager
 from dhat_seg.attention import AttentionSpec
 from dhat_seg.cli import app
 from dhat_seg.errors import UserError
+from cli_helpers import assert_one_line_error
 
 TINY = ["--epochs", "1", "--device", "cpu", "--n-examples", "24", "--aa-examples", "6", "--gap-examples", "24",
         "--set", "image_size=16", "--set", "train_size=200", "--set", "test_size=60", "--set", "val_size=0.2",
@@ -130,15 +131,6 @@ def test_parse_rows():
     assert rows == ["-", "solo"] and "solo" in unavailable["solo"]
     with pytest.raises(UserError, match="--attention 'gradkam' is unknown"):
         ablate.parse_rows("-,gradkam", installed)
-
-
-def assert_one_line_error(result, *needles):
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.output
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 @pytest.mark.parametrize(

@@ -6,17 +6,9 @@ from typer.testing import CliRunner
 from dhat_seg.checkpoint import save_weights
 from dhat_seg.cli import app
 from dhat_seg.models import create_model
+from cli_helpers import assert_one_line_error
 
 runner = CliRunner()
-
-
-def assert_one_line_error(result, *needles):
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    errors = [l for l in result.output.splitlines() if l.startswith("error:")]
-    assert len(errors) == 1, result.output
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 @pytest.mark.parametrize(

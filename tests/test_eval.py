@@ -24,6 +24,7 @@ from dhat_seg.errors import UserError
 from dhat_seg.evaluation_report import run_eval
 from dhat_seg.models import create_model
 from dhat_seg.trainer import Trainer
+from cli_helpers import assert_one_line_error
 
 TINY = {"data": "synthetic", "model": "small_cnn", "image_size": 16, "train_size": 320, "test_size": 100, "val_size": 0.2,
         "epochs": 2, "batch_size": 64, "lr": 0.05, "milestones": [10], "attack_steps": 2, "inv_steps": 2,
@@ -343,15 +344,6 @@ def test_sanity_checks_pass_on_a_real_model_and_catch_masked_gradients(trained_m
 # ---------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------
-
-
-def assert_one_line_error(result, *needles):
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, result.output
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 @pytest.mark.parametrize(
