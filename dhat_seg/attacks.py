@@ -4,6 +4,13 @@ Inputs are images in [0, 1]; every result stays in the eps-ball around ``x`` and
 [0, 1]. Attacks do not change the model's train/eval mode unless asked: pass
 ``mode="eval"`` or ``mode="train"`` to run the attack in that mode (restored after),
 or ``mode=None`` to leave it as it is (DHAT's authors attack in train mode).
+
+Precision: every attack runs its forward and backward passes in fp32, also when it is
+called inside an autocast region (mixed-precision training). In fp16 the input
+gradient of a confidently classified sample underflows to 0, sign(0) = 0 and the
+attack stops moving (the inverse attack, whose CE is near 0, first); a GradScaler
+scales parameter gradients, not input gradients. ``precision="autocast"`` opts in to
+the ambient autocast (faster, at the user's risk).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from dhat_seg.errors import UserError
 from dhat_seg.models import module_mode
 
 MODES = ("train", "eval", None)
+PRECISIONS = ("fp32", "autocast")
 
 
 @contextlib.contextmanager
@@ -33,18 +41,34 @@ def model_mode(model: nn.Module, mode: str | None):
         yield model
 
 
-def cw_margin_loss(logits: Tensor, y: Tensor, kappa: float = 50.0) -> Tensor:
-    """Per-sample C&W margin, max_{j != y} z_j - z_y, clamped at -kappa (Carlini & Wagner 2017, f_6).
+@contextlib.contextmanager
+def attack_precision(x: Tensor, precision: str = "fp32"):
+    """fp32 for the attack's passes (autocast switched off), or the ambient autocast."""
+    if precision not in PRECISIONS:
+        raise UserError(f"attack precision {precision!r} is invalid; expected one of {', '.join(PRECISIONS)}")
+    if precision == "autocast":
+        yield
+        return
+    with torch.autocast(x.device.type, enabled=False):
+        yield
 
-    Maximising it pushes the best wrong class above the true one. Returns shape B.
+
+def cw_margin_loss(logits: Tensor, y: Tensor, kappa: float = 50.0) -> Tensor:
+    """Per-sample C&W-inf objective min(max_{j != y} z_j - z_y, kappa) (Carlini & Wagner 2017, f_6).
+
+    Maximising it pushes the best wrong class above the true one; the cap at +kappa
+    stops pushing once a sample is misclassified by kappa. The cap must be on that side:
+    a floor at -kappa would give zero gradient to every sample classified correctly by a
+    margin above kappa, and PGD would never move it. Returns shape B, in fp32.
     """
+    logits = logits.float()
     true = logits.gather(1, y[:, None]).squeeze(1)
     others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf"))
-    return (others.max(dim=1).values - true).clamp(min=-kappa)
+    return (others.max(dim=1).values - true).clamp(max=kappa)
 
 
 def _ce_per_sample(logits: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(logits, y, reduction="none")
+    return F.cross_entropy(logits.float(), y, reduction="none")
 
 
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"ce": _ce_per_sample, "cw": cw_margin_loss}
@@ -65,6 +89,7 @@ def pgd(
     loss: str = "ce",
     random_start: bool = True,
     mode: str | None = None,
+    precision: str = "fp32",
 ) -> Tensor:
     """L_inf PGD (Madry et al. 2018): x_{t+1} = Proj_{B(x, eps) ∩ [0,1]}(x_t + alpha sign(grad L)).
 
@@ -72,6 +97,7 @@ def pgd(
         loss: "ce" (cross-entropy) or "cw" (C&W margin: PGD on it is the C&W-inf attack).
         random_start: start from x + U(-eps, eps) (clipped to [0, 1]).
         mode: model mode during the attack ("train", "eval", or None to leave it).
+        precision: "fp32" (default; autocast off inside the attack) or "autocast".
     Returns:
         adversarial examples, detached, same shape as x.
     """
@@ -84,7 +110,7 @@ def pgd(
     x_adv = x.clone()
     if random_start and eps > 0:
         x_adv = _project(x_adv + torch.empty_like(x).uniform_(-eps, eps), x, eps)
-    with model_mode(model, mode), torch.enable_grad():
+    with model_mode(model, mode), attack_precision(x, precision), torch.enable_grad():
         for _ in range(steps):
             x_adv.requires_grad_(True)
             objective = loss_fn(model(x_adv), y).sum()
@@ -93,9 +119,9 @@ def pgd(
     return x_adv.detach()
 
 
-def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, mode: str | None = None) -> Tensor:
+def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, mode: str | None = None, precision: str = "fp32") -> Tensor:
     """FGSM (Goodfellow et al. 2015): one step of size eps from x, no random start."""
-    return pgd(model, x, y, eps, eps, 1, random_start=False, mode=mode)
+    return pgd(model, x, y, eps, eps, 1, random_start=False, mode=mode, precision=precision)
 
 
 def inverse_adversarial(
@@ -110,12 +136,14 @@ def inverse_adversarial(
     *,
     random_start: bool = True,
     mode: str | None = None,
+    precision: str = "fp32",
 ) -> Tensor:
     """Inverse adversarial examples (UIAT / DHAT, REFERENCE section 1 step 2).
 
     Descends L_inv = CE(f(x'), y) + KL(p_nat || p') - KL(p_adv || p') over the L_inf
     ball of radius eps around x, with signed steps and no momentum. ``p_nat`` and
     ``p_adv`` (B x K probabilities) are computed once by the caller, before the loop.
+    Runs in fp32 unless ``precision="autocast"`` (see the module docstring).
     """
     if eps < 0 or alpha < 0 or steps < 0:
         raise UserError(f"inverse attack settings eps={eps}, alpha={alpha}, steps={steps} are invalid; expected non-negative values")
@@ -124,7 +152,7 @@ def inverse_adversarial(
     x_inv = x.clone()
     if random_start and eps > 0:
         x_inv = _project(x_inv + torch.empty_like(x).uniform_(-eps, eps), x, eps)
-    with model_mode(model, mode), torch.enable_grad():
+    with model_mode(model, mode), attack_precision(x, precision), torch.enable_grad():
         for _ in range(steps):
             x_inv.requires_grad_(True)
             objective = inverse_loss(model(x_inv), y, p_nat, p_adv)
@@ -135,6 +163,7 @@ def inverse_adversarial(
 
 def inverse_loss(logits: Tensor, y: Tensor, p_nat: Tensor, p_adv: Tensor) -> Tensor:
     """CE(z, y) + KL(p_nat || softmax z) - KL(p_adv || softmax z), batch means."""
+    logits = logits.float()
     log_p = F.log_softmax(logits, dim=1)
     kl_nat = F.kl_div(log_p, p_nat, reduction="batchmean")
     kl_adv = F.kl_div(log_p, p_adv, reduction="batchmean")

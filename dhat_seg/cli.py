@@ -65,6 +65,22 @@ def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> N
             typer.echo("  ".join("-" * w for w in widths))
 
 
+def config_base(config: str | None, *, resume: bool, out: Path | None, has_settings: bool) -> str | Path | None:
+    """Where a run's settings start, before the options given on the command line.
+
+    ``--config`` if given; for ``--resume``, the run's own saved config; ``dhat-seg
+    train`` with no settings at all (only --out, --seed, --device, --cache-dir), the
+    ``quick`` demo preset; otherwise the paper's recipe (the config defaults), so that
+    settings given on the command line never mix silently with a preset made for
+    something else.
+    """
+    if config is not None:
+        return config
+    if resume and out is not None and (out / "config.yaml").is_file():
+        return out / "config.yaml"
+    return None if has_settings else "quick"
+
+
 @app.command()
 @user_errors
 def train(
@@ -80,7 +96,7 @@ def train(
     epochs: Optional[int] = typer.Option(None, help="number of epochs"),
     batch_size: Optional[int] = typer.Option(None, help="mini-batch size"),
     lr: Optional[float] = typer.Option(None, help="initial learning rate"),
-    config: str = typer.Option("quick", help="preset (quick, paper) or YAML file"),
+    config: Optional[str] = typer.Option(None, help="preset (quick, paper) or YAML file; default: see 'Settings' in the README"),
     out: Optional[Path] = typer.Option(None, help="run directory (default runs/<method>-<attention>-<time>)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out where it stopped"),
     seed: Optional[int] = typer.Option(None, help="random seed"),
@@ -90,21 +106,37 @@ def train(
     rebuild_masks: bool = typer.Option(False, "--rebuild-masks", help="recompute the cached attention masks of the training data"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="any config option KEY=VALUE (repeatable)"),
 ):
-    """Train a model (default: DHAT with Grad-CAM on the built-in dataset, about 5 minutes on CPU)."""
-    from dhat_seg.config import load_config
+    """Train a model. With no options: the quick demo (DHAT with Grad-CAM on the built-in dataset, about
+    5 minutes on CPU); with settings: the paper's recipe with those settings (or --config's preset)."""
+    from dhat_seg.config import load_config, paper_differences
     from dhat_seg.trainer import Trainer
 
     overrides = parse_overrides(set_)
-    overrides.update(method=method, attention=attention, attention_checkpoint=attention_checkpoint,
-                     attention_model=attention_model, data=data, data_root=data_root, download=download, model=model,
-                     epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, amp=amp)
+    settings = dict(method=method, attention=attention, attention_checkpoint=attention_checkpoint,
+                    attention_model=attention_model, data=data, data_root=data_root, download=download, model=model,
+                    epochs=epochs, batch_size=batch_size, lr=lr, amp=amp)
+    # a flag given explicitly wins over --set only if they agree; a flag not given changes nothing
+    for key, value in {**settings, "seed": seed, "device": device}.items():
+        if value is None:
+            continue
+        if key in overrides and overrides[key] != value:
+            raise UserError(f"{key} is set twice, to {value!r} (--{key.replace('_', '-')}) and {overrides[key]!r} (--set); "
+                            "expected one value")
+        overrides[key] = value
     if attention_opt:
         overrides["attention_options"] = parse_key_values(attention_opt, "--attention-opt")
     if epochs is not None and epochs < 1:
         raise UserError(f"--epochs {epochs} is invalid; expected a positive integer")
-    cfg = load_config(config, overrides)
     if resume and out is None:
         raise UserError("--resume needs --out RUN_DIR (the run to continue)")
+    base = config_base(config, resume=resume, out=out,
+                       has_settings=bool(set_ or attention_opt or any(v is not None for v in settings.values())))
+    cfg = load_config(base, overrides)
+    differences = paper_differences(cfg)
+    if differences:
+        typer.echo("settings that differ from the DHAT paper's (REFERENCE section 1):", err=True)
+        for key, value, paper in differences:
+            typer.echo(f"  {key} = {value!r}  (paper: {paper!r})", err=True)
     if out is None:
         label = cfg.method + (f"-{cfg.attention}" if cfg.method == "dhat" else "")
         out = Path("runs") / f"{label}-{cfg.data}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -2,6 +2,13 @@
 
 Perturbation sizes (``eps``, ``step_size``, ``inv_eps``, ``inv_step_size``) are in
 units of 1/255, as the papers write them (8 means 8/255).
+
+The dataclass defaults are the paper's training recipe (DHAT supplementary 6.1,
+REFERENCE section 1) except where a measured defect made dhat-seg choose otherwise
+(each such default says so). ``validate`` checks every value's type, every enumerated
+setting against its registry and every range when a config is loaded, before any data
+is generated or model built. ``paper_differences`` lists the settings of a config that
+differ from the paper's, which ``dhat-seg train`` prints at the start of a run.
 """
 
 from __future__ import annotations
@@ -9,6 +16,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +32,7 @@ from dhat_seg.errors import UserError
 class TrainConfig:
     # what to train
     method: str = "dhat"
-    model: str = "small_cnn"
+    model: str = "resnet18"
     # data
     data: str = "synthetic"
     data_root: str | None = None
@@ -30,7 +40,7 @@ class TrainConfig:
     image_size: int = 32
     train_size: int | None = None
     test_size: int | None = None
-    val_size: float = 0.1
+    val_size: int | float = 0.1  # a fraction in (0, 1) or a number of samples
     rho: float = 0.9
     augment: bool = True
     # attention (DHAT)
@@ -52,6 +62,10 @@ class TrainConfig:
     # every mask_refresh_every epochs (0 = computed once, at the first epoch)
     attention_source: str = "frozen"
     mask_refresh_every: int = 0
+    # epochs trained without attention terms before masks are first taken (DHAT trains as
+    # UIAT meanwhile); required with attention_source "self", whose masks would otherwise
+    # come from the randomly initialised model (PART uses 20 epochs of plain AT)
+    attention_burn_in: int = 0
     # losses
     lambda1: float = 1.0
     lambda2: float = 1.0
@@ -66,6 +80,13 @@ class TrainConfig:
     inv_step_size: float = 2.0
     inv_steps: int = 10
     attack_mode: str = "train"
+    # "fp32": attacks run in full precision inside autocast (input gradients of confident
+    # samples underflow in fp16); "autocast": the attacks use the training precision
+    attack_precision: str = "fp32"
+    # whether attack forwards and DHAT's x_B forward update BatchNorm running statistics
+    # (true in the authors' code); false keeps UIAT and DHAT rows' BN statistics
+    # comparable: only the forwards of x_adv and x_inv update them (see methods.py)
+    attack_bn_update: bool = False
     # optimisation
     epochs: int = 100
     batch_size: int = 128
@@ -81,32 +102,71 @@ class TrainConfig:
     # running
     seed: int = 0
     device: str = "auto"
+    # autocast for the training forward/backward passes (never the attacks, see
+    # attack_precision); amp_dtype "auto" = bfloat16 where the device supports it (no
+    # loss scaling needed), else float16 with a GradScaler
     amp: bool = False
+    amp_dtype: str = "auto"
     num_workers: int = 0
+    # divergence guard: training stops with an error (the last good checkpoint kept) when
+    # the loss is not finite or a clean or x_B logit exceeds this in absolute value (0 = off)
+    max_abs_logit: float = 1e4
 
     def validate(self) -> "TrainConfig":
+        """Check types, enumerated settings (against their registries) and ranges.
+
+        Raises a UserError naming the key, the value and what is allowed.
+        """
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _typed(f.name, getattr(self, f.name), _HINTS[f.name]))
+        for name, allowed in _choices(self).items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise UserError(f"{name} {value!r} is unknown; expected one of {', '.join(map(str, allowed))}")
         checks = [
             (self.epochs >= 1, "epochs", "a positive integer"),
             (self.batch_size >= 1, "batch_size", "a positive integer"),
             (self.lr > 0, "lr", "a positive number"),
+            (0 <= self.momentum < 1, "momentum", "a number in [0, 1)"),
+            (self.weight_decay >= 0, "weight_decay", "a non-negative number"),
+            (self.gamma > 0, "gamma", "a positive number"),
+            (all(m >= 1 for m in self.milestones) and list(self.milestones) == sorted(set(self.milestones)),
+             "milestones", "a strictly increasing list of positive epochs"),
             (0 <= self.rho <= 1, "rho", "a number in [0, 1]"),
             (self.eps >= 0, "eps", "a non-negative number (units of 1/255)"),
+            (self.step_size >= 0, "step_size", "a non-negative number (units of 1/255)"),
             (self.inv_eps >= 0, "inv_eps", "a non-negative number (units of 1/255)"),
+            (self.inv_step_size >= 0, "inv_step_size", "a non-negative number (units of 1/255)"),
             (self.attack_steps >= 0, "attack_steps", "a non-negative integer"),
             (self.inv_steps >= 0, "inv_steps", "a non-negative integer"),
-            (self.attention_model_epochs >= 1, "attention_model_epochs", "a positive integer"),
+            (self.val_attack_steps >= 0, "val_attack_steps", "a non-negative integer"),
+            (self.lambda1 >= 0, "lambda1", "a non-negative number"),
+            (self.lambda2 >= 0, "lambda2", "a non-negative number"),
+            (self.floe_p >= 1, "floe_p", "a number >= 1 (the p of a p-norm; inf allowed)"),
+            (0 < self.omega < 1, "omega", "a number in (0, 1) (threshold on a [0, 1] attention map)"),
             (0 < self.quantile < 1, "quantile", "a number in (0, 1)"),
-            (self.attack_mode in ("train", "eval"), "attack_mode", "'train' or 'eval'"),
+            (self.attention_model_epochs >= 1, "attention_model_epochs", "a positive integer"),
             (self.image_size >= 8, "image_size", "an integer >= 8"),
             (self.num_workers >= 0, "num_workers", "a non-negative integer"),
             (self.val_examples >= 1, "val_examples", "a positive integer"),
-            (self.mask_source in ("cache", "online"), "mask_source", "'cache' or 'online'"),
-            (self.attention_source in ("frozen", "self"), "attention_source", "'frozen' or 'self'"),
+            (self.val_size > 0, "val_size", "a fraction in (0, 1) or a number of samples >= 1"),
+            (self.val_size < 1 or isinstance(self.val_size, int), "val_size", "a fraction in (0, 1) or a whole number of samples"),
+            (self.train_size is None or self.train_size >= 1, "train_size", "a positive integer or null (all)"),
+            (self.test_size is None or self.test_size >= 1, "test_size", "a positive integer or null (all)"),
+            (self.test_examples is None or self.test_examples >= 1, "test_examples", "a positive integer or null (all)"),
+            (self.seed >= 0, "seed", "a non-negative integer"),
             (self.mask_refresh_every >= 0, "mask_refresh_every", "a non-negative integer (epochs; 0 = never)"),
+            (0 <= self.attention_burn_in < self.epochs or self.attention_burn_in == 0, "attention_burn_in",
+             f"a non-negative integer smaller than epochs ({self.epochs})"),
+            (self.max_abs_logit >= 0, "max_abs_logit", "a non-negative number (0 = no logit limit)"),
         ]
         for ok, name, expected in checks:
             if not ok:
-                raise UserError(f"{name}={getattr(self, name)!r} is invalid; expected {expected}")
+                raise UserError(f"config option {name}={getattr(self, name)!r} is invalid; expected {expected}")
+        if self.attention_source == "self" and self.attention_burn_in == 0 and _needs_attention(self.method):
+            raise UserError("config option attention_burn_in=0 is invalid with attention_source='self': the first masks "
+                            "would come from the randomly initialised model; expected attention_burn_in >= 1 epochs "
+                            "(PART uses 20 epochs of plain AT), or attention_source='frozen'")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,6 +179,93 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping KEY: VALUE"}
+
+
+def _typed(name: str, value: Any, hint: Any) -> Any:
+    """``value`` checked against the field's type hint (ints accepted for floats)."""
+    args = typing.get_args(hint)
+    if type(None) in args:  # X | None
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    elif typing.get_origin(hint) in (typing.Union, types.UnionType):  # int | float: either, as given
+        if isinstance(value, args) and not isinstance(value, bool):
+            return value
+        raise UserError(f"config option {name}={value!r} is invalid; expected a number")
+    origin = typing.get_origin(hint) or hint
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, (list, tuple)) and all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+            return list(value)
+        raise UserError(f"config option {name}={value!r} is invalid; expected a list of {_TYPE_WORDS[item].split(' ', 1)[1]}s")
+    ok = isinstance(value, origin) and not (origin in (int, float) and isinstance(value, bool))
+    if origin is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is float and ok and math.isnan(value):
+        ok = False
+    if not ok:
+        raise UserError(f"config option {name}={value!r} is invalid; expected {_TYPE_WORDS[origin]}")
+    return value
+
+
+def _needs_attention(method: str) -> bool:
+    from dhat_seg.methods import METHODS
+
+    return method in METHODS and METHODS[method].cls.needs_attention
+
+
+def _choices(cfg: TrainConfig) -> dict[str, tuple]:
+    """Allowed values of every enumerated setting, from the registry that defines it."""
+    from dhat_seg.attacks import PRECISIONS
+    from dhat_seg.attention import THRESHOLD_POLICIES
+    from dhat_seg.data import DATASETS
+    from dhat_seg.losses import DHLR_FORMS, FLOE_FORMS
+    from dhat_seg.methods import METHODS
+    from dhat_seg.models import MODELS
+
+    choices = {
+        "method": tuple(METHODS), "model": tuple(MODELS), "attention_model_arch": tuple(MODELS), "data": tuple(DATASETS),
+        "dhlr_form": DHLR_FORMS, "floe_form": FLOE_FORMS, "threshold_policy": THRESHOLD_POLICIES,
+        "attack_mode": ("train", "eval"), "attack_precision": PRECISIONS, "mask_source": ("cache", "online"),
+        "attention_source": ("frozen", "self"), "amp_dtype": AMP_DTYPES,
+    }
+    if _needs_attention(cfg.method):
+        from dhat_seg.plugin_manager import get_attention_spec
+
+        get_attention_spec(cfg.attention)  # a UserError naming the installed methods
+    return choices
+
+
+AMP_DTYPES = ("auto", "bfloat16", "float16")
+
+#: The DHAT paper's settings (CIFAR-10, REFERENCE section 1; where paper and code differ,
+#: the code's, as REFERENCE takes them). ``paper_differences`` compares against these.
+PAPER_SETTINGS: dict[str, Any] = {
+    "method": "dhat", "attention": "gradcam", "data": "cifar10", "model": ("wrn28_10", "resnet18"),
+    "attention_model_arch": "resnet18", "image_size": 32, "augment": True,
+    "threshold_policy": "fixed", "omega": 0.1, "mask_source": "online", "attention_source": "frozen",
+    "lambda1": 1.0, "lambda2": 1.0, "dhlr_form": "code", "floe_form": "paper", "floe_p": 2.0,
+    "eps": 8.0, "step_size": 2.0, "attack_steps": 10, "inv_eps": 4.0, "inv_step_size": 2.0, "inv_steps": 10,
+    "attack_mode": "train", "attack_bn_update": True, "attack_precision": "fp32",
+    "epochs": 100, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "milestones": [80, 90],
+    "gamma": 0.1,
+}
+
+
+def paper_differences(cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
+    """(key, value, the paper's value) for every setting of ``cfg`` that differs from the paper."""
+    out = []
+    for key, paper in PAPER_SETTINGS.items():
+        value = getattr(cfg, key)
+        if key == "attention" and not _needs_attention(cfg.method):
+            continue
+        same = value in paper if isinstance(paper, tuple) else value == paper
+        if not same:
+            out.append((key, value, " or ".join(paper) if isinstance(paper, tuple) else paper))
+    return out
 
 
 #: Built-in presets; ``configs/<name>.yaml`` mirror them (a test keeps them equal).

@@ -13,3 +13,8 @@ class UserError(Exception):
 
 class PluginError(UserError):
     """An attention plugin returned something invalid or failed to load."""
+
+
+class DivergenceError(UserError):
+    """Training diverged (a loss that is not finite, or exploding logits); the message
+    names where, the last good checkpoint that was kept, and what to change."""

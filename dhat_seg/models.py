@@ -39,6 +39,28 @@ def module_mode(module: nn.Module, training: bool = False) -> Iterator[nn.Module
             m.training = flag
 
 
+@contextlib.contextmanager
+def frozen_bn_statistics(module: nn.Module, frozen: bool = True) -> Iterator[nn.Module]:
+    """Forwards in the block leave BatchNorm running statistics (and counters) untouched.
+
+    Layers in train mode still normalise with the batch's own statistics, as they do in
+    the authors' code; only the update of ``running_mean``/``running_var`` is skipped
+    (``track_running_stats`` is off for the block, so BN passes no running buffers to
+    ``F.batch_norm``). ``frozen=False`` makes this a no-op.
+    """
+    if not frozen:
+        yield module
+        return
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in layers:
+        m.track_running_stats = False
+    try:
+        yield module
+    finally:
+        for m in layers:
+            m.track_running_stats = True
+
+
 def predicted_labels(classifier: nn.Module, images: Tensor, eval_mode: bool = True) -> Tensor:
     """argmax of the classifier's logits, without gradients, in eval mode by default."""
     with torch.no_grad(), module_mode(classifier, training=not eval_mode):

@@ -35,7 +35,7 @@ from dhat_seg.attention_model import build_attention, cache_root
 from dhat_seg.checkpoint import load_state, load_weights, read_pointers, save_checkpoint
 from dhat_seg.config import TrainConfig, save_config
 from dhat_seg.data import build_dataset
-from dhat_seg.errors import UserError
+from dhat_seg.errors import DivergenceError, UserError
 from dhat_seg.methods import create_method
 from dhat_seg.models import CIFAR_MEAN, CIFAR_STD, create_model, module_mode
 
@@ -52,6 +52,22 @@ def select_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name!r} was asked for but CUDA is not available; use --device cpu or auto")
     return device
+
+
+def resolve_amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the training passes, or None (fp32). Attacks never use it
+    (they run in fp32 unless ``attack_precision: autocast``)."""
+    if not cfg.amp:
+        return None
+    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    if cfg.amp_dtype == "float16":
+        if device.type != "cuda":
+            raise UserError(f"config option amp_dtype='float16' needs a CUDA device (this run uses {device}); "
+                            "expected amp_dtype 'bfloat16' or 'auto' here")
+        return torch.float16
+    if cfg.amp_dtype == "bfloat16" and not bf16_ok:
+        raise UserError(f"config option amp_dtype='bfloat16' is not supported by {device}; expected 'float16' or 'auto'")
+    return torch.bfloat16 if bf16_ok else torch.float16
 
 
 def seed_everything(seed: int) -> None:
@@ -78,7 +94,9 @@ class Trainer:
         self.cache_root = cache_root(cache_dir)
         self.progress = progress
         self.device = select_device(cfg.device)
-        self.amp = cfg.amp and self.device.type == "cuda"
+        self.amp_dtype = resolve_amp_dtype(self.cfg, self.device)
+        # loss scaling only for float16; bfloat16 has fp32's range
+        self.amp = self.amp_dtype == torch.float16
 
     # ------------------------------------------------------------------ setup
     def _datasets(self):
@@ -98,7 +116,8 @@ class Trainer:
 
             saved = yaml.safe_load(config_path.read_text()) or {}
             current = self.cfg.to_dict()
-            diff = [k for k in current if k in saved and saved[k] != current[k] and k not in ("device", "num_workers", "amp")]
+            diff = [k for k in current if k in saved and saved[k] != current[k]
+                    and k not in ("device", "num_workers", "amp", "amp_dtype")]
             if diff:
                 k = diff[0]
                 raise UserError(f"cannot resume {str(self.out)!r}: option {k}={current[k]!r} differs from the run's {saved[k]!r}")
@@ -109,6 +128,9 @@ class Trainer:
     def run(self, resume: bool = False) -> dict[str, Any]:
         c = self.cfg
         self._prepare_out_dir(resume)
+        if self.amp_dtype is not None:
+            self.log(f"mixed precision: {str(self.amp_dtype).replace('torch.', '')} autocast for the training passes; "
+                     f"attacks in {'the same' if c.attack_precision == 'autocast' else 'fp32'}")
         seed_everything(c.seed)
         train_ds, val_ds, test_ds = self._datasets()
         mean, std = (CIFAR_MEAN, CIFAR_STD) if c.data.startswith("cifar") else channel_stats(train_ds)
@@ -133,6 +155,8 @@ class Trainer:
             masks = mask_cache.ensure_mask_cache(c, train_ds, device=self.device, root=self.cache_root, log=self.log,
                                                  rebuild=self.rebuild_masks, progress=self.progress)
         self_masks = method.needs_attention and c.mask_source == "cache" and c.attention_source == "self"
+        if method.needs_attention and c.attention_burn_in:
+            self.log(f"attention burn-in: epochs 1-{c.attention_burn_in} train without the attention terms")
         optimizer = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
         # MultiStepLR multiplies by gamma once per milestone (the authors' code compounds every epoch)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(c.milestones), gamma=c.gamma)
@@ -159,12 +183,18 @@ class Trainer:
         val_x, val_y = evaluate.collect(val_ds, c.val_examples)
         for epoch in range(start_epoch, c.epochs):
             t0 = time.time()
-            if self_masks:
+            if self_masks and epoch >= c.attention_burn_in:
                 # before reseeding: the build forks its own RNG, the epoch's draws stay the same
                 masks = self._self_masks(model, train_ds, epoch, masks)
             seed_everything(c.seed * 100_003 + epoch)
             data = mask_cache.MaskedDataset(train_ds, masks) if masks is not None else train_ds
-            train_stats = self._train_epoch(model, method, attention, data, optimizer, scaler, epoch)
+            try:
+                train_stats = self._train_epoch(model, method, attention, data, optimizer, scaler, epoch)
+            except DivergenceError as exc:
+                last = read_pointers(ckpt_dir).get("last")
+                kept = f"the last good checkpoint is {ckpt_dir / last}" if last else "no epoch had finished, no checkpoint"
+                raise DivergenceError(f"{exc}; {kept}; lower --lr, or change the loss form (floe_form='relative' is "
+                                      f"bounded), or raise max_abs_logit if such logits are expected") from None
             scheduler.step()
             val = self._validate(model, val_x, val_y, epoch)
             score = val["val_robust_acc"] if val["val_robust_acc"] is not None else val["val_clean_acc"]
@@ -178,7 +208,7 @@ class Trainer:
             state = {"epoch": epoch + 1, "best": best, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
             if self.amp:
                 state["scaler"] = scaler.state_dict()
-            if self_masks:
+            if self_masks and masks is not None:
                 # which self-attention masks are in use, so that a resumed run finds them
                 state["masks"] = {"epoch": masks.key["classifier"]["epoch"], "sha256": masks.key["classifier"]["sha256"]}
             save_checkpoint(ckpt_dir, epoch + 1, model, c.model, state, is_best)
@@ -196,8 +226,8 @@ class Trainer:
 
     def _refresh_epoch(self, epoch: int) -> int:
         """The epoch whose starting weights give the self-attention masks of ``epoch``."""
-        every = self.cfg.mask_refresh_every
-        return 0 if every == 0 else (epoch // every) * every
+        burn_in, every = self.cfg.attention_burn_in, self.cfg.mask_refresh_every
+        return burn_in if every == 0 else burn_in + ((epoch - burn_in) // every) * every
 
     def _self_masks(self, model, train_ds, epoch, current):
         """Self-attention masks for ``epoch``: kept, or rebuilt from the current weights
@@ -230,6 +260,7 @@ class Trainer:
         loader = DataLoader(dataset, batch_size=c.batch_size, shuffle=True, drop_last=len(dataset) > c.batch_size,
                             num_workers=c.num_workers, generator=generator, pin_memory=self.device.type == "cuda")
         model.train()
+        warmup = method.needs_attention and epoch < c.attention_burn_in
         totals: dict[str, float] = {}
         n_batches = 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{c.epochs} [{c.method}]", leave=False, disable=not self.progress or None,
@@ -237,25 +268,42 @@ class Trainer:
         for batch in bar:
             x, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
             foreground = None
-            if len(batch) == 4:  # (image, label, index, cached mask augmented with the image)
+            if warmup:  # attention burn-in: no masks yet
+                pass
+            elif len(batch) == 4:  # (image, label, index, cached mask augmented with the image)
                 foreground = mask_cache.batch_foreground(batch[3].to(self.device, non_blocking=True), c.threshold_policy,
                                                          c.omega, c.quantile)
             elif attention is not None:
                 foreground = foreground_mask(attention(x, y), c.threshold_policy, c.omega, c.quantile)
-            with torch.autocast(self.device.type, enabled=self.amp):
-                loss, stats = method.loss(model, x, y, foreground)
-            if not torch.isfinite(loss):
-                raise UserError(f"loss became {loss.item()} at epoch {epoch + 1}; lower --lr or check the loss settings")
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                loss, stats = method.warmup_loss(model, x, y) if warmup else method.loss(model, x, y, foreground)
+            stats["loss"] = loss.detach().float()
+            # one host sync per batch: every statistic in one transfer, checked before the step
+            names = list(stats)
+            values = dict(zip(names, torch.stack([stats[k].float() for k in names]).tolist()))
+            self._check_divergence(values, epoch, n_batches)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            stats["loss"] = loss.item()
-            for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + v
+            for k, v in values.items():
+                # logit sizes: the epoch's maximum; everything else: the epoch's mean
+                totals[k] = max(totals.get(k, v), v) if k.startswith("max_logit") else totals.get(k, 0.0) + v
             n_batches += 1
-            bar.set_postfix(loss=f"{stats['loss']:.3f}")
-        return {f"train_{k}": round(v / max(n_batches, 1), 5) for k, v in totals.items()}
+            bar.set_postfix(loss=f"{values['loss']:.3f}")
+        return {f"train_{k}": round(v if k.startswith("max_logit") else v / max(n_batches, 1), 5) for k, v in totals.items()}
+
+    def _check_divergence(self, values: dict[str, float], epoch: int, batch: int) -> None:
+        """DivergenceError when the loss is not finite or a clean/x_B logit exceeds ``max_abs_logit``."""
+        where = f"training diverged in epoch {epoch + 1}, batch {batch + 1}"
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            raise DivergenceError(f"{where}: {bad[0]} is {values[bad[0]]}")
+        limit = self.cfg.max_abs_logit
+        for key in ("max_logit_clean", "max_logit_background"):
+            if limit and values.get(key, 0.0) > limit:
+                raise DivergenceError(f"{where}: |logit| reached {values[key]:.3g} on the {key[10:]} inputs "
+                                      f"(max_abs_logit={limit:g})")
 
     def _validate(self, model, x, y, epoch) -> dict[str, float | None]:
         c = self.cfg

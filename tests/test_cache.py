@@ -372,20 +372,20 @@ def test_training_builds_the_cache_then_reuses_it(tmp_path):
 
 
 def test_self_attention_masks_refresh_and_resume_exactly(tmp_path, monkeypatch):
-    """attention_source=self: masks from the trained model, rebuilt every 2 epochs; a run
-    interrupted after epoch 1 and resumed equals an uninterrupted one."""
-    cfg = tiny_config(attention_source="self", mask_refresh_every=2, epochs=3)
+    """attention_source=self: masks from the trained model after a 1-epoch burn-in, rebuilt
+    every 2 epochs; a run interrupted after epoch 2 and resumed equals an uninterrupted one."""
+    cfg = tiny_config(attention_source="self", attention_burn_in=1, mask_refresh_every=2, epochs=4)
     logs: list[str] = []
     reference = Trainer(cfg, tmp_path / "straight", log=logs.append, cache_dir=tmp_path / "cache", progress=False).run()
     refreshes = [l for l in logs if "building self-attention masks" in l]
-    assert len(refreshes) == 2 and "of epoch 0" in refreshes[0] and "of epoch 2" in refreshes[1]
+    assert len(refreshes) == 2 and "of epoch 1" in refreshes[0] and "of epoch 3" in refreshes[1]
     kept = list((tmp_path / "straight" / "masks").iterdir())
-    assert len(kept) == 1 and "-self-e0002-" in kept[0].name  # the older refresh was removed
+    assert len(kept) == 1 and "-self-e0003-" in kept[0].name  # the older refresh was removed
 
     original = Trainer._train_epoch
 
     def interrupted(self, model, method, attention, dataset, optimizer, scaler, epoch):
-        if epoch == 1:
+        if epoch == 2:
             raise KeyboardInterrupt
         return original(self, model, method, attention, dataset, optimizer, scaler, epoch)
 
@@ -395,7 +395,7 @@ def test_self_attention_masks_refresh_and_resume_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "_train_epoch", original)
     logs.clear()
     resumed = Trainer(cfg, tmp_path / "resumed", log=logs.append, cache_dir=tmp_path / "cache", progress=False).run(resume=True)
-    assert any("reusing self-attention masks of epoch 0" in l for l in logs)
+    assert any("reusing self-attention masks of epoch 1" in l for l in logs)
     assert resumed == reference
     assert metrics(tmp_path / "resumed") == metrics(tmp_path / "straight")
 
@@ -407,7 +407,7 @@ def test_self_attention_needs_a_classifier_method(tmp_path):
         "test-image-plugin")
     try:
         with pytest.raises(UserError, match="attention_source='self' needs an attention method that reads a classifier"):
-            Trainer(tiny_config(attention="test-image", attention_source="self"), tmp_path / "r",
+            Trainer(tiny_config(attention="test-image", attention_source="self", attention_burn_in=1, epochs=2), tmp_path / "r",
                     cache_dir=tmp_path / "cache", progress=False).run()
     finally:
         plugin_manager.reset()
