@@ -5,7 +5,10 @@ Built-in plugins live in ``plugins/`` (importable as ``dhat_seg.plugins.*``); th
 party plugins are found through the entry-point group ``dhat_seg``.
 
 Hooks are always called with keyword arguments; implementations may accept any subset
-of the arguments, by name, and must not rely on default values.
+of the arguments, by name, and must not rely on default values. pluggy's markers apply
+(``@hookimpl(specname=..., tryfirst=True, trylast=True)``). A ``@hookimpl`` function
+whose name (or ``specname``) is not one of the hooks below is reported when the plugin
+loads, and that plugin is skipped.
 
 The training loop never calls pluggy per batch: plugins hand over plain
 :class:`dhat_seg.attention.AttentionSpec` objects once, through ``register``, and the
@@ -31,8 +34,10 @@ def register_attention_methods(register):
 
     Receives: ``register``, a callable taking one
     :class:`dhat_seg.attention.AttentionSpec`. Call it once per method the plugin
-    provides. Registering a name that is already taken is an error that names both
-    plugins.
+    provides. Built-in plugins register first; registering a name that is already
+    taken is reported with a warning that names both plugins, and that registration is
+    ignored (the plugin's other methods still count). So a third-party plugin cannot
+    replace a built-in method such as ``gradcam``: give yours another name.
 
     Returns: nothing (the return value is ignored).
 

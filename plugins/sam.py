@@ -27,7 +27,9 @@ Prompts (option ``prompt``; coordinates follow SamPredictor: (x, y) pixel positi
   map has fewer; the missing ones are SAM's "not a point" padding, label -1). SAM's
   authors advise a single output mask for several points: ``multimask=false``.
 
-With ``peak``/``peaks`` the masks depend on the attention model as well as the image.
+With ``peak``/``peaks`` the masks depend on the attention model as well as the image:
+the spec says so (:func:`uses_classifier`), so dhat-seg provides that model and keys
+the mask cache by its weights.
 
 Weights come from a local checkpoint only (``--attention-checkpoint PATH``), read with
 ``torch.load(weights_only=True)``; segment-anything's own builder would unpickle it.
@@ -608,6 +610,14 @@ def _build(ctx: AttentionContext) -> SamAttention:
     )
 
 
+def uses_classifier(options: Mapping[str, Any]) -> bool:
+    """Whether the prompt reads the attention model: ``peak``/``peaks`` place points at
+    its Grad-CAM peaks. Declaring it makes dhat-seg load (or train) that classifier for
+    SAM, and puts its weights' SHA-256 in the mask-cache key, so masks prompted by one
+    classifier are never reused for another."""
+    return options["prompt"] in ("peak", "peaks")
+
+
 @hookimpl
 def register_attention_methods(register):
     register(
@@ -619,5 +629,6 @@ def register_attention_methods(register):
             kind="image",
             default_options=dict(DEFAULT_OPTIONS),
             check_ready=check_ready,
+            uses_classifier=uses_classifier,
         )
     )

@@ -98,12 +98,97 @@ def test_block_and_allow_environment_variables(tmp_path, monkeypatch):
     assert "centre" in plugin_manager.attention_methods()
 
 
+def _spec(name: str) -> AttentionSpec:
+    return AttentionSpec(name=name, description=name, factory=lambda c: None, kind="image")
+
+
 def test_duplicate_names_are_reported():
-    dup = types.SimpleNamespace(register_attention_methods=hookimpl(
-        lambda register: register(AttentionSpec(name="gradcam", description="dup", factory=lambda c: None))))
-    with pytest.warns(UserWarning, match="already registered"):
+    """A taken name: a warning naming both plugins; the first registration keeps the
+    name, the second is dropped, and the plugin's other methods still register."""
+
+    def register_both(register):
+        register(AttentionSpec(name="gradcam", description="dup", factory=lambda c: None))
+        register(_spec("dup-own"))
+
+    dup = types.SimpleNamespace(register_attention_methods=hookimpl(register_both))
+    with pytest.warns(UserWarning, match="already registered") as record:
         plugin_manager.register_plugin(dup, "dup")
-        plugin_manager.attention_methods()
+        methods = plugin_manager.attention_methods()
+    (message,) = [str(w.message) for w in record if "already registered" in str(w.message)]
+    assert "'dup'" in message and "'gradcam'" in message and "built-in" in message
+    assert methods["gradcam"].description != "dup" and methods["gradcam"].plugin.endswith("(built-in)")
+    assert methods["dup-own"].plugin == "dup (registered in-process)"
+
+
+def test_hooks_are_called_through_pluggy_markers_and_order():
+    """Implementations are pluggy's: a ``specname`` alias is called, an undecorated
+    function of the hook's name is not, and ``tryfirst`` decides between two plugins
+    registering the same name (without it, the later registered is called first)."""
+    aliased = types.SimpleNamespace(anything=hookimpl(specname="register_attention_methods")(
+        lambda register: register(_spec("aliased"))))
+    undecorated = types.SimpleNamespace(register_attention_methods=lambda register: register(_spec("undecorated")))
+    first = types.SimpleNamespace(register_attention_methods=hookimpl(tryfirst=True)(
+        lambda register: register(AttentionSpec(name="twin", description="first", factory=lambda c: None))))
+    second = types.SimpleNamespace(register_attention_methods=hookimpl(
+        lambda register: register(AttentionSpec(name="twin", description="second", factory=lambda c: None))))
+    for name, plugin in [("aliased", aliased), ("undecorated", undecorated), ("first", first), ("second", second)]:
+        plugin_manager.register_plugin(plugin, name, label=f"{name} 1.0")
+    with pytest.warns(UserWarning, match="'twin' from plugin 'second' .*already registered by plugin 'first'"):
+        methods = plugin_manager.attention_methods()
+    assert methods["aliased"].plugin == "aliased 1.0" and "undecorated" not in methods
+    assert methods["twin"].description == "first"
+
+
+MISSPELT = """
+from dhat_seg import hookimpl
+from dhat_seg.attention import AttentionSpec
+
+@hookimpl
+def register_attention_methods(register):
+    register(AttentionSpec(name="typo-method", description="t", factory=lambda c: None, kind="image"))
+
+@hookimpl
+def register_attenton_methods(register):
+    pass
+"""
+
+
+def test_misspelt_hook_is_reported_and_the_plugin_skipped(tmp_path, monkeypatch):
+    install_fake_distribution(tmp_path / "site", "dhat-seg-typo", MISSPELT, "typo")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    with pytest.warns(UserWarning, match=r"'typo' \(dhat_seg_typo\) failed to load and is skipped: unknown hook "
+                                         r"'register_attenton_methods'") as record:
+        methods = plugin_manager.attention_methods()
+    assert "typo-method" not in methods and "gradcam" in methods
+    assert all("\n" not in str(w.message) for w in record)
+    # in-process registration: the same check, as an error, and nothing is left registered
+    plugin = types.SimpleNamespace(register_attention_methods=hookimpl(lambda register: register(_spec("inproc"))),
+                                   register_attention_method=hookimpl(lambda register: None))
+    with pytest.raises(PluginError, match="unknown hook 'register_attention_method'"):
+        plugin_manager.register_plugin(plugin, "inproc")
+    assert "inproc" not in plugin_manager.attention_methods()
+
+
+def test_entry_points_cannot_shadow_builtins(monkeypatch):
+    """An entry point named like a built-in plugin is skipped with a warning; one that
+    registers a built-in's method name is warned about and the built-in keeps the name,
+    even when the entry point's hook is marked tryfirst."""
+    mycam = types.SimpleNamespace(register_attention_methods=hookimpl(tryfirst=True)(
+        lambda register: [register(AttentionSpec(name="gradcam", description="mine", factory=lambda c: None)),
+                          register(_spec("mycam-extra"))]))
+    fake = {"sam": types.SimpleNamespace(register_attention_methods=hookimpl(lambda register: register(_spec("fake-sam")))),
+            "mycam": mycam}
+    eps = [types.SimpleNamespace(name=n, value=f"fake_{n}", load=lambda n=n: fake[n], dist=None) for n in fake]
+    monkeypatch.setattr(plugin_manager.importlib.metadata, "entry_points", lambda group: eps if group == "dhat_seg" else [])
+    with pytest.warns(UserWarning) as record:
+        methods = plugin_manager.attention_methods()
+    messages = [str(w.message) for w in record]
+    assert any("'sam' (fake_sam)" in m and "built-in" in m and "skipped" in m for m in messages), messages
+    assert any("'gradcam' from plugin 'mycam'" in m and "built-in" in m for m in messages), messages
+    assert "fake-sam" not in methods and methods["mycam-extra"].plugin == "?"
+    assert methods["gradcam"].plugin.endswith("(built-in)") and methods["gradcam"].description != "mine"
+    if "sam" in plugin_manager.BUILTIN_PLUGINS and plugin_manager.get_plugin_manager().get_plugin("sam") is not None:
+        assert methods["sam"].plugin.endswith("(built-in)")
 
 
 def _plugin_returning(name: str, make):

@@ -13,6 +13,7 @@ CPU the batched encoder/decoder matmuls give the same floats as single-image one
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -265,3 +266,54 @@ def test_output_on_images_device(tiny_sam, images):
         # across devices, float differences may flip pixels whose logit is ~0
         assert (out.cpu() != ref).float().mean() < 0.02
     tiny_sam.to("cpu")
+
+
+# --- prompt=peak|peaks reads a classifier: declared, keyed, runnable from the CLI ---------
+
+
+def test_peak_prompts_declare_the_classifier():
+    s = spec()
+    assert not s.needs_classifier(s.resolve_options({})) and not s.needs_classifier(s.resolve_options({"prompt": "box"}))
+    assert s.needs_classifier(s.resolve_options({"prompt": "peak"})) and s.needs_classifier(s.resolve_options({"prompt": "peaks"}))
+
+
+def test_masks_build_with_peak_prompt_keys_the_classifier(tmp_path, tiny_sam, monkeypatch):
+    """``dhat-seg masks build --attention sam --attention-opt prompt=peak``, end to end on
+    the built-in data: the tiny SAM comes from a checkpoint file (the registry builder
+    is swapped for the tiny architecture), the classifier from --attention-model. The
+    cache key holds that classifier's SHA-256, and another classifier gives another key."""
+    from typer.testing import CliRunner
+
+    from dhat_seg import plugin_manager
+    from dhat_seg.cache import read_meta, sha256_file
+    from dhat_seg.checkpoint import save_weights
+    from dhat_seg.cli import app
+    from dhat_seg.models import create_model
+
+    plugin_manager.reset()
+    checkpoint = tmp_path / "tiny_sam.pth"
+    torch.save(tiny_sam.state_dict(), checkpoint)
+    monkeypatch.setattr(S, "_registry", lambda model_type: lambda checkpoint=None: S.random_sam(seed=123))
+    classifiers = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        path = tmp_path / f"classifier{seed}.safetensors"
+        save_weights(create_model("small_cnn", 10), path, "small_cnn")
+        classifiers.append(path)
+
+    def build(classifier):
+        args = ["masks", "build", "--attention", "sam", "--attention-checkpoint", str(checkpoint),
+                "--attention-opt", "prompt=peak", "--attention-model", str(classifier), "--data", "synthetic",
+                "--cache-dir", str(tmp_path / "cache"), "--set", "train_size=20", "--set", "batch_size=8",
+                "--set", "device=cpu"]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        directory = Path(next(l for l in result.output.splitlines() if l.startswith("cache ")).split(None, 1)[1])
+        return read_meta(directory)["key"]
+
+    first, second = build(classifiers[0]), build(classifiers[1])
+    assert first["method"]["options"]["prompt"] == "peak"
+    assert first["classifier"] == {"source": "frozen", "sha256": sha256_file(classifiers[0])}
+    assert second["classifier"]["sha256"] == sha256_file(classifiers[1]) != first["classifier"]["sha256"]
+    assert {k: v for k, v in first.items() if k != "classifier"} == {k: v for k, v in second.items() if k != "classifier"}
+    plugin_manager.reset()
