@@ -7,11 +7,14 @@ installed third-party method). Each row is a run directory under the output fold
     OUT/uiat/, OUT/gradcam/, ...     config.yaml, metrics.jsonl, checkpoints/, summary.json, eval.json
     OUT/ablation.{md,csv,json,png}   the table, rewritten after every row
 
-A row whose ``summary.json`` and ``eval.json`` match its config and the evaluation
-settings is reused, an interrupted row resumes from its last checkpoint, a row that
-raises is reported as ``failed: <error>`` (traceback in OUT/<row>/error.log), and a
-method that cannot run (``spec.readiness`` says why, e.g. no SAM checkpoint) is
-``skipped: <reason>``. The table is produced in every case.
+Every row is evaluated with the gradient-masking sanity checks of ``dhat-seg eval
+--sanity`` (:mod:`dhat_seg.sanity`); a row that fails one is ``suspect: <check> failed``,
+in the table and the plot, never a plain result. A row whose ``summary.json`` and
+``eval.json`` (with its sanity results) match its config and the evaluation settings is
+reused, an interrupted row resumes from its last checkpoint, a row that raises is
+reported as ``failed: <error>`` (traceback in OUT/<row>/error.log), and a method that
+cannot run (``spec.readiness`` says why, e.g. no SAM checkpoint) is ``skipped: <reason>``.
+The table is produced in every case.
 
 All DHAT rows whose method reads a classifier (Grad-CAM, IG, SAM prompted at CAM
 peaks) share one frozen, normally trained attention model, trained once into the cache.
@@ -77,22 +80,24 @@ ABLATE_PRESETS: dict[str, AblatePreset] = {
             "3-step attacks, 6 epochs, FLOE in the bounded 'relative' form: the paper form diverges and the code form "
             "collapses at this scale); about 20-25 minutes on 2 otherwise idle CPU cores for the three rows that run "
             "without checkpoints (UIAT, Grad-CAM, IG); evaluation on the first 500 test samples, AutoAttack on the "
-            "first 100 (on CPU its four attacks cost about 2 s per robust sample), Robust Gap on 500 training samples",
+            "first 100 (on CPU its four attacks cost about 2 s per robust sample), Robust Gap on 500 training samples, "
+            "gradient-masking sanity checks on the first 100 test samples",
             "quick",
             {},
             {"attacks": "clean,pgd10,cw,aa", "n_examples": 500, "aa_examples": 100, "gap_attack": "pgd10",
-             "gap_examples": 500, "iou_examples": 500, "bg_gap": True},
+             "gap_examples": 500, "iou_examples": 500, "bg_gap": True, "sanity_examples": 100},
         ),
         AblatePreset(
             "paper",
             "the paper's setting (REFERENCE section 1): CIFAR-10, WRN-28-10, 100 epochs, lr 0.1 decayed at 80/90, "
             "PGD-10 training; Grad-CAM from a normally trained ResNet-18. Evaluation on the full test set "
-            "(AutoAttack standard on all 10000), Robust Gap on the first 10000 training samples. Needs a GPU and "
-            "CIFAR-10 (--set download=true or --set data_root=...)",
+            "(AutoAttack standard on all 10000), Robust Gap on the first 10000 training samples, gradient-masking "
+            "sanity checks on the first 1000 test samples. Needs a GPU and CIFAR-10 (--set download=true or "
+            "--set data_root=...)",
             "paper",
             {},
             {"attacks": "clean,pgd10,cw,aa", "n_examples": None, "aa_examples": None, "gap_attack": "pgd10",
-             "gap_examples": 10000, "iou_examples": 500, "bg_gap": True},
+             "gap_examples": 10000, "iou_examples": 500, "bg_gap": True, "sanity_examples": 1000},
             show_paper=True,
         ),
     )
@@ -104,10 +109,11 @@ class Row:
     """One row of the ablation table."""
 
     name: str  # "-" or an attention method name
-    status: str = "pending"  # "ok", "reused", "skipped: ...", "failed: ..."
+    status: str = "pending"  # "ok", "reused", "suspect: <check> failed[ (reused)]", "skipped: ...", "failed: ..."
     run_dir: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     seconds: float | None = None
+    sanity: dict[str, Any] | None = None  # eval.json's "sanity": n, surrogate, passed, checks
 
     @property
     def label(self) -> str:
@@ -119,13 +125,37 @@ class Row:
         return "uiat" if self.name == UIAT else self.name
 
     @property
+    def suspect(self) -> bool:
+        """It has results, but failed a gradient-masking sanity check."""
+        return self.status.startswith("suspect:")
+
+    @property
     def has_results(self) -> bool:
-        return self.status in ("ok", "reused")
+        return self.status in ("ok", "reused") or self.suspect
 
     def to_dict(self) -> dict[str, Any]:
         return {"row": self.label, "attention": None if self.name == UIAT else self.name,
                 "method": "uiat" if self.name == UIAT else "dhat", "status": self.status, "run_dir": self.run_dir,
-                "seconds": self.seconds, **self.metrics}
+                "seconds": self.seconds, **self.metrics, "sanity": self.sanity}
+
+
+def failed_checks(sanity: Mapping[str, Any] | None) -> list[str]:
+    """Names of the sanity checks a row failed (eval.json's "sanity")."""
+    return [c["name"] for c in sanity["checks"] if not c["passed"]] if sanity else []
+
+
+def sanity_status(sanity: Mapping[str, Any], reused: bool) -> str:
+    """A row's status from its sanity results: "ok"/"reused", or "suspect: <checks> failed"."""
+    failed = failed_checks(sanity)
+    if not failed:
+        return "reused" if reused else "ok"
+    return f"suspect: {', '.join(failed)} failed" + (" (reused)" if reused else "")
+
+
+def sanity_summary(sanity: Mapping[str, Any] | None) -> str:
+    """"passed", "failed: <checks>" or "" (no results), for the CSV."""
+    failed = failed_checks(sanity)
+    return "" if not sanity else f"failed: {'; '.join(failed)}" if failed else "passed"
 
 
 # ---------------------------------------------------------------------------------
@@ -192,7 +222,8 @@ def readiness(name: str, cfg: TrainConfig, spec) -> str | None:
 
 
 def _finished(run_dir: Path, cfg: TrainConfig, settings: dict[str, Any]) -> dict[str, Any] | None:
-    """The row's eval.json when training and evaluation are complete for these settings."""
+    """The row's eval.json when training and evaluation, sanity checks included, are
+    complete for these settings."""
     summary, report = run_dir / "summary.json", run_dir / EVAL_FILE
     if not (summary.is_file() and report.is_file()):
         return None
@@ -203,6 +234,8 @@ def _finished(run_dir: Path, cfg: TrainConfig, settings: dict[str, Any]) -> dict
     digest = cfg.digest()
     if s.get("config_digest") != digest or r.get("config_digest") != digest or r.get("eval_settings") != settings:
         return None
+    if not (isinstance(r.get("sanity"), dict) and r["sanity"].get("checks")):
+        return None  # evaluated without the sanity checks: evaluate again rather than show it unchecked
     return r
 
 
@@ -238,7 +271,8 @@ def run_ablation(
     progress: bool = True,
     trainer_factory: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
-    """Train and evaluate every row, write the table files, return ablation.json's content."""
+    """Train and evaluate every row (with the sanity checks), write the table files,
+    return ablation.json's content."""
     from dhat_seg.attention_model import cache_root
     from dhat_seg.data import build_dataset
     from dhat_seg.plugin_manager import attention_methods
@@ -256,6 +290,7 @@ def run_ablation(
         raise UserError(f"{exc} (for dhat-seg ablate: --set download=true or --set data_root=PATH)") from None
     out.mkdir(parents=True, exist_ok=True)
     root = cache_root(cache_dir)
+    eval_options = dataclasses.replace(eval_options, sanity=True)  # every row checks for gradient masking
     settings = eval_options.result_settings()
     methods = attention_methods()
     table = [Row(name) for name in rows]
@@ -279,9 +314,9 @@ def run_ablation(
                     continue
             run_dir = out / row.key
             report = _finished(run_dir, cfg, settings)
-            if report is not None:
+            reused = report is not None
+            if reused:
                 log(f"ablate: row {row.label}: finished earlier in {run_dir}, reused")
-                row.status = "reused"
             else:
                 done = (run_dir / "summary.json").is_file() and \
                     json.loads((run_dir / "summary.json").read_text()).get("config_digest") == cfg.digest()
@@ -292,8 +327,10 @@ def run_ablation(
                     trainer_factory(cfg, run_dir, cache_dir=root, log=log, progress=progress).run(resume=resume)
                 log(f"ablate: row {row.label}: evaluating")
                 report = run_eval(run_dir, dataclasses.replace(eval_options, cache_dir=str(root), output=None), log=log)
-                row.status = "ok"
-            row.metrics = metrics_from_report(report)
+            row.metrics, row.sanity = metrics_from_report(report), report["sanity"]
+            row.status = sanity_status(row.sanity, reused)
+            if row.suspect:
+                log(f"ablate: row {row.label}: {row.status} (details in {run_dir / EVAL_FILE}, \"sanity\")")
         except KeyboardInterrupt:
             row.status = "failed: interrupted"
             write_outputs(out, table, meta | {"seconds": round(time.time() - started, 1)}, preset)
@@ -352,8 +389,10 @@ def paper_table() -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[Row], path: Path) -> None:
-    """Grouped bars: one group per metric, one bar per row with results (IoU x 100)."""
+def plot(rows: list[Row], path: Path):
+    """Grouped bars: one group per metric, one bar per row with results (IoU x 100).
+    Suspect rows (a failed sanity check) are hatched, edged in red and named so in the
+    legend. Returns the figure."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg: no display needed
     from matplotlib.figure import Figure
 
@@ -365,7 +404,9 @@ def plot(rows: list[Row], path: Path) -> None:
     width = 0.8 / max(len(done), 1)
     for i, r in enumerate(done):
         values = [float("nan") if r.metrics.get(k) is None else r.metrics[k] * (100 if k == "iou" else 1) for k, _ in metrics]
-        ax.bar([j + (i - (len(done) - 1) / 2) * width for j in range(len(metrics))], values, width, label=r.label)
+        marked = dict(hatch="//", edgecolor="red", linewidth=1.2) if r.suspect else {}
+        ax.bar([j + (i - (len(done) - 1) / 2) * width for j in range(len(metrics))], values, width,
+               label=f"{r.label} (suspect: failed a sanity check)" if r.suspect else r.label, **marked)
     ax.set_xticks(range(len(metrics)))
     ax.set_xticklabels([h + (" x100" if k == "iou" else "") for k, h in metrics])
     ax.set_ylabel("percent / points")
@@ -375,6 +416,7 @@ def plot(rows: list[Row], path: Path) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return fig
 
 
 def write_outputs(out: Path, rows: list[Row], meta: Mapping[str, Any], preset: AblatePreset | None) -> dict[str, Any]:
@@ -388,11 +430,12 @@ def write_outputs(out: Path, rows: list[Row], meta: Mapping[str, Any], preset: A
     keys = [k for k, _ in COLUMNS] + [k for k, _ in EXTRA_COLUMNS] + ["worst_case", "robust_gap_train", "n_test", "n_aa", "n_gap_train"]
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["row", "attention", "method", "status"] + keys + ["run_dir", "seconds"])
+    writer.writerow(["row", "attention", "method", "status"] + keys + ["sanity", "sanity_n", "run_dir", "seconds"])
     for r in rows:
         d = r.to_dict()
         writer.writerow([d["row"], d["attention"] or "", d["method"], d["status"]] + ["" if d.get(k) is None else d[k] for k in keys]
-                        + [d["run_dir"] or "", "" if r.seconds is None else r.seconds])
+                        + [sanity_summary(r.sanity), r.sanity["n"] if r.sanity else "",
+                           d["run_dir"] or "", "" if r.seconds is None else r.seconds])
     (out / "ablation.csv").write_text(buf.getvalue())
 
     settings = meta.get("eval_settings", {})
@@ -408,7 +451,13 @@ def write_outputs(out: Path, rows: list[Row], meta: Mapping[str, Any], preset: A
            "BG-gap: clean accuracy on `test` (training-like backgrounds) minus `test-mixed-rand` (random backgrounds), points. "
            "IoU: attention foreground vs ground-truth masks (mean over test images). n/a = not measurable here.",
            f"Evaluation: {settings.get('n_examples') or 'all'} test examples, AutoAttack on {settings.get('aa_examples') or 'all'}, "
-           f"Robust Gap on {settings.get('gap_examples') or 'as many'} training samples. Total time {meta.get('seconds')} s."]
+           f"Robust Gap on {settings.get('gap_examples') or 'as many'} training samples. Total time {meta.get('seconds')} s.",
+           f"Every row ran the gradient-masking sanity checks of `dhat-seg eval --sanity` on the first "
+           f"{min((n for n in (settings.get('sanity_examples'), settings.get('n_examples')) if n), default='all')} "
+           "test samples (iterative beats single-step, robustness "
+           "falls as eps grows, unbounded attack succeeds, white-box beats transfer, random sampling finds nothing PGD "
+           "misses). A row marked `suspect` failed one: its robust accuracies may come from masked gradients, not "
+           "robustness (details in the row's eval.json, `sanity`)."]
     if preset is not None and preset.show_paper:
         md += ["", "Values in parentheses: the paper's Table 10 (WRN-28-10, CIFAR-10).", "", "## Paper Table 10", "", paper_table()]
     (out / "ablation.md").write_text("\n".join(md) + "\n")

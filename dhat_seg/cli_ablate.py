@@ -30,10 +30,13 @@ def register(root: typer.Typer) -> None:
         n_examples: Optional[str] = typer.Option(None, metavar="N", help="test examples evaluated (default: the preset's)"),
         aa_examples: Optional[str] = typer.Option(None, metavar="N", help="AutoAttack examples (default: the preset's)"),
         gap_examples: Optional[str] = typer.Option(None, metavar="N", help="training examples of the Robust Gap (default: the preset's)"),
+        sanity_examples: Optional[str] = typer.Option(None, metavar="N", help="test examples of each row's gradient-masking "
+                                                                                "sanity checks (default: the preset's)"),
         set_: Optional[List[str]] = typer.Option(None, "--set", help="any training config option KEY=VALUE (repeatable)"),
     ):
         """Train and evaluate one run per attention method with identical settings: the paper's Table 10
         (Clean, PGD-10, C&W, AA, Robust Gap; plus BG-gap and attention IoU on the built-in data).
+        Every row runs the gradient-masking sanity checks of `eval --sanity`; a row failing one is marked suspect.
         Writes ablation.md/.csv/.json/.png; finished rows are reused, interrupted ones resume."""
         from dhat_seg import ablate as ab
         from dhat_seg.errors import UserError
@@ -59,7 +62,8 @@ def register(root: typer.Typer) -> None:
         eval_kwargs = dict(p.eval)
         for key, value, flag, zero in (("n_examples", n_examples, "--n-examples", False),
                                        ("aa_examples", aa_examples, "--aa-examples", False),
-                                       ("gap_examples", gap_examples, "--gap-examples", True)):
+                                       ("gap_examples", gap_examples, "--gap-examples", True),
+                                       ("sanity_examples", sanity_examples, "--sanity-examples", False)):
             if value is not None:
                 eval_kwargs[key] = parse_count(value, flag, allow_zero=zero)
         eval_options = dataclasses.replace(EvalOptions(), **eval_kwargs, seed=base.seed,
@@ -68,7 +72,7 @@ def register(root: typer.Typer) -> None:
         typer.echo(f"dhat-seg ablate: preset={preset} rows={', '.join(rows)} data={base.data} model={base.model} "
                    f"epochs={base.epochs} seed={base.seed} -> {out}", err=True)
         given = {k: v for k, v in overrides.items() if v is not None}
-        given.update({k: v for k, v in eval_kwargs.items() if k in ("n_examples", "aa_examples", "gap_examples")
+        given.update({k: v for k, v in eval_kwargs.items() if k in ("n_examples", "aa_examples", "gap_examples", "sanity_examples")
                       and v != p.eval.get(k)})
         result = ab.run_ablation(rows, base, eval_options, out, cache_dir=cache_dir, checkpoints=checkpoints,
                                  attention_options=options, unavailable=unavailable, preset=p, overrides=given)

@@ -13,8 +13,10 @@ the same flags by the small pure functions at the end of this module.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -30,6 +32,10 @@ from dhat_seg.errors import UserError
 
 #: The order in which pyautoattack's standard version runs its attacks.
 AUTOATTACK_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
+#: The pyautoattack minor version dhat-seg is tested with: it reads and writes that
+#: version's private state keys (see :func:`_read_aa_state`). Same range as pyproject.toml.
+AUTOATTACK_MINOR = (0, 2)
+AUTOATTACK_SUPPORTED = f">={AUTOATTACK_MINOR[0]}.{AUTOATTACK_MINOR[1]},<{AUTOATTACK_MINOR[0]}.{AUTOATTACK_MINOR[1] + 1}"
 
 
 @dataclass(frozen=True)
@@ -222,6 +228,40 @@ class _AutoAttackLog(logging.Handler):
             self.progress(1)  # one finished sub-attack
 
 
+def _installed_autoattack_version() -> str | None:
+    import importlib.metadata as md
+
+    try:
+        return md.version("pyautoattack")
+    except md.PackageNotFoundError:
+        return None
+
+
+def check_autoattack_version() -> str:
+    """The installed pyautoattack version; a UserError unless it is in :data:`AUTOATTACK_SUPPORTED`."""
+    version = _installed_autoattack_version()
+    install = f"pip install 'pyautoattack{AUTOATTACK_SUPPORTED}'"
+    if version is None:
+        raise UserError(f"pyautoattack is not installed; AutoAttack needs pyautoattack{AUTOATTACK_SUPPORTED} ({install})")
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if not m or (int(m[1]), int(m[2])) != AUTOATTACK_MINOR:
+        raise UserError(f"pyautoattack {version} is installed, but dhat-seg supports pyautoattack{AUTOATTACK_SUPPORTED} only "
+                        f"(it resumes AutoAttack from that version's state file); {install}")
+    return version
+
+
+def autoattack_state_file(folder: Path, split: str, x: Tensor, y: Tensor, *, eps: float, seed: int, weights_sha: str) -> Path:
+    """The state file of one AutoAttack evaluation, named by everything that changes its
+    result: the weights, the exact samples (sha256 of the image and label bytes), n, eps,
+    norm, version, seed and pyautoattack's version. A state of other samples, even of
+    the same number, has another name and is never continued."""
+    h = hashlib.sha256(json.dumps([weights_sha, len(x), eps, "Linf", "standard", seed, _installed_autoattack_version()]).encode())
+    for t in (x, y):
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return Path(folder) / f"{split}-n{len(x)}-{h.hexdigest()[:16]}.json"
+
+
 def _read_aa_state(path: Path, n: int) -> tuple[Tensor, list[str]]:
     """(robust flags, attacks already run) from a pyautoattack state file."""
     try:
@@ -298,7 +338,9 @@ def autoattack_flags(
     (see :func:`_autoattack_resumable`); without, a temporary state file is used.
     ``progress(k)`` is called with k = the number of finished sub-attacks (of 4).
     ``warnings_out`` collects pyautoattack's warnings (e.g. "the model seems randomised").
+    ``state_path`` must belong to these samples and settings: see :func:`autoattack_state_file`.
     """
+    check_autoattack_version()
     from pyautoattack import AutoAttack
 
     model.eval()

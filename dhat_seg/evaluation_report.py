@@ -165,6 +165,8 @@ def run_eval(target: str | Path, options: EvalOptions | None = None, *, log: Cal
     """Evaluate the model at ``target`` (run dir, checkpoint dir or weights file) and
     write the report (default: RUN/eval.json). Keyword arguments set :class:`EvalOptions`."""
     opts = dataclasses.replace(options or EvalOptions(), **kwargs).validate()
+    if "aa" in opts.attack_names or opts.gap_attack == "aa":
+        evaluate.check_autoattack_version()  # before any attack runs
     target = Path(target)
     weights = resolve_weights(target)
     cfg = run_config_for(target.parent if target.is_file() else target) or TrainConfig()
@@ -186,17 +188,21 @@ def run_eval(target: str | Path, options: EvalOptions | None = None, *, log: Cal
     n_aa = len(x) if opts.aa_examples is None else min(opts.aa_examples, len(x))
     common = dict(eps=opts.eps / 255, batch_size=opts.batch_size, device=dev, seed=opts.seed, show_progress=opts.show_progress)
 
-    def aa_state(split: str, n: int) -> Path:
-        # keyed by everything that changes AutoAttack's result, so a stale state is never continued
-        key = hashlib.sha256(json.dumps([weights_sha, split, n, opts.eps, opts.seed, cfg.data]).encode()).hexdigest()[:10]
-        return out_dir / "aa_state" / f"{split}-{key}.json"
+    def aa_state(split: str, xs: torch.Tensor, ys: torch.Tensor) -> Path:
+        # named by the weights, the exact samples and the settings: a stale state is never continued
+        path = evaluate.autoattack_state_file(out_dir / "aa_state", split, xs, ys, eps=opts.eps / 255, seed=opts.seed,
+                                              weights_sha=weights_sha)
+        log(f"AutoAttack on {split}: {'continuing' if path.exists() else 'starting afresh (no state for these samples and settings)'}"
+            f" with state {path}")
+        return path
 
     seconds: dict[str, float] = {}
     aa_warnings: list[str] = []
     flags: dict[str, torch.Tensor] = {}
     for name in opts.attack_names:
         t0 = time.time()
-        flags.update(evaluate.flags_for_attacks(model, x, y, [name], aa_examples=n_aa, aa_state_path=aa_state(opts.split, n_aa),
+        state = aa_state(opts.split, x[:n_aa], y[:n_aa]) if name == "aa" else None
+        flags.update(evaluate.flags_for_attacks(model, x, y, [name], aa_examples=n_aa, aa_state_path=state,
                                                 aa_warnings=aa_warnings, **common))
         seconds[name] = round(time.time() - t0, 2)
     accuracy = {name: evaluate.percent(f) for name, f in flags.items()}
@@ -228,12 +234,14 @@ def run_eval(target: str | Path, options: EvalOptions | None = None, *, log: Cal
             test_flags = flags[gap]
         else:
             n_test = n_aa if gap == "aa" else len(x)
-            test_flags = evaluate.flags_for_attacks(model, x[:n_test], y[:n_test], [gap], aa_state_path=aa_state(opts.split, n_test),
+            state = aa_state(opts.split, x[:n_test], y[:n_test]) if gap == "aa" else None
+            test_flags = evaluate.flags_for_attacks(model, x[:n_test], y[:n_test], [gap], aa_state_path=state,
                                                     label="gap test ", aa_warnings=aa_warnings, **common)[gap]
         train_ds = _dataset(cfg, "train")
         n_train = opts.gap_examples if opts.gap_examples is not None else len(test_flags)
         xt, yt = evaluate.collect(train_ds, n_train)
-        train_flags = evaluate.flags_for_attacks(model, xt, yt, [gap], aa_state_path=aa_state("train", len(xt)), label="gap train ",
+        state = aa_state("train", xt, yt) if gap == "aa" else None
+        train_flags = evaluate.flags_for_attacks(model, xt, yt, [gap], aa_state_path=state, label="gap train ",
                                                  aa_warnings=aa_warnings, **common)[gap]
         report["robust_gap"] = {"attack": gap, **evaluate.robust_gap(train_flags, test_flags),
                                 "train_split": f"train (un-augmented), first {len(xt)} samples",

@@ -140,8 +140,93 @@ def test_parse_rows():
         (["--preset", "huge"], ["--preset 'huge' is unknown", "quick"]),
         (["--attention-opt", "ig-steps"], ["--attention-opt 'ig-steps' is invalid"]),
         (["--n-examples", "0"], ["--n-examples '0' is invalid"]),
+        (["--sanity-examples", "0"], ["--sanity-examples '0' is invalid"]),
         (["--set", "bogus=1"], ["'bogus' is unknown"]),
     ],
 )
 def test_ablate_cli_errors_are_one_line(tmp_path, args, needles):
     assert_one_line_error(invoke(["--out", str(tmp_path / "o")] + args), *needles)
+
+
+# ---------------------------------------------------------------------------------
+# gradient-masking sanity checks per row (fake training and evaluation: fast)
+# ---------------------------------------------------------------------------------
+
+FAILED_CHECK = "unbounded attack succeeds"
+
+
+class FakeTrainer:
+    def __init__(self, cfg, run_dir, **_):
+        self.cfg, self.run_dir = cfg, run_dir
+
+    def run(self, resume=False):
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "summary.json").write_text(json.dumps({"config_digest": self.cfg.digest()}))
+
+
+def fake_eval(calls, failing=("gradcam",)):
+    """run_eval stand-in: writes eval.json; the rows in ``failing`` fail one sanity check."""
+
+    def run_eval(run_dir, options, log=None):
+        from dhat_seg.config import TrainConfig
+
+        calls.append((run_dir.name, options))
+        checks = [{"name": name, "passed": not (run_dir.name in failing and name == FAILED_CHECK), "detail": "", "values": {}}
+                  for name in ("iterative beats single-step", FAILED_CHECK)]
+        digest = json.loads((run_dir / "summary.json").read_text())["config_digest"]
+        report = {"accuracy": {"clean": 60.0, "pgd10": 40.0, "cw": 35.0, "aa": 30.0}, "examples": {"clean": 24},
+                  "robust_gap": None, "bg_gap": None, "attention_iou": None, "config_digest": digest,
+                  "eval_settings": options.result_settings(),
+                  "sanity": {"n": 24, "surrogate": "test", "passed": all(c["passed"] for c in checks), "checks": checks}}
+        (run_dir / "eval.json").write_text(json.dumps(report))
+        return report
+
+    return run_eval
+
+
+def fake_ablation(tmp_path, monkeypatch, calls, failing=("gradcam",)):
+    import dataclasses
+
+    from dhat_seg.evaluation_report import EvalOptions
+
+    monkeypatch.setattr(ablate, "run_eval", fake_eval(calls, failing))
+    preset = ablate.ABLATE_PRESETS["quick"]
+    base = ablate.base_config(preset, {"image_size": 16, "train_size": 100, "test_size": 40, "device": "cpu"})
+    options = dataclasses.replace(EvalOptions(), **preset.eval, device="cpu").validate()
+    return ablate.run_ablation(["-", "gradcam"], base, options, tmp_path / "out", cache_dir=tmp_path / "cache", preset=preset,
+                               log=lambda m: None, progress=False, trainer_factory=FakeTrainer)
+
+
+def test_a_row_failing_a_sanity_check_is_marked_suspect(tmp_path, monkeypatch):
+    calls = []
+    result = fake_ablation(tmp_path, monkeypatch, calls)
+    assert [name for name, _ in calls] == ["uiat", "gradcam"]
+    assert all(options.sanity and options.sanity_examples for _, options in calls)  # every row runs the checks
+    rows = {r["row"]: r for r in result["rows"]}
+    assert rows["- (UIAT)"]["status"] == "ok" and rows["- (UIAT)"]["sanity"]["passed"]
+    assert rows["Grad-CAM"]["status"] == f"suspect: {FAILED_CHECK} failed"
+    assert [c["passed"] for c in rows["Grad-CAM"]["sanity"]["checks"]] == [True, False]
+    out = tmp_path / "out"
+    assert f"suspect: {FAILED_CHECK} failed" in (out / "ablation.md").read_text()
+    with open(out / "ablation.csv") as fh:
+        table = {r["row"]: r for r in csv.DictReader(fh)}
+    assert table["Grad-CAM"]["sanity"] == f"failed: {FAILED_CHECK}" and table["- (UIAT)"]["sanity"] == "passed"
+    assert table["Grad-CAM"]["clean"] == "60.0"  # the numbers stay, marked
+    rows = [ablate.Row("-", status="ok", metrics={"clean": 1.0}), ablate.Row("gradcam", status="suspect: x failed", metrics={"clean": 2.0})]
+    legend = [t.get_text() for t in ablate.plot(rows, tmp_path / "p.png").axes[0].get_legend().get_texts()]
+    assert legend[0] == "- (UIAT)" and "suspect" in legend[1]
+
+
+def test_reuse_of_finished_rows_is_aware_of_sanity(tmp_path, monkeypatch):
+    calls = []
+    fake_ablation(tmp_path, monkeypatch, calls)
+    calls.clear()
+    rows = {r["row"]: r for r in fake_ablation(tmp_path, monkeypatch, calls)["rows"]}
+    assert calls == []  # both reused, the failed check still shown
+    assert rows["- (UIAT)"]["status"] == "reused" and rows["Grad-CAM"]["status"] == f"suspect: {FAILED_CHECK} failed (reused)"
+    # a row evaluated without the sanity checks (same settings otherwise) is evaluated again, not shown unchecked
+    report = json.loads((tmp_path / "out" / "uiat" / "eval.json").read_text())
+    del report["sanity"]
+    (tmp_path / "out" / "uiat" / "eval.json").write_text(json.dumps(report))
+    rows = {r["row"]: r for r in fake_ablation(tmp_path, monkeypatch, calls)["rows"]}
+    assert [name for name, _ in calls] == ["uiat"] and rows["- (UIAT)"]["status"] == "ok"

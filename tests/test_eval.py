@@ -29,7 +29,10 @@ from cli_helpers import assert_one_line_error
 TINY = {"data": "synthetic", "model": "small_cnn", "image_size": 16, "train_size": 320, "test_size": 100, "val_size": 0.2,
         "epochs": 2, "batch_size": 64, "lr": 0.05, "milestones": [10], "attack_steps": 2, "inv_steps": 2,
         "val_examples": 32, "val_attack_steps": 2, "attention_model_arch": "small_cnn", "attention_model_epochs": 2,
-        "device": "cpu", "seed": 0}
+        "device": "cpu", "seed": 0,
+        # 8 optimiser steps only: BN running statistics need the attack forwards' updates to settle
+        # (with x_adv and x_inv alone they keep 18% of their initial values and the model breaks under noise)
+        "attack_bn_update": True}
 
 
 @contextlib.contextmanager
@@ -292,6 +295,64 @@ def test_autoattack_resumes_from_its_state_file(linear_problem, direct_flags, tm
     assert evaluate.autoattack_flags(model, x, y, eps=eps, seed=0, state_path=state).tolist() == full.tolist()
     with pytest.raises(UserError, match="is for 16 examples, not 8"):
         evaluate.autoattack_flags(model, x[:8], y[:8], eps=eps, seed=0, state_path=state)
+
+
+def test_autoattack_state_is_not_continued_for_another_subset_of_the_same_size(tiny_run, tmp_path, monkeypatch):
+    """Same weights, split, n, eps and seed, other images (the run's data seed changed):
+    the first subset's finished state must not be read as the second's result."""
+    import shutil
+
+    from pyautoattack import AutoAttack
+
+    run_dir, cache, _ = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("aa_state", "eval*.json"))
+    torch.manual_seed(1)
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10)).eval()
+    monkeypatch.setattr("dhat_seg.evaluation_report.load_weights", lambda path: linear)
+    calls = []
+    original = AutoAttack.run_standard_evaluation
+    monkeypatch.setattr(AutoAttack, "run_standard_evaluation", lambda self, x, y, **k: calls.append(len(x)) or original(self, x, y, **k))
+    options = dict(attacks="aa", n_examples=12, gap_attack="none", bg_gap=False, iou_examples=0, cache_dir=str(cache),
+                   device="cpu", seed=0, show_progress=False)
+    with one_thread():
+        run_eval(run, **options)
+        assert calls == [12]
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        (run / "config.yaml").write_text(yaml.safe_dump({**config, "seed": config["seed"] + 1}))  # other test images
+        run_eval(run, **options)
+    assert calls[1:2] == [12], "the state of another subset of the same size was continued"
+    assert len(list((run / "aa_state").glob("test-*.json"))) == 2
+
+
+def test_autoattack_version_is_checked(monkeypatch, linear_problem):
+    model, x, y, eps = linear_problem
+    evaluate.check_autoattack_version()  # the installed one is supported
+    monkeypatch.setattr(evaluate, "_installed_autoattack_version", lambda: "0.3.1")
+    with pytest.raises(UserError) as info:
+        evaluate.autoattack_flags(model, x, y, eps=eps, seed=0)
+    message = str(info.value)
+    assert "\n" not in message and "pyautoattack 0.3.1 is installed" in message and evaluate.AUTOATTACK_SUPPORTED in message
+    monkeypatch.setattr(evaluate, "_installed_autoattack_version", lambda: None)
+    with pytest.raises(UserError, match="pyautoattack is not installed"):
+        evaluate.check_autoattack_version()
+
+
+def test_autoattack_pin_in_pyproject_is_the_checked_range():
+    import pathlib
+    import tomllib
+
+    pyproject = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert f"pyautoattack{evaluate.AUTOATTACK_SUPPORTED}" in pyproject["project"]["dependencies"]
+
+
+def test_run_eval_checks_the_autoattack_version_before_any_attack(tiny_run, monkeypatch):
+    run_dir, cache, _ = tiny_run
+    monkeypatch.setattr(evaluate, "_installed_autoattack_version", lambda: "0.1.0")
+    monkeypatch.setattr(evaluate, "correct_under_attack", lambda *a, **k: pytest.fail("an attack ran before the check"))
+    result = CliRunner().invoke(app, ["eval", str(run_dir), "--attacks", "clean,aa", "--n-examples", "8", "--device", "cpu",
+                                      "--cache-dir", str(cache)])
+    assert_one_line_error(result, "pyautoattack 0.1.0 is installed", evaluate.AUTOATTACK_SUPPORTED)
 
 
 # ---------------------------------------------------------------------------------
