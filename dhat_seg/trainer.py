@@ -294,14 +294,15 @@ class Trainer:
         return {f"train_{k}": round(v if k.startswith("max_logit") else v / max(n_batches, 1), 5) for k, v in totals.items()}
 
     def _check_divergence(self, values: dict[str, float], epoch: int, batch: int) -> None:
-        """DivergenceError when the loss is not finite or a clean/x_B logit exceeds ``max_abs_logit``."""
+        """DivergenceError when the loss is not finite or a recorded logit (clean, x_B; x_adv for
+        AT) exceeds ``max_abs_logit`` in absolute value."""
         where = f"training diverged in epoch {epoch + 1}, batch {batch + 1}"
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         if bad:
             raise DivergenceError(f"{where}: {bad[0]} is {values[bad[0]]}")
         limit = self.cfg.max_abs_logit
-        for key in ("max_logit_clean", "max_logit_background"):
-            if limit and values.get(key, 0.0) > limit:
+        for key in (k for k in values if k.startswith("max_logit_")):
+            if limit and values[key] > limit:
                 raise DivergenceError(f"{where}: |logit| reached {values[key]:.3g} on the {key[10:]} inputs "
                                       f"(max_abs_logit={limit:g})")
 
