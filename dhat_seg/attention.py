@@ -51,6 +51,9 @@ class AttentionContext:
             (the registry's models name theirs ``cam_layer``), or None.
         image_size: (H, W) of the images the function will receive.
         num_classes: number of classes of the dataset.
+        config: the run's configuration (a ``TrainConfig``) when the function is built
+            for a run, else None; for methods that read the run's data (``oracle``
+            takes the ground-truth masks of the samples it is shown).
     """
 
     options: dict[str, Any] = field(default_factory=dict)
@@ -59,6 +62,7 @@ class AttentionContext:
     cam_layer: nn.Module | None = None
     image_size: tuple[int, int] = (32, 32)
     num_classes: int = 10
+    config: Any = None
 
 
 @dataclass(frozen=True)

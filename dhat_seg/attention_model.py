@@ -131,5 +131,6 @@ def build_attention(
         cam_layer=classifier.cam_layer if classifier is not None else None,
         image_size=(cfg.image_size, cfg.image_size),
         num_classes=num_classes,
+        config=cfg,
     )
     return CheckedAttention(spec, spec.build(ctx), options, path)
