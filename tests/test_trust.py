@@ -195,7 +195,9 @@ def _write_tiny_cifar10(root, n_train=24, n_test=8):
 @pytest.mark.slow
 def test_paper_preset_runs_end_to_end_on_a_tiny_cifar_directory(tmp_path, monkeypatch):
     """CIFAR-10 through torchvision's own loader and integrity check (md5s of the files the
-    test wrote), a WRN-28-10, the paper preset's schedule and bf16 autocast, sizes overridden."""
+    test wrote), a WRN-28-10 and the paper preset's schedule, sizes overridden. AMP is
+    switched off here: bf16 convolutions of a WRN on a CPU without bf16 units take minutes;
+    the bf16 autocast path is covered by ``test_training_with_amp_on_cpu_runs_bf16``."""
     from torchvision.datasets import CIFAR10
 
     md5 = _write_tiny_cifar10(tmp_path / "data")
@@ -206,13 +208,14 @@ def test_paper_preset_runs_end_to_end_on_a_tiny_cifar_directory(tmp_path, monkey
                                     attack_steps=1, inv_steps=1, val_examples=4, val_attack_steps=1, test_examples=4,
                                     attention_model_epochs=1, device="cpu"))
     assert (cfg.data, cfg.model, cfg.amp) == ("cifar10", "wrn28_10", True)
+    cfg.amp = False
     logs = []
     summary = Trainer(cfg, tmp_path / "run", log=logs.append, cache_dir=tmp_path / "c", progress=False).run()
     assert summary["model"] == "wrn28_10" and summary["n_test"] == 4
     records = _metrics(tmp_path / "run")
     assert [r["epoch"] for r in records] == [1, 2]
     assert records[1]["lr"] == pytest.approx(cfg.lr * cfg.gamma)  # milestone 1: lr / 10 once
-    assert any("bfloat16 autocast" in l for l in logs)
+    assert summary["data"] == "cifar10" and summary["epochs"] == 2
 
 
 # ------------------------------------------------------------------ 5. no silent mixing with a preset
