@@ -24,7 +24,10 @@ def register(root: typer.Typer) -> None:
         attention_checkpoint: Optional[List[str]] = typer.Option(None, help="NAME=PATH weights of a method, e.g. sam=sam_vit_b.pth (repeatable)"),
         attention_opt: Optional[List[str]] = typer.Option(None, help="NAME:KEY=VALUE option of one method, e.g. ig:n_steps=16 (repeatable)"),
         epochs: Optional[int] = typer.Option(None, help="training epochs of every row"),
-        seed: Optional[int] = typer.Option(None, help="random seed (training and attacks)"),
+        seed: Optional[int] = typer.Option(None, help="random seed (data, training and attacks)"),
+        seeds: Optional[str] = typer.Option(None, metavar="S1,S2,...", help="run every row once per seed, e.g. 0,1,2 "
+                                            "(seed s in OUT/seed-<s>/<row>/), and report mean ± std (ddof=1) with n "
+                                            "(default: one run per row with --seed, or the preset's seed, in OUT/<row>/)"),
         device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
         cache_dir: Optional[Path] = typer.Option(None, help="cache for the shared attention model and masks (default ~/.cache/dhat-seg)"),
         n_examples: Optional[str] = typer.Option(None, metavar="N", help="test examples evaluated (default: the preset's)"),
@@ -37,6 +40,7 @@ def register(root: typer.Typer) -> None:
         """Train and evaluate one run per attention method with identical settings: the paper's Table 10
         (Clean, PGD-10, C&W, AA, Robust Gap; plus BG-gap and attention IoU on the built-in data).
         Every row runs the gradient-masking sanity checks of `eval --sanity`; a row failing one is marked suspect.
+        With --seeds, every row runs once per seed and the table shows mean ± std over the seeds.
         Writes ablation.md/.csv/.json/.png; finished rows are reused, interrupted ones resume."""
         from dhat_seg import ablate as ab
         from dhat_seg.errors import UserError
@@ -48,7 +52,11 @@ def register(root: typer.Typer) -> None:
         if epochs is not None and epochs < 1:
             raise UserError(f"--epochs {epochs} is invalid; expected a positive integer")
         p = ab.ABLATE_PRESETS[preset]
+        seed_list = ab.parse_seeds(seeds)
         overrides = parse_overrides(set_)
+        if seed_list is not None and (seed is not None or "seed" in overrides):
+            raise UserError(f"--seeds {seeds} and {'--seed' if seed is not None else '--set seed=...'} are exclusive: "
+                            "give every seed with --seeds")
         overrides.update(epochs=epochs, seed=seed, device=device)
         base = ab.base_config(p, overrides)
         rows, unavailable = ab.parse_rows(attention, attention_methods())
@@ -69,15 +77,20 @@ def register(root: typer.Typer) -> None:
         eval_options = dataclasses.replace(EvalOptions(), **eval_kwargs, seed=base.seed,
                                            device=device or base.device).validate()
         out = out or Path("runs") / f"ablate-{preset}"
-        typer.echo(f"dhat-seg ablate: preset={preset} rows={', '.join(rows)} data={base.data} model={base.model} "
-                   f"epochs={base.epochs} seed={base.seed} -> {out}", err=True)
         given = {k: v for k, v in overrides.items() if v is not None}
+        if seed_list is not None:
+            given["seeds"] = ",".join(map(str, seed_list))
+        seed_list = seed_list or [base.seed]
+        typer.echo(f"dhat-seg ablate: preset={preset} rows={', '.join(rows)} data={base.data} model={base.model} "
+                   f"epochs={base.epochs} seed{'s' if len(seed_list) > 1 else ''}={','.join(map(str, seed_list))} -> {out}",
+                   err=True)
         given.update({k: v for k, v in eval_kwargs.items() if k in ("n_examples", "aa_examples", "gap_examples", "sanity_examples")
                       and v != p.eval.get(k)})
-        result = ab.run_ablation(rows, base, eval_options, out, cache_dir=cache_dir, checkpoints=checkpoints,
+        result = ab.run_ablation(rows, base, eval_options, out, seeds=seed_list, cache_dir=cache_dir, checkpoints=checkpoints,
                                  attention_options=options, unavailable=unavailable, preset=p, overrides=given)
         typer.echo(result["table_markdown"])
         if p.show_paper:
             typer.echo("\n(parentheses: the paper's Table 10)\n\nPaper Table 10 (WRN-28-10, CIFAR-10):")
             typer.echo(ab.paper_table())
-        typer.echo(f"\n{len(rows)} rows in {result['seconds']} s; written to {out}/ablation.md, .csv, .json, .png")
+        runs = f"{len(rows)} rows x {len(seed_list)} seeds" if len(seed_list) > 1 else f"{len(rows)} rows"
+        typer.echo(f"\n{runs} in {result['seconds']} s; written to {out}/ablation.md, .csv, .json, .png")

@@ -62,6 +62,7 @@ def test_ablate_writes_the_table_with_sam_skipped(first_ablation):
     rows = rows_of(out)
     assert list(rows) == ["- (UIAT)", "Grad-CAM", "SAM"]
     assert rows["SAM"]["status"].startswith("skipped:") and "--attention-checkpoint sam=PATH" in rows["SAM"]["status"]
+    assert ablate.NO_DOWNLOAD_HINT in rows["SAM"]["status"]
     for name, method in (("- (UIAT)", "uiat"), ("Grad-CAM", "dhat")):
         row = rows[name]
         assert row["status"] == "ok" and row["method"] == method
@@ -126,6 +127,8 @@ def test_a_failing_row_is_reported_and_an_interrupted_row_resumes(first_ablation
 def test_parse_rows():
     installed = {"sam": 1, "gradcam": 1, "zeta": 1, "ig": 1}
     assert ablate.parse_rows("all", installed) == (["-", "gradcam", "ig", "sam", "zeta"], {})
+    more = {**installed, "oracle": 1, "u2net": 1, "solo": 1, "alpha": 1}
+    assert ablate.parse_rows("all", more)[0] == ["-", "gradcam", "ig", "solo", "sam", "u2net", "oracle", "alpha", "zeta"]
     assert ablate.parse_rows("none, gradcam,-,sam", installed) == (["-", "gradcam", "sam"], {})
     rows, unavailable = ablate.parse_rows("-,solo", installed)
     assert rows == ["-", "solo"] and "solo" in unavailable["solo"]
@@ -142,6 +145,10 @@ def test_parse_rows():
         (["--n-examples", "0"], ["--n-examples '0' is invalid"]),
         (["--sanity-examples", "0"], ["--sanity-examples '0' is invalid"]),
         (["--set", "bogus=1"], ["'bogus' is unknown"]),
+        (["--seeds", "0,x"], ["--seeds '0,x' is invalid", "non-negative integers"]),
+        (["--seeds=-1"], ["--seeds '-1' is invalid"]),
+        (["--seeds", "0,1,1"], ["--seeds '0,1,1' repeats seed 1"]),
+        (["--seeds", "0,1", "--seed", "3"], ["--seeds 0,1 and --seed are exclusive"]),
     ],
 )
 def test_ablate_cli_errors_are_one_line(tmp_path, args, needles):
@@ -153,6 +160,7 @@ def test_ablate_cli_errors_are_one_line(tmp_path, args, needles):
 # ---------------------------------------------------------------------------------
 
 FAILED_CHECK = "unbounded attack succeeds"
+SHIFT = {0: 0.0, 1: 2.0, 2: 7.0}  # clean accuracy 60, 62, 67 on seeds 0, 1, 2
 
 
 class FakeTrainer:
@@ -171,11 +179,15 @@ def fake_eval(calls, failing=("gradcam",)):
         from dhat_seg.config import TrainConfig
 
         calls.append((run_dir.name, options))
+        seed = options.seed
         checks = [{"name": name, "passed": not (run_dir.name in failing and name == FAILED_CHECK), "detail": "", "values": {}}
                   for name in ("iterative beats single-step", FAILED_CHECK)]
         digest = json.loads((run_dir / "summary.json").read_text())["config_digest"]
-        report = {"accuracy": {"clean": 60.0, "pgd10": 40.0, "cw": 35.0, "aa": 30.0}, "examples": {"clean": 24},
-                  "robust_gap": None, "bg_gap": None, "attention_iou": None, "config_digest": digest,
+        uiat = run_dir.name == "uiat"
+        report = {"accuracy": {"clean": 60.0 + SHIFT[seed], "pgd10": 40.0, "cw": 35.0, "aa": 30.0 + seed},
+                  "examples": {"clean": 24}, "robust_gap": None,
+                  "bg_gap": {"clean": {"gap": 5.0 + seed + (0 if uiat else 2)}, "pgd10": {"gap": 1.0}},
+                  "attention_iou": None if uiat else {"mean_iou": 0.1 * (seed + 1)}, "config_digest": digest,
                   "eval_settings": options.result_settings(),
                   "sanity": {"n": 24, "surrogate": "test", "passed": all(c["passed"] for c in checks), "checks": checks}}
         (run_dir / "eval.json").write_text(json.dumps(report))
@@ -184,7 +196,7 @@ def fake_eval(calls, failing=("gradcam",)):
     return run_eval
 
 
-def fake_ablation(tmp_path, monkeypatch, calls, failing=("gradcam",)):
+def fake_ablation(tmp_path, monkeypatch, calls, failing=("gradcam",), seeds=None):
     import dataclasses
 
     from dhat_seg.evaluation_report import EvalOptions
@@ -193,8 +205,8 @@ def fake_ablation(tmp_path, monkeypatch, calls, failing=("gradcam",)):
     preset = ablate.ABLATE_PRESETS["quick"]
     base = ablate.base_config(preset, {"image_size": 16, "train_size": 100, "test_size": 40, "device": "cpu"})
     options = dataclasses.replace(EvalOptions(), **preset.eval, device="cpu").validate()
-    return ablate.run_ablation(["-", "gradcam"], base, options, tmp_path / "out", cache_dir=tmp_path / "cache", preset=preset,
-                               log=lambda m: None, progress=False, trainer_factory=FakeTrainer)
+    return ablate.run_ablation(["-", "gradcam"], base, options, tmp_path / "out", seeds=seeds, cache_dir=tmp_path / "cache",
+                               preset=preset, log=lambda m: None, progress=False, trainer_factory=FakeTrainer)
 
 
 def test_a_row_failing_a_sanity_check_is_marked_suspect(tmp_path, monkeypatch):
@@ -230,3 +242,103 @@ def test_reuse_of_finished_rows_is_aware_of_sanity(tmp_path, monkeypatch):
     (tmp_path / "out" / "uiat" / "eval.json").write_text(json.dumps(report))
     rows = {r["row"]: r for r in fake_ablation(tmp_path, monkeypatch, calls)["rows"]}
     assert [name for name, _ in calls] == ["uiat"] and rows["- (UIAT)"]["status"] == "ok"
+
+
+# ---------------------------------------------------------------------------------
+# several seeds: mean +- std, layout, reuse; u2net and oracle rows; the IoU panel
+# ---------------------------------------------------------------------------------
+
+
+def test_seeds_give_mean_and_sample_std_per_row(tmp_path, monkeypatch):
+    calls = []
+    fake_ablation(tmp_path, monkeypatch, calls, failing=(), seeds=None)  # single seed (0): OUT/<row>/, as before
+    assert [(name, o.seed) for name, o in calls] == [("uiat", 0), ("gradcam", 0)]
+    calls.clear()
+    result = fake_ablation(tmp_path, monkeypatch, calls, failing=(), seeds=[0, 1, 2])
+    out = tmp_path / "out"
+    # seed 0 finished in the single-seed layout and is reused there; seeds 1 and 2 run in OUT/seed-<s>/<row>/
+    assert [(name, o.seed) for name, o in calls] == [("uiat", 1), ("gradcam", 1), ("uiat", 2), ("gradcam", 2)]
+    assert all((out / f"seed-{s}" / key / "eval.json").is_file() for s in (1, 2) for key in ("uiat", "gradcam"))
+    rows = {r["row"]: r for r in result["rows"]}
+    grad = rows["Grad-CAM"]
+    assert result["seeds"] == [0, 1, 2] and grad["seeds"] == [0, 1, 2] and grad["n_seeds"] == 3
+    assert grad["status"] == "ok" and rows["- (UIAT)"]["status"] == "ok"  # reused on seed 0, run on 1 and 2
+    # by hand: clean 60, 62, 67 -> mean 63, deviations -3, -1, 4, sample variance (9 + 1 + 16) / 2 = 13
+    assert grad["clean"] == pytest.approx(63.0) and grad["std"]["clean"] == pytest.approx(13 ** 0.5) and grad["n"]["clean"] == 3
+    # IoU 0.1, 0.2, 0.3 -> 0.2 +- 0.1; AA 30, 31, 32 -> 31 +- 1; equal values -> std 0
+    assert grad["iou"] == pytest.approx(0.2) and grad["std"]["iou"] == pytest.approx(0.1)
+    assert grad["aa"] == pytest.approx(31.0) and grad["std"]["aa"] == pytest.approx(1.0)
+    assert grad["pgd10"] == 40.0 and grad["std"]["pgd10"] == 0.0
+    assert rows["- (UIAT)"]["iou"] is None and rows["- (UIAT)"]["n"]["iou"] == 0 and rows["- (UIAT)"]["std"]["iou"] is None
+    assert [p["clean"] for p in grad["per_seed"]] == [60.0, 62.0, 67.0] and [p["seed"] for p in grad["per_seed"]] == [0, 1, 2]
+    assert grad["per_seed"][0]["status"] == "reused" and grad["per_seed"][0]["run_dir"] == str(out / "gradcam")
+    md = (out / "ablation.md").read_text()
+    assert "| Grad-CAM | 63.00 ± 3.61 | 40.00 ± 0.00 |" in md and "0.2000 ± 0.1000" in md and "| 3 | ok |" in md
+    with open(out / "ablation.csv") as fh:
+        table = {r["row"]: r for r in csv.DictReader(fh)}
+    assert float(table["Grad-CAM"]["clean_mean"]) == pytest.approx(63.0)
+    assert float(table["Grad-CAM"]["clean_std"]) == pytest.approx(13 ** 0.5) and table["Grad-CAM"]["clean_n"] == "3"
+    assert table["- (UIAT)"]["iou_mean"] == "" and table["- (UIAT)"]["iou_n"] == "0" and table["Grad-CAM"]["seeds"] == "0 1 2"
+    assert (out / "ablation.png").is_file()
+    # everything finished: a second invocation runs nothing
+    calls.clear()
+    again = fake_ablation(tmp_path, monkeypatch, calls, failing=(), seeds=[0, 1, 2])
+    assert calls == [] and {r["status"] for r in again["rows"]} == {"reused"}
+
+
+def test_a_suspect_or_failed_seed_marks_its_row():
+    def row(status, clean=1.0):
+        return ablate.Row("gradcam", status=status, metrics={"clean": clean})
+
+    entry = ablate.SeedRows("gradcam", {0: row("ok"), 1: row("suspect: x failed"), 2: row("reused")})
+    assert entry.status == "suspect: x failed (seed 1); ok (seeds 0, 2)" and entry.suspect and len(entry.done) == 3
+    entry = ablate.SeedRows("gradcam", {0: row("ok", 2.0), 1: row("failed: boom"), 2: row("pending")})
+    assert entry.status == "ok (seed 0); failed: boom (seed 1); pending (seed 2)"
+    assert entry.stat("clean") == (2.0, None, 1) and "| 2.00 |" in ablate.markdown_table([entry, ablate.SeedRows(
+        "-", {0: row("ok"), 1: row("ok"), 2: row("ok")})])
+    skipped = ablate.SeedRows("sam", {s: ablate.Row("sam", status="skipped: no weights") for s in (0, 1)})
+    assert skipped.status == "skipped: no weights" and not skipped.has_results
+
+
+@pytest.mark.parametrize("value, seeds", [(None, None), ("0", [0]), ("0,1,2", [0, 1, 2]), (" 3, 1 ", [3, 1])])
+def test_parse_seeds(value, seeds):
+    assert ablate.parse_seeds(value) == seeds
+
+
+def test_all_rows_include_u2net_and_oracle_and_sam_points_at_u2net():
+    methods = plugin_manager.attention_methods()
+    rows, _ = ablate.parse_rows("all", methods)
+    assert rows[:7] == ["-", "gradcam", "ig", "solo", "sam", "u2net", "oracle"]
+    assert [ablate.Row(n).label for n in ("u2net", "oracle")] == ["U^2-Net-p", "Oracle (GT)"]
+    base = ablate.base_config(ablate.ABLATE_PRESETS["quick"], {})
+    for name in ("sam", "solo"):
+        cfg = ablate.row_config(base, name, {}, {})
+        reason = ablate.readiness(name, cfg, methods[name], methods)
+        assert f"--attention-checkpoint {name}=PATH" in reason and reason.endswith(ablate.NO_DOWNLOAD_HINT), reason
+    for name in ("u2net", "oracle", "gradcam"):
+        assert ablate.readiness(name, ablate.row_config(base, name, {}, {}), methods[name], methods) is None
+
+
+def test_the_plot_has_iou_panels_with_error_bars(tmp_path):
+    from matplotlib.container import ErrorbarContainer
+
+    def seeds(name, values):
+        return ablate.SeedRows(name, {s: ablate.Row(name, status="ok", seed=s, metrics=m) for s, m in enumerate(values)})
+
+    rows = [seeds("-", [{"clean": 60.0, "aa": 30.0, "bg_gap": 8.0}, {"clean": 62.0, "aa": 32.0, "bg_gap": 6.0}]),
+            seeds("gradcam", [{"clean": 61.0, "aa": 31.0, "bg_gap": 5.0, "iou": 0.1}, {"clean": 63.0, "aa": 33.0, "bg_gap": 3.0, "iou": 0.2}]),
+            seeds("oracle", [{"clean": 64.0, "aa": 34.0, "bg_gap": 1.0, "iou": 1.0}, {"clean": 64.0, "aa": 35.0, "bg_gap": 2.0, "iou": 1.0}]),
+            ablate.SeedRows("sam", {0: ablate.Row("sam", status="skipped: no weights")})]
+    fig = ablate.plot(rows, tmp_path / "p.png")
+    bars, bg, aa = fig.axes
+    assert [t.get_text() for t in bars.get_legend().get_texts()] == ["- (UIAT)", "Grad-CAM", "Oracle (GT)"]
+    assert [(ax.get_xlabel(), ax.get_ylabel()) for ax in (bg, aa)] == [
+        ("attention IoU with the ground truth", "BG-gap (points)"), ("attention IoU with the ground truth", "AA (%)")]
+    for ax, uiat in ((bg, 7.0), (aa, 31.0)):
+        points = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+        assert len(points) == 2  # Grad-CAM and the oracle; UIAT has no IoU: a reference line
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["- (UIAT): no attention IoU", "Grad-CAM", "Oracle (GT)"]
+        assert [line.get_ydata()[0] for line in ax.get_lines() if line.get_label().startswith("- (UIAT)")] == [uiat]
+    x, y = points[0].lines[0].get_data()  # Grad-CAM in the AA panel: means
+    assert (x[0], y[0]) == (pytest.approx(0.15), pytest.approx(32.0))
+    assert (tmp_path / "p.png").stat().st_size > 0
