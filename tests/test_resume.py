@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ARGS = ["--method", "dhat", "--attention", "gradcam", "--epochs", "3", "--batch-size", "32", "--seed", "3",
+ARGS = ["--config", "quick", "--method", "dhat", "--attention", "gradcam", "--epochs", "3", "--batch-size", "32", "--seed", "3",
         "--set", "train_size=320", "--set", "test_size=64", "--set", "val_size=32", "--set", "val_examples=32",
         "--set", "attack_steps=1", "--set", "inv_steps=1", "--set", "val_attack_steps=1",
         "--set", "attention_model_epochs=1", "--set", "milestones=[2]", "--device", "cpu"]
