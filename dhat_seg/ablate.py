@@ -121,17 +121,10 @@ ABLATE_PRESETS: dict[str, AblatePreset] = {
 }
 
 
-@dataclass
-class Row:
-    """One row of the ablation table."""
+class _Named:
+    """Display label and run-directory name of a row, from its attention-method ``name``."""
 
-    name: str  # "-" or an attention method name
-    status: str = "pending"  # "ok", "reused", "suspect: <check> failed[ (reused)]", "skipped: ...", "failed: ..."
-    run_dir: str | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    seconds: float | None = None
-    sanity: dict[str, Any] | None = None  # eval.json's "sanity": n, surrogate, passed, checks
-    seed: int | None = None
+    name: str
 
     @property
     def label(self) -> str:
@@ -141,6 +134,19 @@ class Row:
     def key(self) -> str:
         """Its run directory name."""
         return "uiat" if self.name == UIAT else self.name
+
+
+@dataclass
+class Row(_Named):
+    """One row of the ablation table."""
+
+    name: str  # "-" or an attention method name
+    status: str = "pending"  # "ok", "reused", "suspect: <check> failed[ (reused)]", "skipped: ...", "failed: ..."
+    run_dir: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: float | None = None
+    sanity: dict[str, Any] | None = None  # eval.json's "sanity": n, surrogate, passed, checks
+    seed: int | None = None
 
     @property
     def suspect(self) -> bool:
@@ -192,19 +198,11 @@ def combined_status(runs: Mapping[int, Row]) -> str:
 
 
 @dataclass
-class SeedRows:
+class SeedRows(_Named):
     """One row of the table over several seeds: its per-seed runs, and their mean +- std."""
 
     name: str
     runs: dict[int, Row] = field(default_factory=dict)  # seed -> that seed's run, in seed order
-
-    @property
-    def label(self) -> str:
-        return DISPLAY.get(self.name, self.name)
-
-    @property
-    def key(self) -> str:
-        return "uiat" if self.name == UIAT else self.name
 
     @property
     def seeds(self) -> list[int]:
