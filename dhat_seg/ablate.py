@@ -11,10 +11,12 @@ Each row is a run directory under the output folder:
 With several seeds (``--seeds 0,1,2``) every row runs once per seed, seed ``s`` in
 ``OUT/seed-<s>/<row>/``, and the table shows the mean +- the sample standard deviation
 (ddof=1) over the seeds with results, with their number n; ablation.json keeps every
-seed's values. The seed is the run's ``seed``: it seeds training and attacks, and also
-the data (the synthetic data is generated from it; every dataset's validation
-carve-out is drawn from it), so each seed has its own attention model and mask caches
-(built once per seed and method, then reused by every later run of that seed).
+seed's values. The seed is the run's ``seed``: it seeds training, attacks and
+evaluation. The data is the same for every seed: its ``data_seed`` (default: the first
+seed; ``--set data_seed=N``) generates the synthetic data, draws every dataset's
+validation carve-out and seeds the frozen attention model, so the attention model and
+the mask caches are built once per method and shared by all seeds. The spread over
+seeds is thus the spread of training on one dataset with fixed masks.
 
 Every row is evaluated with the gradient-masking sanity checks of ``dhat-seg eval
 --sanity`` (:mod:`dhat_seg.sanity`); a row that fails one is ``suspect: <check> failed``,
@@ -25,7 +27,7 @@ reported as ``failed: <error>`` (traceback in OUT/<row>/error.log), and a method
 cannot run (``spec.readiness`` says why, e.g. no SAM checkpoint) is ``skipped: <reason>``.
 All of this holds per seed. The table is produced in every case.
 
-All DHAT rows of one seed whose method reads a classifier (Grad-CAM, IG, SAM prompted at
+All DHAT rows whose method reads a classifier (Grad-CAM, IG, SAM prompted at
 CAM peaks) share one frozen, normally trained attention model, trained once into the cache.
 """
 
@@ -86,6 +88,8 @@ class AblatePreset:
     train: Mapping[str, Any]
     eval: Mapping[str, Any]
     show_paper: bool = False
+    #: attention-method options of the preset (``--attention-opt`` overrides them)
+    attention_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 ABLATE_PRESETS: dict[str, AblatePreset] = {
@@ -103,6 +107,11 @@ ABLATE_PRESETS: dict[str, AblatePreset] = {
             {},
             {"attacks": "clean,pgd10,cw,aa", "n_examples": 500, "aa_examples": 100, "gap_attack": "pgd10",
              "gap_examples": 500, "iou_examples": 500, "bg_gap": True, "sanity_examples": 100},
+            # U^2-Net-p at 224 instead of its native 320: about 2.5x the masks per second on CPU
+            # (3.9/s on 2 idle cores: 12 minutes for the 2700 training masks) for a foreground IoU
+            # at omega 0.1 of 0.50 instead of 0.55 (benchmarks/bench_u2net.py; at 192 and 176
+            # it drops to 0.41-0.42 for no gain in speed)
+            attention_options={"u2net": {"input_size": 224}},
         ),
         AblatePreset(
             "paper",
@@ -426,7 +435,7 @@ def run_ablation(
     table of the first seed exists early. Training and evaluation of seed ``s`` run with
     ``seed=s`` (data, training, attacks)."""
     from dhat_seg.attention_model import cache_root
-    from dhat_seg.data import build_dataset
+    from dhat_seg.data import split_for
     from dhat_seg.plugin_manager import attention_methods
     from dhat_seg.trainer import Trainer
 
@@ -435,15 +444,13 @@ def run_ablation(
     if len(set(seeds)) != len(seeds) or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
         raise UserError(f"seeds {seeds} are invalid; expected distinct non-negative integers")
     multi = len(seeds) > 1
-    if not multi:
-        base = dataclasses.replace(base, seed=seeds[0])
+    base = dataclasses.replace(base, seed=seeds[0], data_seed=base.data_seed if base.data_seed is not None else seeds[0])
     checkpoints, attention_options, unavailable = dict(checkpoints or {}), dict(attention_options or {}), dict(unavailable or {})
     for name in sorted(set(checkpoints) - set(rows)):
         log(f"ablate: warning: --attention-checkpoint {name}=... is not used: no row {name!r} (rows: {', '.join(rows)})")
     # fail once, before any row, when the data is missing (e.g. CIFAR-10 without --set download=true)
     try:
-        train_data = build_dataset(base.data, "train", root=base.data_root, download=base.download, seed=seeds[0],
-                                   image_size=base.image_size, size=base.train_size, val_size=base.val_size, rho=base.rho)
+        train_data = split_for(base, "train")
     except UserError as exc:
         raise UserError(f"{exc} (for dhat-seg ablate: --set download=true or --set data_root=PATH)") from None
     if "oracle" in rows and "oracle" not in unavailable and getattr(train_data, "gt_masks", None) is None:

@@ -34,10 +34,13 @@ def cache_root(override: str | Path | None = None) -> Path:
 
 
 def attention_model_config(cfg: TrainConfig) -> TrainConfig:
-    """Settings of the normally trained attention model for the data of ``cfg``."""
+    """Settings of the normally trained attention model for the data of ``cfg``; seeded
+    by the data seed (``cfg.dataset_seed``), so runs that differ only in ``seed`` share it."""
     epochs = cfg.attention_model_epochs
     return dataclasses.replace(
         cfg,
+        seed=cfg.dataset_seed,
+        data_seed=None,
         method="standard",
         model=cfg.attention_model_arch,
         epochs=epochs,

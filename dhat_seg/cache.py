@@ -65,6 +65,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dhat_seg.attention import AttentionSpec, foreground_mask, validate_attention
 from dhat_seg.checkpoint import atomic_write_text
+from dhat_seg.data import split_args, split_for
 from dhat_seg.errors import PluginError, UserError
 from dhat_seg.models import module_mode
 
@@ -659,19 +660,9 @@ class MaskedDataset(Dataset):
 # ---------------------------------------------------------------------------------
 
 
-def dataset_args(cfg, split: str) -> dict[str, Any]:
-    """``build_dataset`` arguments of ``split`` as the trainer builds it (un-augmented)."""
-    size = cfg.test_size if split.startswith("test") else cfg.train_size
-    return dict(name=cfg.data, split=split, root=cfg.data_root, download=cfg.download, seed=cfg.seed,
-                image_size=cfg.image_size, size=size, rho=cfg.rho, val_size=cfg.val_size)
-
-
 def dataset_for(cfg, split: str = "train"):
     """The un-augmented dataset of ``split`` that masks are built on."""
-    from dhat_seg.data import build_dataset
-
-    args = dataset_args(cfg, split)
-    return build_dataset(args.pop("name"), args.pop("split"), **args)
+    return split_for(cfg, split)
 
 
 def resolve_method(cfg) -> tuple[AttentionSpec, dict[str, Any]]:
@@ -751,7 +742,7 @@ def ensure_mask_cache(
     attention = build_attention(cfg, train_fingerprint=train_fingerprint, num_classes=dataset.num_classes, device=device,
                                 log=log, root=root, classifier=classifier)
     threshold = Threshold(cfg.threshold_policy, cfg.omega, cfg.quantile)
-    extra = {"dataset_args": dataset_args(cfg, dataset.split), "attention_model": str(path) if path else None}
+    extra = {"dataset_args": split_args(cfg, dataset.split), "attention_model": str(path) if path else None}
     return build_masks(attention, dataset, directory, key, device=device, batch_size=batch_size or cfg.batch_size,
                        chunk_size=chunk_size, num_workers=cfg.num_workers, threshold=threshold, rebuild=rebuild, log=log, progress=progress,
                        method_name=spec.name, extra_meta=extra)
@@ -797,7 +788,7 @@ def self_mask_cache(
     threshold = Threshold(cfg.threshold_policy, cfg.omega, cfg.quantile)
     return build_masks(fn, dataset, directory, key, device=device, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                        threshold=threshold, log=log, progress=progress, method_name=spec.name,
-                       extra_meta={"dataset_args": dataset_args(cfg, dataset.split)})
+                       extra_meta={"dataset_args": split_args(cfg, dataset.split)})
 
 
 def open_self_cache(directory_root: Path, dataset, cfg, weights_sha256: str, epoch: int) -> MaskCache | None:

@@ -61,7 +61,7 @@ def register(root: typer.Typer) -> None:
         base = ab.base_config(p, overrides)
         rows, unavailable = ab.parse_rows(attention, attention_methods())
         checkpoints = parse_key_values(attention_checkpoint, "--attention-checkpoint")
-        options: dict[str, dict[str, str]] = {}
+        options: dict[str, dict] = {name: dict(opts) for name, opts in p.attention_options.items()}
         for item in attention_opt or []:
             name, sep, rest = item.partition(":")
             if not sep or "=" not in rest:

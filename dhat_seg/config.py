@@ -99,8 +99,12 @@ class TrainConfig:
     val_examples: int = 500
     val_attack_steps: int = 10
     test_examples: int | None = None
-    # running
+    # running: seed seeds training, attacks and evaluation sampling; data_seed seeds the
+    # data (synthetic generation, validation carve-out, size subsets) and the frozen
+    # attention model, so it fixes the mask caches (null = seed). `ablate --seeds` keeps
+    # data_seed fixed, so every seed of a row shares one attention model and mask cache.
     seed: int = 0
+    data_seed: int | None = None
     device: str = "auto"
     # autocast for the training forward/backward passes (never the attacks, see
     # attack_precision); amp_dtype "auto" = bfloat16 where the device supports it (no
@@ -155,6 +159,7 @@ class TrainConfig:
             (self.test_size is None or self.test_size >= 1, "test_size", "a positive integer or null (all)"),
             (self.test_examples is None or self.test_examples >= 1, "test_examples", "a positive integer or null (all)"),
             (self.seed >= 0, "seed", "a non-negative integer"),
+            (self.data_seed is None or self.data_seed >= 0, "data_seed", "a non-negative integer or null (= seed)"),
             (self.mask_refresh_every >= 0, "mask_refresh_every", "a non-negative integer (epochs; 0 = never)"),
             (0 <= self.attention_burn_in < self.epochs or self.attention_burn_in == 0, "attention_burn_in",
              f"a non-negative integer smaller than epochs ({self.epochs})"),
@@ -168,6 +173,11 @@ class TrainConfig:
                             "would come from the randomly initialised model; expected attention_burn_in >= 1 epochs "
                             "(PART uses 20 epochs of plain AT), or attention_source='frozen'")
         return self
+
+    @property
+    def dataset_seed(self) -> int:
+        """The seed of the data and of the frozen attention model: ``data_seed``, else ``seed``."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

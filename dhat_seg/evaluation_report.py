@@ -33,7 +33,7 @@ import yaml
 from dhat_seg import __version__, evaluate
 from dhat_seg.checkpoint import load_weights, resolve_weights
 from dhat_seg.config import FIELDS, TrainConfig
-from dhat_seg.data import DATASETS, build_dataset
+from dhat_seg.data import DATASETS, split_for
 from dhat_seg.errors import UserError
 from dhat_seg.trainer import select_device
 
@@ -155,9 +155,7 @@ def _log(msg: str) -> None:
 
 def _dataset(cfg: TrainConfig, split: str):
     """A split as the trainer builds it, un-augmented."""
-    size = cfg.test_size if split.startswith("test") else cfg.train_size
-    return build_dataset(cfg.data, split, root=cfg.data_root, download=cfg.download, seed=cfg.seed,
-                         image_size=cfg.image_size, size=size, val_size=cfg.val_size, rho=cfg.rho)
+    return split_for(cfg, split)
 
 
 def run_eval(target: str | Path, options: EvalOptions | None = None, *, log: Callable[[str], None] = _log,

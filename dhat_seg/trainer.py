@@ -34,7 +34,7 @@ from dhat_seg.attention import foreground_mask
 from dhat_seg.attention_model import build_attention, cache_root
 from dhat_seg.checkpoint import load_state, load_weights, read_pointers, save_checkpoint
 from dhat_seg.config import TrainConfig, save_config
-from dhat_seg.data import build_dataset
+from dhat_seg.data import split_for
 from dhat_seg.errors import DivergenceError, UserError
 from dhat_seg.methods import create_method
 from dhat_seg.models import CIFAR_MEAN, CIFAR_STD, create_model, module_mode
@@ -101,11 +101,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _datasets(self):
         c = self.cfg
-        common = dict(root=c.data_root, download=c.download, seed=c.seed, image_size=c.image_size, val_size=c.val_size, rho=c.rho)
-        train = build_dataset(c.data, "train", size=c.train_size, augment=c.augment, **common)
-        val = build_dataset(c.data, "val", size=c.train_size, **common)
-        test = build_dataset(c.data, "test", size=c.test_size, **common)
-        return train, val, test
+        return split_for(c, "train", augment=c.augment), split_for(c, "val"), split_for(c, "test")
 
     def _prepare_out_dir(self, resume: bool) -> None:
         config_path = self.out / CONFIG_FILE

@@ -282,7 +282,7 @@ def test_every_setting_is_validated_at_load(key, value, expected):
 def test_cli_refuses_bad_settings_before_any_work(tmp_path, monkeypatch):
     import dhat_seg.trainer
 
-    monkeypatch.setattr(dhat_seg.trainer, "build_dataset", lambda *a, **k: pytest.fail("data was built before validation"))
+    monkeypatch.setattr(dhat_seg.trainer, "split_for", lambda *a, **k: pytest.fail("data was built before validation"))
     for pair in ("omega=2", "floe_form=paperr", "attention_source=selff", "lr=abc", "model=nosuch", "epochs=0"):
         result = runner.invoke(app, ["train", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c"),
                                      "--set", pair])

@@ -6,7 +6,7 @@ with :func:`build_dataset`.
 
 from dhat_seg.data.base import IndexedDataset, TensorImageDataset, carve_validation, derive_seed
 from dhat_seg.data.datasets import DEFAULT_DATA_ROOT, FolderDataset, SyntheticDataset
-from dhat_seg.data.registry import DATASETS, DatasetInfo, build_dataset, list_datasets
+from dhat_seg.data.registry import DATASETS, DatasetInfo, build_dataset, list_datasets, split_args, split_for
 from dhat_seg.data.synthetic import BACKGROUNDS, SHAPES, SyntheticArrays, generate_synthetic
 from dhat_seg.data.transforms import JointAugment
 
@@ -27,4 +27,6 @@ __all__ = [
     "derive_seed",
     "generate_synthetic",
     "list_datasets",
+    "split_args",
+    "split_for",
 ]

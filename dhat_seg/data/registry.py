@@ -128,3 +128,21 @@ def build_dataset(
             transform=transform,
         )
     return load_folder(split, root=root, seed=seed, image_size=image_size, size=size, val_size=val_size, transform=transform)
+
+
+def split_for(cfg, split: str, *, augment: bool = False) -> IndexedDataset:
+    """Split ``split`` of a run configuration's data, as training builds it: the one
+    place that maps config keys to :func:`build_dataset` arguments. ``size`` is
+    ``test_size`` for test splits, else ``train_size`` (the pool val is carved from);
+    the data is seeded by ``cfg.dataset_seed`` (``data_seed``, else ``seed``).
+    ``augment`` applies to the train split only."""
+    return build_dataset(**split_args(cfg, split, augment=augment))
+
+
+def split_args(cfg, split: str, *, augment: bool = False) -> dict:
+    """The :func:`build_dataset` keyword arguments of :func:`split_for` (JSON-able; mask
+    caches record them so ``masks show`` can rebuild the dataset)."""
+    size = cfg.test_size if split.startswith("test") else cfg.train_size
+    return dict(name=cfg.data, split=split, root=cfg.data_root, download=cfg.download, seed=cfg.dataset_seed,
+                image_size=cfg.image_size, size=size, rho=cfg.rho, val_size=cfg.val_size,
+                augment=bool(augment and split == "train"))
