@@ -57,13 +57,16 @@ def main(argv=None) -> None:
     from dhat_seg import hookimpl, plugin_manager
     from dhat_seg.attention import AttentionSpec
     from dhat_seg.attention_model import build_attention
-    from dhat_seg.cache import MaskedDataset, ensure_mask_cache
+    from dhat_seg.cache import MaskedDataset
+    from dhat_seg.data import channel_stats, split_for
+    from dhat_seg.experiment import frozen_masks
+    from dhat_seg.runtime import seed_everything
+    from dhat_seg.trainer import RunParts, Trainer
     from dhat_seg.checkpoint import save_weights
     from dhat_seg.config import load_config
-    from dhat_seg.methods import create_method
+    from dhat_seg.training_methods import create_training_method
     from dhat_seg.models import create_model
     from dhat_seg.plugins.sam import SamAttention, random_sam
-    from dhat_seg.trainer import Trainer, channel_stats, seed_everything
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,21 +92,21 @@ def main(argv=None) -> None:
                 attention_model=str(weights), device=str(device))
 
     cfg = load_config(None, base)
-    trainer = Trainer(cfg, work / "run", cache_dir=work / "cache", progress=False, log=lambda m: None)
-    train_ds = trainer._datasets()[0]  # augmented (random crop + flip), as in training
+    train_ds = split_for(cfg, "train", augment=cfg.augment)  # augmented (random crop + flip), as in training
+    # the training loop itself, on parts filled in per variant below
+    trainer = Trainer(cfg, work / "run", RunParts(train_ds, None, None, None, None), progress=False, log=lambda m: None)
     seed_everything(0)
     model0 = create_model("small_cnn", train_ds.num_classes, *channel_stats(train_ds)).to(device)
-    method = create_method(cfg)
+    method = create_training_method(cfg)
     sam_cfg, gc_cfg = dataclasses.replace(cfg, attention="bench-sam"), dataclasses.replace(cfg, attention="gradcam")
     root = work / "cache"
     common = dict(device=device, root=root, log=lambda m: None, progress=False)
     # warm-up (kernel selection, allocator) so that the build time is the steady-state cost
     warm = torch.stack([train_ds.load_image(i) for i in range(min(args.batch_size, len(train_ds)))]).to(device)
     sam_factory(types.SimpleNamespace(device=device))(warm, torch.zeros(len(warm), device=device))
-    sam_c = ensure_mask_cache(sam_cfg, train_ds, **common)
-    gc_c = ensure_mask_cache(gc_cfg, train_ds, **common)
-    online = dict(train_fingerprint=train_ds.fingerprint(), num_classes=train_ds.num_classes, device=device,
-                  log=lambda m: None, root=root)
+    sam_c = frozen_masks(sam_cfg, train_ds, **common)
+    gc_c = frozen_masks(gc_cfg, train_ds, **common)
+    online = dict(num_classes=train_ds.num_classes, device=device, classifier_path=weights)
     variants = {
         "cache SAM": (None, MaskedDataset(train_ds, sam_c)),
         "cache Grad-CAM": (None, MaskedDataset(train_ds, gc_c)),

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from dhat_seg.config import load_config
 from dhat_seg.errors import DivergenceError
-from dhat_seg.trainer import Trainer
+from dhat_seg.experiment import Experiment
 
 
 def main() -> None:
@@ -50,7 +50,7 @@ def main() -> None:
         t0 = time.time()
         status = "trained"
         try:
-            Trainer(cfg, out, cache_dir=args.cache_dir, progress=False).run(resume=(out / "config.yaml").exists())
+            Experiment(cfg, out, cache_dir=args.cache_dir, progress=False).run(resume=(out / "config.yaml").exists())
         except DivergenceError as exc:
             status = f"diverged: {str(exc).split(';')[0]}"
         lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()] \

@@ -41,6 +41,10 @@ class AttentionFn(Protocol):
 class AttentionContext:
     """Everything a factory may need to build its attention function.
 
+    dhat-seg builds it from the run's settings (``dhat_seg.attention_model.build_attention``);
+    a plugin's unit test builds one by hand, e.g. ``AttentionContext(options=
+    spec.resolve_options({}), classifier=model, cam_layer=model.cam_layer)``.
+
     Attributes:
         options: the method's options, its ``default_options`` updated with the user's.
         device: where images will live.
@@ -163,7 +167,14 @@ def validate_attention(result: Any, images: Tensor, method: str) -> Tensor:
     """Check what an attention function returned; raise a PluginError naming ``method``.
 
     Accepts a float tensor B x 1 x H x W in [0, 1] or a bool tensor of that shape,
-    on the images' device. Returns it unchanged.
+    on the images' device. Returns it unchanged (nothing is clamped or converted).
+
+    Checks, in this order: ``result`` is a ``torch.Tensor``; its shape is
+    ``(B, 1, H, W)`` of ``images`` (B x C x H x W); it is on ``images.device``; a bool
+    tensor then passes; otherwise it must be floating point, free of NaN and infinity,
+    with values in [0, 1] up to 1e-4. dhat-seg calls it on every result (mask-cache
+    builds, training with ``mask_source: online``, scoring); plugin tests can call it
+    directly: ``validate_attention(fn(images, labels), images, "mymethod")``.
     """
     b, _, h, w = images.shape
     where = f"attention method {method!r}"

@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -59,23 +58,14 @@ def attention_model_dir(cfg: TrainConfig, train_fingerprint: str, root: Path) ->
     return root / "attention-models" / f"{cfg.data}-{sub.model}-{digest}"
 
 
-def ensure_attention_model(cfg: TrainConfig, train_fingerprint: str, root: Path, log: Callable[[str], None]) -> Path:
-    """Path of the attention model's weights: ``cfg.attention_model``, or the cached one,
-    or one trained now (said in the output) and cached for later runs."""
+def find_attention_model(cfg: TrainConfig, train_fingerprint: str, root: Path) -> Path | None:
+    """The attention model's weights file: ``cfg.attention_model``, or the one trained
+    earlier into the cache; None when there is none yet (training it is the job of
+    :func:`dhat_seg.experiment.ensure_attention_model`)."""
     if cfg.attention_model:
         return resolve_weights(cfg.attention_model)
     run_dir = attention_model_dir(cfg, train_fingerprint, root)
-    if (run_dir / "summary.json").is_file():
-        log(f"attention model: reusing normally trained {cfg.attention_model_arch} from {run_dir}")
-        return resolve_weights(run_dir)
-    log(
-        f"attention model: none given (--attention-model), so training a {cfg.attention_model_arch} normally for "
-        f"{cfg.attention_model_epochs} epochs first, as the paper does; it is saved in {run_dir} and reused by later runs"
-    )
-    from dhat_seg.trainer import Trainer
-
-    Trainer(attention_model_config(cfg), run_dir, log=log, cache_dir=root).run(resume=run_dir.exists())
-    return resolve_weights(run_dir)
+    return resolve_weights(run_dir) if (run_dir / "summary.json").is_file() else None
 
 
 def frozen(model: Classifier, device: torch.device) -> Classifier:
@@ -114,19 +104,20 @@ def resolve_attention_method(cfg: TrainConfig) -> tuple[AttentionSpec, dict]:
 def build_attention(
     cfg: TrainConfig,
     *,
-    train_fingerprint: str,
     num_classes: int,
     device: torch.device,
-    log: Callable[[str], None],
-    root: Path,
     classifier: Classifier | None = None,
+    classifier_path: Path | None = None,
 ) -> CheckedAttention:
-    """Resolve ``cfg.attention`` to a validated per-batch attention function."""
+    """Resolve ``cfg.attention`` to a validated per-batch attention function. A method
+    that reads a classifier gets ``classifier``, or the frozen weights at
+    ``classifier_path``; this function never trains one."""
     spec, options = resolve_attention_method(cfg)
-    path = None
     if spec.needs_classifier(options) and classifier is None:
-        path = ensure_attention_model(cfg, train_fingerprint, root, log)
-        classifier = frozen(load_weights(path), device)
+        if classifier_path is None:
+            raise UserError(f"attention method {spec.name!r} reads a classifier and none was given; pass "
+                            "--attention-model PATH, or let `dhat-seg train` / `dhat-seg masks build` train one")
+        classifier = frozen(load_weights(classifier_path), device)
     ctx = AttentionContext(
         options=options,
         device=device,
@@ -136,4 +127,4 @@ def build_attention(
         num_classes=num_classes,
         config=cfg,
     )
-    return CheckedAttention(spec, spec.build(ctx), options, path)
+    return CheckedAttention(spec, spec.build(ctx), options, classifier_path)

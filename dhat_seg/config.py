@@ -222,9 +222,9 @@ def _typed(name: str, value: Any, hint: Any) -> Any:
 
 
 def _needs_attention(method: str) -> bool:
-    from dhat_seg.methods import METHODS
+    from dhat_seg.training_methods import TRAINING_METHODS
 
-    return method in METHODS and METHODS[method].cls.needs_attention
+    return method in TRAINING_METHODS and TRAINING_METHODS[method].cls.needs_attention
 
 
 def _choices(cfg: TrainConfig) -> dict[str, tuple]:
@@ -233,11 +233,11 @@ def _choices(cfg: TrainConfig) -> dict[str, tuple]:
     from dhat_seg.attention import THRESHOLD_POLICIES
     from dhat_seg.data import DATASETS
     from dhat_seg.losses import DHLR_FORMS, FLOE_FORMS
-    from dhat_seg.methods import METHODS
+    from dhat_seg.training_methods import TRAINING_METHODS
     from dhat_seg.models import MODELS
 
     choices = {
-        "method": tuple(METHODS), "model": tuple(MODELS), "attention_model_arch": tuple(MODELS), "data": tuple(DATASETS),
+        "method": tuple(TRAINING_METHODS), "model": tuple(MODELS), "attention_model_arch": tuple(MODELS), "data": tuple(DATASETS),
         "dhlr_form": DHLR_FORMS, "floe_form": FLOE_FORMS, "threshold_policy": THRESHOLD_POLICIES,
         "attack_mode": ("train", "eval"), "attack_precision": PRECISIONS, "mask_source": ("cache", "online"),
         "attention_source": ("frozen", "self"), "amp_dtype": AMP_DTYPES,

@@ -35,7 +35,7 @@ from dhat_seg.checkpoint import load_weights, resolve_weights
 from dhat_seg.config import FIELDS, TrainConfig
 from dhat_seg.data import DATASETS, split_for
 from dhat_seg.errors import UserError
-from dhat_seg.trainer import select_device
+from dhat_seg.runtime import select_device
 
 EVAL_FILE = "eval.json"
 MIXED_RAND_SPLIT = "test-mixed-rand"
@@ -316,7 +316,7 @@ def _attention_iou(cfg: TrainConfig, opts: EvalOptions, model, device, log) -> d
     the run's config); the frozen attention model is taken from the cache, never
     trained here. Returns a dict with ``mean_iou`` or a ``note`` saying why not.
     """
-    from dhat_seg.attention_model import attention_model_dir, build_attention, cache_root, frozen
+    from dhat_seg.attention_model import build_attention, cache_root, find_attention_model, frozen
 
     test_ds = _dataset(cfg, "test")
     base = {"method": cfg.attention, "threshold_policy": cfg.threshold_policy, "omega": cfg.omega, "quantile": cfg.quantile}
@@ -339,13 +339,12 @@ def _attention_iou(cfg: TrainConfig, opts: EvalOptions, model, device, log) -> d
             elif cfg.attention_model:
                 classifier = frozen(load_weights(resolve_weights(cfg.attention_model)), device)
             else:
-                run_dir = attention_model_dir(cfg, train_ds.fingerprint(), root)
-                if not (run_dir / "summary.json").is_file():
+                path = find_attention_model(cfg, train_ds.fingerprint(), root)
+                if path is None:
                     return base | {"mean_iou": None, "note": f"the run's attention model is not in the cache {root} "
                                                              f"(pass --cache-dir, the one used for training)"}
-                classifier = frozen(load_weights(resolve_weights(run_dir)), device)
-        fn = build_attention(cfg, train_fingerprint=train_ds.fingerprint(), num_classes=test_ds.num_classes, device=device,
-                             log=log, root=root, classifier=classifier)
+                classifier = frozen(load_weights(path), device)
+        fn = build_attention(cfg, num_classes=test_ds.num_classes, device=device, classifier=classifier)
     except UserError as exc:
         return base | {"mean_iou": None, "note": str(exc)}
     n = min(opts.iou_examples or len(test_ds), len(test_ds))

@@ -2,7 +2,10 @@
 
 Plugins are modules or objects with functions decorated by ``dhat_seg.hookimpl``.
 Built-in plugins live in ``plugins/`` (importable as ``dhat_seg.plugins.*``); third
-party plugins are found through the entry-point group ``dhat_seg``.
+party plugins are found through the entry-point group ``dhat_seg`` (:data:`PROJECT_NAME`;
+``[project.entry-points.dhat_seg]`` in a ``pyproject.toml``, one ``name = "module"`` or
+``name = "module:object"`` line per plugin). ``docs/plugins.md`` walks through writing,
+packaging, unit-testing and calibrating one.
 
 Hooks are always called with keyword arguments; implementations may accept any subset
 of the arguments, by name, and must not rely on default values. pluggy's markers apply

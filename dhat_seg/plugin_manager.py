@@ -1,9 +1,12 @@
 """Loads attention plugins once and turns them into a name -> AttentionSpec table.
 
 Built-in plugins (``plugins/``, importable as ``dhat_seg.plugins``) are always
-registered. Third-party plugins come from the entry-point group ``dhat_seg`` and are
-loaded once, lazily. Whatever goes wrong with one plugin produces a one-line warning
-naming it and that plugin is skipped; the CLI and the other plugins keep working:
+registered. Third-party plugins come from the entry-point group ``dhat_seg``
+(``importlib.metadata.entry_points(group="dhat_seg")``; each entry point's object, a
+module or any object with ``@hookimpl`` functions, is registered under the entry
+point's name) and are loaded once, lazily. Whatever goes wrong with one plugin produces
+a one-line warning naming it and that plugin is skipped (its methods are missing); the
+CLI and the other plugins keep working:
 
 * it fails to import or to register with pluggy;
 * it has a ``@hookimpl`` function whose name is not a dhat-seg hook (a typo such as
@@ -15,6 +18,20 @@ markers such as ``specname``, ``tryfirst`` and ``trylast`` apply), one at a time
 that one failing implementation does not hide the others. Built-in plugins go first:
 a third-party plugin registering a built-in's method name (``gradcam``) is warned
 about and ignored, so a name always means the same method in reported numbers.
+
+Warnings go through the :mod:`logging` logger ``dhat_seg.plugins`` (:data:`logger`),
+not :mod:`warnings`, each message once per process (:func:`reset` forgets what was
+reported). Every command prints them the same way, as one line on stderr without a
+source line, e.g. ::
+
+    warning: attention plugin 'broken' (entry point broken = dhat_seg_broken, dhat-seg-broken 0.1.0) failed to load: ImportError: boom
+
+The records propagate as usual (the CLI's handler on ``dhat_seg``, or an
+application's logging configuration, prints them); when no logger above has a
+handler, a fallback handler of this logger prints that line itself, so a plain
+library user sees it too. Asking for a method of a plugin that failed to load
+(``--attention broken``, :func:`get_attention_spec`) is an error that repeats why it
+failed, not "unknown".
 
 Environment variables (comma-separated plugin names, i.e. entry-point names or
 built-in module names such as ``sam``):
@@ -29,8 +46,9 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
+import logging
 import os
-import warnings
+import sys
 from dataclasses import dataclass, field
 
 import pluggy
@@ -43,6 +61,49 @@ BUILTIN_PLUGINS = ("gradcam", "ig", "solo", "sam", "u2net", "oracle")
 ALLOW_ENV = "DHAT_SEG_PLUGINS"
 BLOCK_ENV = "DHAT_SEG_BLOCK_PLUGINS"
 
+#: Where plugin problems are reported (see the module docstring).
+logger = logging.getLogger("dhat_seg.plugins")
+
+
+def _handled_above(start: logging.Logger) -> bool:
+    """Whether a logger above ``start`` has a handler that its records reach (the
+    dhat-seg CLI's on ``dhat_seg``, an application's logging configuration)."""
+    current: logging.Logger | None = start
+    while current is not None and current.propagate:
+        current = current.parent
+        if current is not None and current.handlers:
+            return True
+    return False
+
+
+class _FallbackStderr(logging.Handler):
+    """Writes ``warning: MESSAGE`` as one line to the current ``sys.stderr`` (looked up
+    at every record, so that redirections such as the CLI test runner's see it), unless
+    a handler above will (then the record is left to it: no line twice)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if _handled_above(logger):
+            return
+        try:
+            sys.stderr.write(f"{record.levelname.lower()}: {' '.join(record.getMessage().split())}\n")
+            sys.stderr.flush()
+        except Exception:  # never let reporting break plugin loading
+            self.handleError(record)
+
+
+if not any(isinstance(h, _FallbackStderr) for h in logger.handlers):
+    logger.addHandler(_FallbackStderr())
+
+_reported: set[str] = set()
+
+
+def _warn(message: str) -> None:
+    """Report a plugin problem once per process (one line on stderr by default)."""
+    if message in _reported:
+        return
+    _reported.add(message)
+    logger.warning(message)
+
 
 def _names_from_env(var: str) -> set[str] | None:
     value = os.environ.get(var)
@@ -51,13 +112,14 @@ def _names_from_env(var: str) -> set[str] | None:
     return {n.strip() for n in value.split(",") if n.strip()}
 
 
-def _allowed(name: str) -> bool:
+def _not_allowed(name: str) -> str | None:
+    """None when plugin ``name`` may be loaded, else which environment variable says no."""
     allow, block = _names_from_env(ALLOW_ENV), _names_from_env(BLOCK_ENV)
     if block and name in block:
-        return False
+        return f"{BLOCK_ENV} names it"
     if allow is not None and name not in allow and name not in BUILTIN_PLUGINS:
-        return False
-    return True
+        return f"{ALLOW_ENV}={os.environ.get(ALLOW_ENV, '')!r} does not name it"
+    return None
 
 
 def _dist_label(dist) -> str:
@@ -71,6 +133,21 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def _reason(exc: BaseException) -> str:
+    """Why something failed, on one line: dhat-seg's own messages as they are, other
+    exceptions with their type (``ModuleNotFoundError: No module named 'x'``)."""
+    message = _one_line(exc)
+    if isinstance(exc, PluginError) or message == type(exc).__name__:
+        return message
+    return f"{type(exc).__name__}: {message}"
+
+
+def _entry_point_label(ep) -> str:
+    """``entry point NAME = VALUE[, DISTRIBUTION VERSION]`` for messages."""
+    dist = getattr(ep, "dist", None)
+    return f"entry point {ep.name} = {ep.value}" + (f", {_dist_label(dist)}" if dist is not None else "")
+
+
 @dataclass
 class LoadedPlugins:
     """The process-wide plugin manager and, per registered plugin name, the label
@@ -82,6 +159,15 @@ class LoadedPlugins:
     pm: pluggy.PluginManager
     labels: dict[str, str] = field(default_factory=dict)
     builtins: set[str] = field(default_factory=set)
+    #: plugin name -> the one-line report of why it failed to load or to register
+    failures: dict[str, str] = field(default_factory=dict)
+    #: plugin name -> why it was not loaded (blocked, not allowed, name taken)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def fail(self, name: str, message: str) -> None:
+        """Record that plugin ``name`` failed and report ``message`` (once)."""
+        self.failures[name] = message
+        _warn(message)
 
     def register(self, plugin: object, name: str, label: str, builtin: bool = False) -> None:
         """``pm.register`` followed by ``pm.check_pending``.
@@ -116,26 +202,31 @@ def _loaded() -> LoadedPlugins:
     pm.add_hookspecs(hookspecs)
     loaded = LoadedPlugins(pm)
     for name in BUILTIN_PLUGINS:
-        if not _allowed(name):
+        why_not = _not_allowed(name)
+        if why_not:
+            loaded.skipped[name] = f"attention plugin {name!r} (built-in) is not loaded: {why_not}"
             continue
         try:
             module = importlib.import_module(f"dhat_seg.plugins.{name}")
             loaded.register(module, name, f"dhat-seg {dhat_seg.__version__} (built-in)", builtin=True)
         except (ImportError, PluginError) as exc:  # e.g. an optional dependency is missing
-            warnings.warn(f"built-in dhat-seg plugin {name!r} is unavailable: {exc}", stacklevel=2)
+            loaded.fail(name, f"attention plugin {name!r} (built-in, dhat_seg.plugins.{name}) failed to load: "
+                              f"{_reason(exc)}")
     for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT_NAME):
-        if not _allowed(ep.name):
+        where = f"attention plugin {ep.name!r} ({_entry_point_label(ep)})"
+        why_not = _not_allowed(ep.name)
+        if why_not:
+            loaded.skipped.setdefault(ep.name, f"{where} is not loaded: {why_not}")
             continue
-        where = f"dhat-seg plugin {ep.name!r} ({ep.value})"
         if ep.name in BUILTIN_PLUGINS or pm.has_plugin(ep.name):
             owner = "a built-in plugin" if ep.name in BUILTIN_PLUGINS else loaded.labels[ep.name]
-            warnings.warn(f"{where} is skipped: its entry-point name is taken by {owner}; rename the entry point",
-                          stacklevel=2)
+            message = f"{where} is skipped: its entry-point name is taken by {owner}; rename the entry point"
+            _warn(message)
             continue
         try:
             loaded.register(ep.load(), ep.name, _dist_label(getattr(ep, "dist", None)))
         except Exception as exc:  # one broken third-party plugin must not kill the CLI
-            warnings.warn(f"{where} failed to load and is skipped: {_one_line(exc)}", stacklevel=2)
+            loaded.fail(ep.name, f"{where} failed to load: {_reason(exc)}")
     return loaded
 
 
@@ -149,7 +240,8 @@ def attention_methods() -> dict[str, AttentionSpec]:
     """All registered attention methods by name (computed once per process).
 
     Every implementation of ``register_attention_methods`` is called on its own (a
-    failing one gives a warning naming its plugin; the rest still register), built-in
+    failing one is reported naming its plugin, and recorded so that asking for its
+    method says why; the rest still register), built-in
     plugins first, then the others in pluggy's call order (``tryfirst`` ones first,
     ``trylast`` ones last, otherwise the most recently registered first).
 
@@ -175,11 +267,8 @@ def attention_methods() -> dict[str, AttentionSpec]:
                 raise PluginError(f"plugin {_plugin!r} registered {type(spec).__name__}; expected an AttentionSpec")
             if spec.name in methods:
                 owner = owners[spec.name]
-                warnings.warn(
-                    f"attention method {spec.name!r} from plugin {_plugin!r} is ignored: it is already registered by "
-                    f"plugin {owner!r} ({methods[spec.name].plugin})",
-                    stacklevel=2,
-                )
+                _warn(f"attention method {spec.name!r} from plugin {_plugin!r} is ignored: it is already registered by "
+                      f"plugin {owner!r} ({methods[spec.name].plugin})")
                 return
             methods[spec.name] = spec.with_plugin(_label)
             owners[spec.name] = _plugin
@@ -187,20 +276,33 @@ def attention_methods() -> dict[str, AttentionSpec]:
         try:
             hook_args = {"register": register}
             impl.function(**{arg: hook_args[arg] for arg in impl.argnames})  # by keyword, as hookspecs.py says
-        except PluginError as exc:
-            warnings.warn(str(exc), stacklevel=2)
         except Exception as exc:
-            warnings.warn(f"dhat-seg plugin {plugin_name!r} failed to register its attention methods: {exc}", stacklevel=2)
+            loaded.fail(plugin_name, f"attention plugin {plugin_name!r} ({label}) failed to register its attention "
+                                     f"methods: {_reason(exc)}")
     return dict(sorted(methods.items()))
 
 
 def get_attention_spec(name: str) -> AttentionSpec:
-    """The spec registered under ``name``; a UserError listing the known names otherwise."""
+    """The spec registered under ``name``.
+
+    Otherwise a UserError: when a plugin of that name failed to load (or to register),
+    or was not loaded because of ``DHAT_SEG_PLUGINS`` / ``DHAT_SEG_BLOCK_PLUGINS``, it
+    says so and why; else it lists the installed methods and any plugins that failed
+    to load (one of them may have provided ``name``).
+    """
     methods = attention_methods()
-    if name not in methods:
-        known = ", ".join(methods) or "none"
-        raise UserError(f"attention method {name!r} is unknown; installed methods: {known} (see `dhat-seg plugins`)")
-    return methods[name]
+    if name in methods:
+        return methods[name]
+    loaded = _loaded()
+    if name in loaded.failures:
+        raise UserError(f"attention method {name!r} is unavailable: {loaded.failures[name]}")
+    if name in loaded.skipped:
+        raise UserError(f"attention method {name!r} is unavailable: {loaded.skipped[name]}")
+    known = ", ".join(methods) or "none"
+    failed = ""
+    if loaded.failures:
+        failed = "; plugins that failed to load: " + ", ".join(sorted(loaded.failures))
+    raise UserError(f"attention method {name!r} is unknown; installed methods: {known}{failed} (see `dhat-seg plugins`)")
 
 
 def register_plugin(plugin: object, name: str, label: str | None = None) -> None:
@@ -215,6 +317,8 @@ def register_plugin(plugin: object, name: str, label: str | None = None) -> None
 
 
 def reset() -> None:
-    """Forget loaded plugins (tests, or after installing a plugin in-process)."""
+    """Forget loaded plugins and the warnings already reported (tests, or after
+    installing a plugin in-process): the next use loads and reports as a new process."""
     attention_methods.cache_clear()
     _loaded.cache_clear()
+    _reported.clear()

@@ -198,7 +198,7 @@ def train_surrogate(dataset, num_classes: int, *, epochs: int = 3, n: int = 4000
     """A small_cnn trained normally (clean CE, SGD) for a few epochs on the first ``n``
     samples of ``dataset``, initialised independently of the model under test."""
     from dhat_seg.models import create_model
-    from dhat_seg.trainer import channel_stats
+    from dhat_seg.data import channel_stats
 
     gen = torch.Generator().manual_seed(seed + 12345)
     x, y = evaluate.collect(dataset, n)
@@ -223,18 +223,12 @@ def surrogate_for(cfg, model: nn.Module, device, *, cache_dir: str | Path | None
                   log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> tuple[nn.Module, str]:
     """The transfer-check surrogate for a run: its normally trained attention model when
     one exists (given, or in the cache), else a small_cnn trained here for 3 epochs."""
-    from dhat_seg.attention_model import attention_model_dir, cache_root, frozen
-    from dhat_seg.checkpoint import load_weights, resolve_weights
-    from dhat_seg.evaluation_report import _dataset
+    from dhat_seg.attention_model import cache_root, find_attention_model, frozen
+    from dhat_seg.checkpoint import load_weights
+    from dhat_seg.data import split_for
 
-    train_ds = _dataset(cfg, "train")
-    path = None
-    if cfg.attention_model:
-        path = resolve_weights(cfg.attention_model)
-    else:
-        run_dir = attention_model_dir(cfg, train_ds.fingerprint(), cache_root(cache_dir))
-        if (run_dir / "summary.json").is_file():
-            path = resolve_weights(run_dir)
+    train_ds = split_for(cfg, "train")
+    path = find_attention_model(cfg, train_ds.fingerprint(), cache_root(cache_dir))
     if path is not None:
         return frozen(load_weights(path), torch.device(device)), f"normally trained attention model {path}"
     log("sanity: no attention model in the cache; training a small_cnn surrogate for 3 epochs for the transfer check")

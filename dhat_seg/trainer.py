@@ -1,11 +1,15 @@
-"""The training loop: optimiser, schedule, devices, checkpoints, resume, selection.
+"""The training loop: fit, validate, checkpoint, resume and select, nothing else.
 
-What is computed per batch lives in ``methods.py``; where foreground masks come from
-in ``attention_model.py`` and ``cache.py``. Data flows one way: dataset -> (image,
-label, index[, cached mask]) -> foreground mask of the clean image -> method loss ->
-metrics. With ``mask_source: cache`` (the default) each sample's mask is computed once,
-on the un-augmented image, and travels with its image through the same random crop and
-flip; with ``mask_source: online`` the attention method runs on every augmented batch.
+The :class:`Trainer` receives plain, built objects (:class:`RunParts`: datasets, model,
+training method, attention function or mask cache) from the orchestration layer
+(:mod:`dhat_seg.experiment`), which resolves a config into them. Periodic work with its
+own state, such as rebuilding self-attention masks, is a :class:`Callback`.
+
+Per batch: (image, label, index[, cached mask]) -> foreground mask of the clean image
+-> the training method's loss -> one host sync for all statistics -> step. With
+``mask_source: cache`` each sample's mask travels with its image through the same
+random crop and flip; with ``mask_source: online`` the attention function runs on
+every augmented batch.
 
 Reproducibility: every epoch reseeds the RNGs from (seed, epoch), so an epoch depends
 only on the state saved at the end of the previous one. A run killed at any point and
@@ -17,140 +21,108 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dhat_seg import __version__, attacks, evaluate
-from dhat_seg import cache as mask_cache
 from dhat_seg.attention import foreground_mask
-from dhat_seg.attention_model import build_attention, cache_root
+from dhat_seg.cache.dataset import MaskedDataset
+from dhat_seg.cache.store import batch_foreground
 from dhat_seg.checkpoint import load_state, load_weights, read_pointers, save_checkpoint
 from dhat_seg.config import TrainConfig, save_config
-from dhat_seg.data import split_for
 from dhat_seg.errors import DivergenceError, UserError
-from dhat_seg.methods import create_method
-from dhat_seg.models import CIFAR_MEAN, CIFAR_STD, create_model, module_mode
+from dhat_seg.runtime import resolve_amp_dtype, seed_everything, select_device
 
 CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "summary.json"
 
 
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device {name!r} is invalid; expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} was asked for but CUDA is not available; use --device cpu or auto")
-    return device
+@dataclass
+class RunParts:
+    """What a run trains on, built from its config by :mod:`dhat_seg.experiment`.
+
+    ``attention``: a per-batch attention function (``mask_source: online``) or None;
+    ``masks``: the per-sample mask cache of ``train`` (``mask_source: cache``) or None;
+    a callback may replace ``masks`` at the start of an epoch."""
+
+    train: Any
+    val: Any
+    test: Any
+    model: torch.nn.Module
+    training_method: Any
+    attention: Callable | None = None
+    masks: Any = None
+    callbacks: list["Callback"] = field(default_factory=list)
 
 
-def resolve_amp_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of the training passes, or None (fp32). Attacks never use it
-    (they run in fp32 unless ``attack_precision: autocast``)."""
-    if not cfg.amp:
+class Callback:
+    """Periodic work with its own state, called by the :class:`Trainer` (Lightning-style).
+
+    ``state_key``: where :meth:`state_dict` is kept in each checkpoint's state (None:
+    nothing kept)."""
+
+    state_key: str | None = None
+
+    def on_fit_start(self, trainer: "Trainer", parts: RunParts, start_epoch: int, state: dict | None) -> None:
+        """Before the first epoch (``state``: the resumed checkpoint's state, else None)."""
+
+    def on_epoch_start(self, trainer: "Trainer", parts: RunParts, epoch: int) -> None:
+        """Before ``epoch`` (0-based) is trained, before the epoch's RNGs are seeded."""
+
+    def state_dict(self) -> dict | None:
         return None
-    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
-    if cfg.amp_dtype == "float16":
-        if device.type != "cuda":
-            raise UserError(f"config option amp_dtype='float16' needs a CUDA device (this run uses {device}); "
-                            "expected amp_dtype 'bfloat16' or 'auto' here")
-        return torch.float16
-    if cfg.amp_dtype == "bfloat16" and not bf16_ok:
-        raise UserError(f"config option amp_dtype='bfloat16' is not supported by {device}; expected 'float16' or 'auto'")
-    return torch.bfloat16 if bf16_ok else torch.float16
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def channel_stats(dataset, n: int = 2000) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of up to ``n`` images (normalisation inside the model)."""
-    x = torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
-    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
 
 
 class Trainer:
-    """Trains one run into ``out_dir`` (config.yaml, metrics.jsonl, checkpoints/, summary.json)."""
+    """Fits one run into ``out_dir`` (config.yaml, metrics.jsonl, checkpoints/, summary.json).
 
-    def __init__(self, cfg: TrainConfig, out_dir: str | Path, *, log: Callable[[str], None] | None = None,
-                 cache_dir: str | Path | None = None, progress: bool = True, rebuild_masks: bool = False):
+    ``on_epoch``: called with every epoch's metrics record (default: one JSON line on stdout)."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: str | Path, parts: RunParts, *, log: Callable[[str], None] | None = None,
+                 progress: bool = True, on_epoch: Callable[[dict], None] | None = None):
         self.cfg = cfg.validate()
-        self.rebuild_masks = rebuild_masks
         self.out = Path(out_dir)
+        self.parts = parts
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
-        self.cache_root = cache_root(cache_dir)
         self.progress = progress
+        self.on_epoch = on_epoch or (lambda record: print(json.dumps(record), flush=True))
         self.device = select_device(cfg.device)
         self.amp_dtype = resolve_amp_dtype(self.cfg, self.device)
         # loss scaling only for float16; bfloat16 has fp32's range
         self.amp = self.amp_dtype == torch.float16
 
-    # ------------------------------------------------------------------ setup
-    def _datasets(self):
-        c = self.cfg
-        return split_for(c, "train", augment=c.augment), split_for(c, "val"), split_for(c, "test")
-
-    def _prepare_out_dir(self, resume: bool) -> None:
-        config_path = self.out / CONFIG_FILE
+    @staticmethod
+    def prepare_out_dir(cfg: TrainConfig, out: Path, resume: bool) -> None:
+        """Write ``config.yaml`` (refusing a different run's directory)."""
+        config_path = out / CONFIG_FILE
         if config_path.exists() and not resume:
-            raise UserError(f"run directory {str(self.out)!r} already holds a run; pass --resume to continue it or choose another --out")
+            raise UserError(f"run directory {str(out)!r} already holds a run; pass --resume to continue it or choose another --out")
         if resume and config_path.exists():
             import yaml
 
             saved = yaml.safe_load(config_path.read_text()) or {}
-            current = self.cfg.to_dict()
+            current = cfg.to_dict()
             diff = [k for k in current if k in saved and saved[k] != current[k]
                     and k not in ("device", "num_workers", "amp", "amp_dtype")]
             if diff:
                 k = diff[0]
-                raise UserError(f"cannot resume {str(self.out)!r}: option {k}={current[k]!r} differs from the run's {saved[k]!r}")
-        self.out.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, config_path)
+                raise UserError(f"cannot resume {str(out)!r}: option {k}={current[k]!r} differs from the run's {saved[k]!r}")
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, config_path)
 
     # ------------------------------------------------------------------ main
-    def run(self, resume: bool = False) -> dict[str, Any]:
-        c = self.cfg
-        self._prepare_out_dir(resume)
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        c, parts = self.cfg, self.parts
+        model, method = parts.model, parts.training_method
         if self.amp_dtype is not None:
             self.log(f"mixed precision: {str(self.amp_dtype).replace('torch.', '')} autocast for the training passes; "
                      f"attacks in {'the same' if c.attack_precision == 'autocast' else 'fp32'}")
-        seed_everything(c.seed)
-        train_ds, val_ds, test_ds = self._datasets()
-        mean, std = (CIFAR_MEAN, CIFAR_STD) if c.data.startswith("cifar") else channel_stats(train_ds)
-        model = create_model(c.model, train_ds.num_classes, mean, std).to(self.device)
-        method = create_method(c)
-        # per-batch attention function (mask_source "online") or per-sample masks (cache)
-        attention, masks = None, None
-        if method.needs_attention and c.attention_source == "self":
-            spec, options = mask_cache.resolve_method(c)
-            if not spec.needs_classifier(options):
-                raise UserError(f"attention_source='self' needs an attention method that reads a classifier (gradcam, ig, "
-                                f"sam with prompt=peak); {c.attention!r} does not: use attention_source='frozen'")
-        if method.needs_attention and c.mask_source == "online":
-            attention = build_attention(c, train_fingerprint=train_ds.fingerprint(), num_classes=train_ds.num_classes,
-                                        device=self.device, log=self.log, root=self.cache_root,
-                                        classifier=model if c.attention_source == "self" else None)
-            if c.attention_source == "self":
-                attention = _in_eval_mode(attention, model)
-        elif method.needs_attention and c.attention_source == "frozen":
-            if c.mask_refresh_every:
-                self.log("mask_refresh_every is ignored with attention_source='frozen': the frozen model's masks never change")
-            masks = mask_cache.ensure_mask_cache(c, train_ds, device=self.device, root=self.cache_root, log=self.log,
-                                                 rebuild=self.rebuild_masks, progress=self.progress)
-        self_masks = method.needs_attention and c.mask_source == "cache" and c.attention_source == "self"
         if method.needs_attention and c.attention_burn_in:
             self.log(f"attention burn-in: epochs 1-{c.attention_burn_in} train without the attention terms")
         optimizer = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
@@ -158,7 +130,7 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(c.milestones), gamma=c.gamma)
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
-        start_epoch, best = 0, -math.inf
+        start_epoch, best, state = 0, -math.inf, None
         ckpt_dir = self.out / "checkpoints"
         pointers = read_pointers(ckpt_dir) if resume else {}
         if pointers.get("last"):
@@ -170,22 +142,21 @@ class Trainer:
                 scaler.load_state_dict(state["scaler"])
             start_epoch, best = int(state["epoch"]), float(state["best"])
             self.log(f"resuming {self.out} after epoch {start_epoch}/{c.epochs}")
-            if self_masks and isinstance(state.get("masks"), dict) and start_epoch < c.epochs:
-                masks = self._resume_self_masks(state["masks"], train_ds, start_epoch)
         elif resume:
             self.log(f"nothing to resume in {self.out}: starting from scratch")
         self._truncate_metrics(start_epoch)
+        for cb in parts.callbacks:
+            cb.on_fit_start(self, parts, start_epoch, state)
 
-        val_x, val_y = evaluate.collect(val_ds, c.val_examples)
+        val_x, val_y = evaluate.collect(parts.val, c.val_examples)
         for epoch in range(start_epoch, c.epochs):
             t0 = time.time()
-            if self_masks and epoch >= c.attention_burn_in:
-                # before reseeding: the build forks its own RNG, the epoch's draws stay the same
-                masks = self._self_masks(model, train_ds, epoch, masks)
+            for cb in parts.callbacks:
+                cb.on_epoch_start(self, parts, epoch)
             seed_everything(c.seed * 100_003 + epoch)
-            data = mask_cache.MaskedDataset(train_ds, masks) if masks is not None else train_ds
+            data = MaskedDataset(parts.train, parts.masks) if parts.masks is not None else parts.train
             try:
-                train_stats = self._train_epoch(model, method, attention, data, optimizer, scaler, epoch)
+                train_stats = self._train_epoch(model, method, parts.attention, data, optimizer, scaler, epoch)
             except DivergenceError as exc:
                 last = read_pointers(ckpt_dir).get("last")
                 kept = f"the last good checkpoint is {ckpt_dir / last}" if last else "no epoch had finished, no checkpoint"
@@ -200,16 +171,17 @@ class Trainer:
                       "best": is_best, "seconds": round(time.time() - t0, 2)}
             with open(self.out / METRICS_FILE, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
-            print(json.dumps(record), flush=True)
+            self.on_epoch(record)
             state = {"epoch": epoch + 1, "best": best, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
             if self.amp:
                 state["scaler"] = scaler.state_dict()
-            if self_masks and masks is not None:
-                # which self-attention masks are in use, so that a resumed run finds them
-                state["masks"] = {"epoch": masks.key["classifier"]["epoch"], "sha256": masks.key["classifier"]["sha256"]}
+            for cb in parts.callbacks:
+                kept = cb.state_dict()
+                if cb.state_key and kept is not None:
+                    state[cb.state_key] = kept
             save_checkpoint(ckpt_dir, epoch + 1, model, c.model, state, is_best)
 
-        return self._finish(model, test_ds, ckpt_dir, method.needs_attention)
+        return self._finish(model, parts.test, ckpt_dir, method.needs_attention)
 
     # ------------------------------------------------------------------ pieces
     def _truncate_metrics(self, epochs_done: int) -> None:
@@ -219,36 +191,6 @@ class Trainer:
         lines = [l for l in path.read_text().splitlines() if l.strip()]
         kept = [l for l in lines if json.loads(l).get("epoch", 0) <= epochs_done]
         path.write_text("".join(l + "\n" for l in kept))
-
-    def _refresh_epoch(self, epoch: int) -> int:
-        """The epoch whose starting weights give the self-attention masks of ``epoch``."""
-        burn_in, every = self.cfg.attention_burn_in, self.cfg.mask_refresh_every
-        return burn_in if every == 0 else burn_in + ((epoch - burn_in) // every) * every
-
-    def _self_masks(self, model, train_ds, epoch, current):
-        """Self-attention masks for ``epoch``: kept, or rebuilt from the current weights
-        at a refresh epoch (kept in RUN/masks/; older refreshes are deleted)."""
-        refresh = self._refresh_epoch(epoch)
-        if current is not None and current.key["classifier"]["epoch"] == refresh:
-            return current
-        if refresh != epoch:
-            # resumed without the masks of the last refresh: the nearest we can do
-            self.log(f"mask cache: the self-attention masks of epoch {refresh} are missing; recomputing them from the "
-                     f"weights of epoch {epoch} (this run now differs from an uninterrupted one)")
-        built = mask_cache.self_mask_cache(self.cfg, train_ds, model, refresh, self.out / "masks", device=self.device,
-                                           log=self.log, progress=self.progress)
-        mask_cache.remove_other_caches(self.out / "masks", built.directory)
-        return built
-
-    def _resume_self_masks(self, saved: dict, train_ds, start_epoch: int):
-        """The self-attention masks a checkpoint was using, if still on disk and still
-        current at ``start_epoch`` (else None: they are rebuilt)."""
-        if int(saved["epoch"]) != self._refresh_epoch(start_epoch) or self._refresh_epoch(start_epoch) == start_epoch:
-            return None
-        found = mask_cache.open_self_cache(self.out / "masks", train_ds, self.cfg, str(saved["sha256"]), int(saved["epoch"]))
-        if found is not None:
-            self.log(f"mask cache: reusing self-attention masks of epoch {saved['epoch']} from {found.directory}")
-        return found
 
     def _train_epoch(self, model, method, attention, dataset, optimizer, scaler, epoch) -> dict[str, float]:
         c = self.cfg
@@ -267,7 +209,7 @@ class Trainer:
             if warmup:  # attention burn-in: no masks yet
                 pass
             elif len(batch) == 4:  # (image, label, index, cached mask augmented with the image)
-                foreground = mask_cache.batch_foreground(batch[3].to(self.device, non_blocking=True), c.threshold_policy,
+                foreground = batch_foreground(batch[3].to(self.device, non_blocking=True), c.threshold_policy,
                                                          c.omega, c.quantile)
             elif attention is not None:
                 foreground = foreground_mask(attention(x, y), c.threshold_policy, c.omega, c.quantile)
@@ -347,11 +289,3 @@ class Trainer:
         return summary
 
 
-def _in_eval_mode(attention, model):
-    """``attention`` called with ``model`` (the model being trained) in eval mode."""
-
-    def fn(images, labels):
-        with module_mode(model, training=False):
-            return attention(images, labels)
-
-    return fn

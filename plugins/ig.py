@@ -51,36 +51,40 @@ DEFAULT_OPTIONS = {
 }
 
 
-def gaussian_kernel1d(kernel_size: int, sigma: float | None = None, device=None, dtype=torch.float32) -> Tensor:
-    """Normalised 1-D Gaussian of odd ``kernel_size``.
-
-    ``sigma=None`` derives sigma from the size by OpenCV's rule, 0.3 ((k - 1) / 2 - 1)
-    + 0.8 (cv2.getGaussianKernel; for k <= 9 OpenCV itself substitutes fixed binomial
-    tables, which this does not), so "smooth=k" equals ``cv2.GaussianBlur(m, (k, k),
-    sigma)`` with that sigma.
-    """
-    if sigma is None:
-        sigma = 0.3 * ((kernel_size - 1) * 0.5 - 1) + 0.8
-    x = torch.arange(kernel_size, device=device, dtype=dtype) - (kernel_size - 1) / 2
-    g = torch.exp(-(x**2) / (2 * float(sigma) ** 2))
-    return g / g.sum()
+def opencv_sigma(kernel_size: int) -> float:
+    """OpenCV's sigma for a kernel size, 0.3 ((k - 1) / 2 - 1) + 0.8 (cv2.getGaussianKernel
+    with sigma <= 0; for k <= 9 OpenCV itself substitutes fixed binomial tables, which
+    this does not). It equals torchvision's default, 0.15 k + 0.35."""
+    return 0.3 * ((kernel_size - 1) * 0.5 - 1) + 0.8
 
 
 def gaussian_blur(x: Tensor, kernel_size: int, sigma: float | None = None) -> Tensor:
-    """Separable Gaussian blur of B x C x H x W, each channel on its own.
+    """Gaussian blur of B x C x H x W, each channel on its own, by
+    ``torchvision.transforms.functional.gaussian_blur``, applied separably (a k x 1
+    then a 1 x k kernel: 2k instead of k^2 multiplications per pixel, which matters for
+    the "blur" baseline's wide kernels on large images).
 
-    Borders are mirrored without repeating the edge (torch "reflect" = OpenCV's default
-    BORDER_REFLECT_101); when the kernel is wider than the image, edges are repeated.
+    ``sigma=None`` derives sigma from the size (:func:`opencv_sigma`), so "smooth=k"
+    equals ``cv2.GaussianBlur(m, (k, k), sigma)`` with that sigma. Borders are mirrored
+    without repeating the edge (torchvision pads with torch's "reflect" = OpenCV's
+    default BORDER_REFLECT_101); when the kernel is wider than the image, which torch's
+    reflect padding cannot do, edges are repeated instead (replicate-padded first,
+    blurred, cropped back).
     """
+    from torchvision.transforms.functional import gaussian_blur as tv_gaussian_blur
+
     if kernel_size <= 1:
         return x
-    c, (h, w) = x.shape[1], x.shape[-2:]
-    g = gaussian_kernel1d(kernel_size, sigma, device=x.device, dtype=x.dtype)
+    sigma = opencv_sigma(kernel_size) if sigma is None else float(sigma)
+    h, w = x.shape[-2:]
     pad = kernel_size // 2
-    mode = "reflect" if pad < min(h, w) else "replicate"
-    x = F.pad(x, (pad, pad, pad, pad), mode=mode)
-    x = F.conv2d(x, g.view(1, 1, 1, -1).expand(c, 1, 1, kernel_size), groups=c)
-    return F.conv2d(x, g.view(1, 1, -1, 1).expand(c, 1, kernel_size, 1), groups=c)
+    padded = pad >= min(h, w)
+    if padded:
+        x = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    # torchvision's kernel_size is (width, height); a size-1 kernel is the identity
+    x = tv_gaussian_blur(x, [kernel_size, 1], [sigma, sigma])
+    x = tv_gaussian_blur(x, [1, kernel_size], [sigma, sigma])
+    return x[..., pad : pad + h, pad : pad + w] if padded else x
 
 
 def make_baseline(images: Tensor, kind: str = "black") -> Tensor:

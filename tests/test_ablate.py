@@ -176,7 +176,6 @@ def fake_eval(calls, failing=("gradcam",)):
     """run_eval stand-in: writes eval.json; the rows in ``failing`` fail one sanity check."""
 
     def run_eval(run_dir, options, log=None):
-        from dhat_seg.config import TrainConfig
 
         calls.append((run_dir.name, options))
         seed = options.seed
@@ -201,7 +200,7 @@ def fake_ablation(tmp_path, monkeypatch, calls, failing=("gradcam",), seeds=None
 
     from dhat_seg.evaluation_report import EvalOptions
 
-    monkeypatch.setattr(ablate, "run_eval", fake_eval(calls, failing))
+    monkeypatch.setattr(ablate.run, "run_eval", fake_eval(calls, failing))
     preset = ablate.ABLATE_PRESETS["quick"]
     base = ablate.base_config(preset, {"image_size": 16, "train_size": 100, "test_size": 40, "device": "cpu"})
     options = dataclasses.replace(EvalOptions(), **preset.eval, device="cpu").validate()

@@ -8,7 +8,6 @@ applied by hand (numpy pad / slice / flip), not by the transform under test.
 from __future__ import annotations
 
 import json
-import math
 import types
 from pathlib import Path
 
@@ -20,12 +19,13 @@ from typer.testing import CliRunner
 
 from dhat_seg import cache as C
 from dhat_seg import hookimpl, plugin_manager
-from dhat_seg.attention import AttentionContext, AttentionSpec, foreground_mask
+from dhat_seg.attention import AttentionSpec, foreground_mask
 from dhat_seg.checkpoint import save_weights
 from dhat_seg.config import load_config
 from dhat_seg.data import build_dataset
 from dhat_seg.errors import PluginError, UserError
 from dhat_seg.models import create_model
+from dhat_seg.experiment import Experiment, frozen_masks
 from dhat_seg.trainer import Trainer
 
 PAD = 4
@@ -326,8 +326,8 @@ def test_changed_attention_model_weights_give_another_cache(tmp_path):
     logs: list[str] = []
     a, b = random_weights(tmp_path / "a.safetensors", 0), random_weights(tmp_path / "b.safetensors", 1)
     ds = C.dataset_for(tiny_config())
-    ensure = lambda cfg: C.ensure_mask_cache(cfg, ds, device=torch.device("cpu"), root=tmp_path / "cache",  # noqa: E731
-                                             log=logs.append, progress=False)
+    ensure = lambda cfg: frozen_masks(cfg, ds, device=torch.device("cpu"), root=tmp_path / "cache",  # noqa: E731
+                                      log=logs.append, progress=False)
     first = ensure(tiny_config(attention_model=a))
     assert first.soft and logs[-1].startswith("mask cache: building")
     again = ensure(tiny_config(attention_model=a))
@@ -348,12 +348,12 @@ def test_training_builds_the_cache_then_reuses_it(tmp_path):
     weights = random_weights(tmp_path / "a.safetensors", 0)
     logs: list[str] = []
     cfg = tiny_config(attention_model=weights)
-    summary = Trainer(cfg, tmp_path / "one", log=logs.append, cache_dir=tmp_path / "cache", progress=False).run()
+    summary = Experiment(cfg, tmp_path / "one", log=logs.append, cache_dir=tmp_path / "cache", progress=False).run()
     assert summary["attention"] == "gradcam"
     built = [l for l in logs if l.startswith("mask cache:")]
     assert len(built) == 1 and built[0].startswith("mask cache: building")
     logs.clear()
-    Trainer(cfg, tmp_path / "two", log=logs.append, cache_dir=tmp_path / "cache", progress=False).run()
+    Experiment(cfg, tmp_path / "two", log=logs.append, cache_dir=tmp_path / "cache", progress=False).run()
     (line,) = [l for l in logs if l.startswith("mask cache:")]
     assert line.startswith("mask cache: reusing") and "(48 masks)" in line
     assert metrics(tmp_path / "one") == metrics(tmp_path / "two")
@@ -364,9 +364,9 @@ def test_training_builds_the_cache_then_reuses_it(tmp_path):
     data[-1] ^= 0xFF
     chunk.write_bytes(bytes(data))
     with pytest.raises(UserError, match="corrupt.*--rebuild-masks"):
-        Trainer(cfg, tmp_path / "three", cache_dir=tmp_path / "cache", progress=False).run()
+        Experiment(cfg, tmp_path / "three", cache_dir=tmp_path / "cache", progress=False).run()
     logs.clear()
-    Trainer(cfg, tmp_path / "four", log=logs.append, cache_dir=tmp_path / "cache", progress=False, rebuild_masks=True).run()
+    Experiment(cfg, tmp_path / "four", log=logs.append, cache_dir=tmp_path / "cache", progress=False, rebuild_masks=True).run()
     assert any(l.startswith("mask cache: building") for l in logs)
     assert metrics(tmp_path / "four") == metrics(tmp_path / "one")
 
@@ -376,7 +376,7 @@ def test_self_attention_masks_refresh_and_resume_exactly(tmp_path, monkeypatch):
     every 2 epochs; a run interrupted after epoch 2 and resumed equals an uninterrupted one."""
     cfg = tiny_config(attention_source="self", attention_burn_in=1, mask_refresh_every=2, epochs=4)
     logs: list[str] = []
-    reference = Trainer(cfg, tmp_path / "straight", log=logs.append, cache_dir=tmp_path / "cache", progress=False).run()
+    reference = Experiment(cfg, tmp_path / "straight", log=logs.append, cache_dir=tmp_path / "cache", progress=False).run()
     refreshes = [l for l in logs if "building self-attention masks" in l]
     assert len(refreshes) == 2 and "of epoch 1" in refreshes[0] and "of epoch 3" in refreshes[1]
     kept = list((tmp_path / "straight" / "masks").iterdir())
@@ -391,10 +391,10 @@ def test_self_attention_masks_refresh_and_resume_exactly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "_train_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg, tmp_path / "resumed", cache_dir=tmp_path / "cache", progress=False).run()
+        Experiment(cfg, tmp_path / "resumed", cache_dir=tmp_path / "cache", progress=False).run()
     monkeypatch.setattr(Trainer, "_train_epoch", original)
     logs.clear()
-    resumed = Trainer(cfg, tmp_path / "resumed", log=logs.append, cache_dir=tmp_path / "cache", progress=False).run(resume=True)
+    resumed = Experiment(cfg, tmp_path / "resumed", log=logs.append, cache_dir=tmp_path / "cache", progress=False).run(resume=True)
     assert any("reusing self-attention masks of epoch 1" in l for l in logs)
     assert resumed == reference
     assert metrics(tmp_path / "resumed") == metrics(tmp_path / "straight")
@@ -407,7 +407,7 @@ def test_self_attention_needs_a_classifier_method(tmp_path):
         "test-image-plugin")
     try:
         with pytest.raises(UserError, match="attention_source='self' needs an attention method that reads a classifier"):
-            Trainer(tiny_config(attention="test-image", attention_source="self", attention_burn_in=1, epochs=2), tmp_path / "r",
+            Experiment(tiny_config(attention="test-image", attention_source="self", attention_burn_in=1, epochs=2), tmp_path / "r",
                     cache_dir=tmp_path / "cache", progress=False).run()
     finally:
         plugin_manager.reset()

@@ -23,7 +23,7 @@ from dhat_seg.data import build_dataset
 from dhat_seg.errors import UserError
 from dhat_seg.evaluation_report import run_eval
 from dhat_seg.models import create_model
-from dhat_seg.trainer import Trainer
+from dhat_seg.experiment import Experiment
 from cli_helpers import assert_one_line_error
 
 TINY = {"data": "synthetic", "model": "small_cnn", "image_size": 16, "train_size": 320, "test_size": 100, "val_size": 0.2,
@@ -52,7 +52,7 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     cfg = load_config("quick", {**TINY, "method": "dhat", "attention": "gradcam"})
     with one_thread():
-        Trainer(cfg, root / "run", cache_dir=root / "cache", progress=False, log=lambda m: None).run()
+        Experiment(cfg, root / "run", cache_dir=root / "cache", progress=False, log=lambda m: None).run()
     return root / "run", root / "cache", cfg
 
 

@@ -38,8 +38,7 @@ def oracle(cfg=None, **options):
     cfg = cfg or config()
     if options:
         cfg.attention_options = {**cfg.attention_options, **{k: str(v) for k, v in options.items()}}
-    fn = build_attention(cfg, train_fingerprint="unused", num_classes=10, device=torch.device("cpu"), log=lambda m: None,
-                         root="/nonexistent")
+    fn = build_attention(cfg, num_classes=10, device=torch.device("cpu"))
     # the checked function of a run (validates every result); labels are not read
     return lambda images, labels=None: fn(images, torch.zeros(images.shape[0], dtype=torch.long))
 
@@ -247,11 +246,11 @@ def test_masks_build_score_and_training_through_the_cache(tmp_path):
 def test_training_takes_its_masks_from_the_oracle(tmp_path):
     """The trainer builds the run's mask cache with the oracle (it hands the run's
     configuration to the attention context)."""
-    from dhat_seg.trainer import Trainer
+    from dhat_seg.experiment import Experiment
 
     cfg = load_config(None, dict(method="dhat", data="synthetic", model="small_cnn", train_size=48, test_size=16, val_size=8,
                                  epochs=1, batch_size=20, attack_steps=1, inv_steps=1, val_examples=8, val_attack_steps=1,
                                  attention="oracle", device="cpu"))
     logs: list[str] = []
-    Trainer(cfg, tmp_path / "run", log=logs.append, cache_dir=tmp_path / "cache", progress=False).run()
+    Experiment(cfg, tmp_path / "run", log=logs.append, cache_dir=tmp_path / "cache", progress=False).run()
     assert any(line.startswith("mask cache: building") and "oracle" in line for line in logs)

@@ -11,17 +11,17 @@ import pickle
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from typer.testing import CliRunner
 
-from dhat_seg import attacks, methods
+from dhat_seg import attacks, training_methods
 from dhat_seg.checkpoint import read_pointers
-from dhat_seg.cli import app, config_base
+from dhat_seg.cli import app
+from dhat_seg.cli.common import config_base
 from dhat_seg.config import PRESETS, TrainConfig, load_config, paper_differences
 from dhat_seg.errors import DivergenceError, UserError
 from dhat_seg.models import create_model, frozen_bn_statistics
-from dhat_seg.trainer import Trainer
+from dhat_seg.experiment import Experiment
 from cli_helpers import assert_one_line_error
 
 runner = CliRunner()
@@ -106,7 +106,7 @@ def test_attacks_run_in_fp32_inside_autocast(attack):
 
 def test_dhat_step_under_bf16_autocast_attacks_fp32_training_bf16():
     cfg = tiny(amp=True)
-    method = methods.create_method(cfg)
+    method = training_methods.create_training_method(cfg)
     model = create_model("small_cnn", 10).train()
     seen, handle = _forward_dtypes(model)
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
@@ -124,12 +124,12 @@ def test_dhat_step_under_bf16_autocast_attacks_fp32_training_bf16():
 
 def test_training_with_amp_on_cpu_runs_bf16(tmp_path):
     logs = []
-    summary = Trainer(tiny(amp=True, epochs=1), tmp_path / "run", log=logs.append, cache_dir=tmp_path / "c",
+    summary = Experiment(tiny(amp=True, epochs=1), tmp_path / "run", log=logs.append, cache_dir=tmp_path / "c",
                       progress=False).run()
     assert any("bfloat16 autocast" in l and "attacks in fp32" in l for l in logs)
     assert 0 <= summary["clean_acc"] <= 100
     with pytest.raises(UserError, match="amp_dtype='float16' needs a CUDA device"):
-        Trainer(tiny(amp=True, amp_dtype="float16"), tmp_path / "fp16", cache_dir=tmp_path / "c", progress=False)
+        Experiment(tiny(amp=True, amp_dtype="float16"), tmp_path / "fp16", cache_dir=tmp_path / "c", progress=False)
 
 
 # ------------------------------------------------------------------ 3. divergence
@@ -138,7 +138,7 @@ def _metrics(run):
 
 
 def test_logit_sizes_are_recorded_per_epoch(tmp_path):
-    Trainer(tiny(epochs=1), tmp_path / "run", cache_dir=tmp_path / "c", progress=False).run()
+    Experiment(tiny(epochs=1), tmp_path / "run", cache_dir=tmp_path / "c", progress=False).run()
     (record,) = _metrics(tmp_path / "run")
     assert record["train_max_logit_clean"] > 0 and record["train_max_logit_background"] > 0
 
@@ -146,7 +146,7 @@ def test_logit_sizes_are_recorded_per_epoch(tmp_path):
 def test_nan_loss_stops_with_the_last_good_checkpoint_kept(tmp_path, monkeypatch):
     cfg = tiny(epochs=3)
     batches_per_epoch = 3  # 48 training samples (56 - 8 validation), batches of 16
-    real = methods.losses.floe_loss
+    real = training_methods.losses.floe_loss
     calls = {"n": 0}
 
     def floe_nan_in_epoch_2(*args, **kwargs):
@@ -154,9 +154,9 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_kept(tmp_path, monkeypatch
         value = real(*args, **kwargs)
         return value * float("nan") if calls["n"] > batches_per_epoch else value
 
-    monkeypatch.setattr(methods.losses, "floe_loss", floe_nan_in_epoch_2)
+    monkeypatch.setattr(training_methods.losses, "floe_loss", floe_nan_in_epoch_2)
     with pytest.raises(DivergenceError) as info:
-        Trainer(cfg, tmp_path / "run", cache_dir=tmp_path / "c", progress=False).run()
+        Experiment(cfg, tmp_path / "run", cache_dir=tmp_path / "c", progress=False).run()
     message = str(info.value)
     assert "epoch 2, batch 1" in message and "is nan" in message and "epoch_0001" in message
     assert read_pointers(tmp_path / "run" / "checkpoints")["last"] == "epoch_0001"
@@ -210,7 +210,7 @@ def test_paper_preset_runs_end_to_end_on_a_tiny_cifar_directory(tmp_path, monkey
     assert (cfg.data, cfg.model, cfg.amp) == ("cifar10", "wrn28_10", True)
     cfg.amp = False
     logs = []
-    summary = Trainer(cfg, tmp_path / "run", log=logs.append, cache_dir=tmp_path / "c", progress=False).run()
+    summary = Experiment(cfg, tmp_path / "run", log=logs.append, cache_dir=tmp_path / "c", progress=False).run()
     assert summary["model"] == "wrn28_10" and summary["n_test"] == 4
     records = _metrics(tmp_path / "run")
     assert [r["epoch"] for r in records] == [1, 2]
@@ -280,9 +280,9 @@ def test_every_setting_is_validated_at_load(key, value, expected):
 
 
 def test_cli_refuses_bad_settings_before_any_work(tmp_path, monkeypatch):
-    import dhat_seg.trainer
+    import dhat_seg.experiment
 
-    monkeypatch.setattr(dhat_seg.trainer, "split_for", lambda *a, **k: pytest.fail("data was built before validation"))
+    monkeypatch.setattr(dhat_seg.experiment, "split_for", lambda *a, **k: pytest.fail("data was built before validation"))
     for pair in ("omega=2", "floe_form=paperr", "attention_source=selff", "lr=abc", "model=nosuch", "epochs=0"):
         result = runner.invoke(app, ["train", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c"),
                                      "--set", pair])
@@ -322,7 +322,7 @@ def test_only_the_loss_forwards_update_bn_statistics(update, expected):
     """DHAT with 2 PGD and 2 inverse steps: x_adv and x_inv update BN running statistics;
     with attack_bn_update=true (the authors' code) also every attack step, p_nat/p_adv and x_B."""
     cfg = tiny(attack_steps=2, inv_steps=2, attack_bn_update=update)
-    method = methods.create_method(cfg)
+    method = training_methods.create_training_method(cfg)
     model = create_model("resnet18", 10).train()
     layers = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     fg = torch.zeros(4, 1, 32, 32, dtype=torch.bool)
@@ -336,7 +336,7 @@ def test_uiat_and_dhat_update_bn_statistics_alike():
     counts = []
     for name in ("uiat", "dhat"):
         model = create_model("resnet18", 10).train()
-        methods.create_method(tiny(method=name)).loss(model, x, y, fg)
+        training_methods.create_training_method(tiny(method=name)).loss(model, x, y, fg)
         counts.append(_bn_updates(model))
     assert counts[0] == counts[1]
 
@@ -351,7 +351,7 @@ def test_self_attention_without_burn_in_is_refused():
 
 def test_self_attention_masks_come_from_the_trained_model_after_burn_in(tmp_path):
     logs = []
-    Trainer(tiny(attention_source="self", attention_burn_in=1, epochs=2), tmp_path / "run", log=logs.append,
+    Experiment(tiny(attention_source="self", attention_burn_in=1, epochs=2), tmp_path / "run", log=logs.append,
             cache_dir=tmp_path / "c", progress=False).run()
     built = [l for l in logs if "building self-attention masks" in l]
     assert len(built) == 1 and "of epoch 1" in built[0]  # from the weights after one epoch, not the random init

@@ -4,7 +4,7 @@ Every dataset yields ``(image, label, index)`` (see :class:`IndexedDataset`); bu
 with :func:`build_dataset`.
 """
 
-from dhat_seg.data.base import IndexedDataset, TensorImageDataset, carve_validation, derive_seed
+from dhat_seg.data.base import IndexedDataset, TensorImageDataset, carve_validation, channel_stats, derive_seed
 from dhat_seg.data.datasets import DEFAULT_DATA_ROOT, FolderDataset, SyntheticDataset
 from dhat_seg.data.registry import DATASETS, DatasetInfo, build_dataset, list_datasets, split_args, split_for
 from dhat_seg.data.synthetic import BACKGROUNDS, SHAPES, SyntheticArrays, generate_synthetic
@@ -24,6 +24,7 @@ __all__ = [
     "TensorImageDataset",
     "build_dataset",
     "carve_validation",
+    "channel_stats",
     "derive_seed",
     "generate_synthetic",
     "list_datasets",

@@ -231,3 +231,9 @@ class TensorImageDataset(IndexedDataset):
 def images_from_hwc(array: np.ndarray) -> Tensor:
     """uint8 N x H x W x 3 numpy array -> contiguous uint8 N x 3 x H x W tensor."""
     return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).contiguous()
+
+
+def channel_stats(dataset, n: int = 2000) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of up to ``n`` images (the model normalises inside)."""
+    x = torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))])
+    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()

@@ -11,7 +11,7 @@ import typer
 
 def register(root: typer.Typer) -> None:
     """Adds the ``ablate`` command to the root app."""
-    from dhat_seg.cli import parse_key_values, parse_overrides, user_errors
+    from dhat_seg.cli.common import log, parse_key_values, parse_overrides, show_progress, user_errors
     from dhat_seg.evaluation_report import parse_count
 
     @root.command()
@@ -87,7 +87,8 @@ def register(root: typer.Typer) -> None:
         given.update({k: v for k, v in eval_kwargs.items() if k in ("n_examples", "aa_examples", "gap_examples", "sanity_examples")
                       and v != p.eval.get(k)})
         result = ab.run_ablation(rows, base, eval_options, out, seeds=seed_list, cache_dir=cache_dir, checkpoints=checkpoints,
-                                 attention_options=options, unavailable=unavailable, preset=p, overrides=given)
+                                 attention_options=options, unavailable=unavailable, preset=p, overrides=given,
+                                 log=log, progress=show_progress())
         typer.echo(result["table_markdown"])
         if p.show_paper:
             typer.echo("\n(parentheses: the paper's Table 10)\n\nPaper Table 10 (WRN-28-10, CIFAR-10):")

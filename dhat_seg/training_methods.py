@@ -39,7 +39,7 @@ def max_abs(logits: Tensor) -> Tensor:
     return logits.detach().abs().max().float()
 
 
-class Method:
+class TrainingMethod:
     """Base class. ``cfg`` is the run's :class:`dhat_seg.config.TrainConfig`."""
 
     needs_attention = False
@@ -66,7 +66,7 @@ class Method:
         return self.loss(model, x, y, None)
 
 
-class Standard(Method):
+class Standard(TrainingMethod):
     """Clean training: CE(f(x), y)."""
 
     def loss(self, model, x, y, foreground=None):
@@ -75,7 +75,7 @@ class Standard(Method):
         return loss, {"ce": loss.detach(), "max_logit_clean": max_abs(z)}
 
 
-class MadryAT(Method):
+class MadryAT(TrainingMethod):
     """PGD adversarial training (Madry et al. 2018): CE(f(PGD(x)), y)."""
 
     def loss(self, model, x, y, foreground=None):
@@ -84,7 +84,7 @@ class MadryAT(Method):
         return loss, {"ce_adv": loss.detach(), "max_logit_adv": max_abs(z_adv)}
 
 
-class UIAT(Method):
+class UIAT(TrainingMethod):
     """UIAT without momentum, the "-" row of DHAT Table 10: CE(z_adv, y) + lambda1 KL(p_adv || p_inv)."""
 
     def inverse(self, model, x, y, x_adv) -> tuple[Tensor, Tensor]:
@@ -136,24 +136,24 @@ class DHAT(UIAT):
 
 
 @dataclass(frozen=True)
-class MethodEntry:
+class TrainingMethodEntry:
     name: str
     description: str
-    cls: Callable[[Any], Method]
+    cls: Callable[[Any], TrainingMethod]
 
 
-METHODS: dict[str, MethodEntry] = {
+TRAINING_METHODS: dict[str, TrainingMethodEntry] = {
     e.name: e
     for e in (
-        MethodEntry("standard", "clean training (also trains the Grad-CAM attention model)", Standard),
-        MethodEntry("at", "PGD adversarial training (Madry et al. 2018)", MadryAT),
-        MethodEntry("uiat", "UIAT: AT + inverse adversarial alignment; the '-' row of Table 10", UIAT),
-        MethodEntry("dhat", "DHAT: AT + DHLR + FLOE with attention-based background extraction", DHAT),
+        TrainingMethodEntry("standard", "clean training (also trains the Grad-CAM attention model)", Standard),
+        TrainingMethodEntry("at", "PGD adversarial training (Madry et al. 2018)", MadryAT),
+        TrainingMethodEntry("uiat", "UIAT: AT + inverse adversarial alignment; the '-' row of Table 10", UIAT),
+        TrainingMethodEntry("dhat", "DHAT: AT + DHLR + FLOE with attention-based background extraction", DHAT),
     )
 }
 
 
-def create_method(cfg: Any) -> Method:
-    if cfg.method not in METHODS:
-        raise UserError(f"method {cfg.method!r} is unknown; expected one of {', '.join(METHODS)}")
-    return METHODS[cfg.method].cls(cfg)
+def create_training_method(cfg: Any) -> TrainingMethod:
+    if cfg.method not in TRAINING_METHODS:
+        raise UserError(f"training method {cfg.method!r} is unknown; expected one of {', '.join(TRAINING_METHODS)}")
+    return TRAINING_METHODS[cfg.method].cls(cfg)

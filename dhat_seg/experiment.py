@@ -1,0 +1,167 @@
+"""The orchestration layer: resolve a config into the objects a run trains on, then fit.
+
+Data flows one way::
+
+    TrainConfig --build_parts--> RunParts (datasets, model, training method,
+        |                                  attention function or mask cache, callbacks)
+        |                                         |
+        +--> Trainer(cfg, out, parts).fit()  <----+   (fits, validates, checkpoints, resumes)
+
+Attention provisioning lives here and only here: the frozen attention model (a
+normally trained classifier, itself trained through this module as a plain run and
+cached), the mask cache built from it, the online attention function, and the
+self-attention refresh callback. Lower layers (trainer, cache, attention_model) never
+call back up.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from dhat_seg.attention_model import (
+    attention_model_config,
+    attention_model_dir,
+    build_attention,
+    cache_root,
+    find_attention_model,
+    resolve_attention_method,
+)
+from dhat_seg.cache import provision
+from dhat_seg.cache.key import REBUILD_HINT
+from dhat_seg.checkpoint import resolve_weights
+from dhat_seg.config import TrainConfig
+from dhat_seg.data import channel_stats, split_for
+from dhat_seg.errors import UserError
+from dhat_seg.models import CIFAR_MEAN, CIFAR_STD, create_model, module_mode
+from dhat_seg.runtime import resolve_amp_dtype, seed_everything, select_device
+from dhat_seg.trainer import RunParts, Trainer
+from dhat_seg.training_methods import create_training_method
+
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------
+# The frozen attention model and its masks
+# ---------------------------------------------------------------------------------
+
+
+def ensure_attention_model(cfg: TrainConfig, train_fingerprint: str, root: Path, log: Log = _stderr,
+                           progress: bool = True) -> Path:
+    """The attention model's weights: ``cfg.attention_model``, or the cached one, or one
+    trained now as a plain run (said in the output) and cached for later runs."""
+    found = find_attention_model(cfg, train_fingerprint, root)
+    if found is not None:
+        if not cfg.attention_model:
+            log(f"attention model: reusing normally trained {cfg.attention_model_arch} from {found.parent.parent.parent}"
+                if found.parent.name.startswith("epoch_") else f"attention model: reusing {found}")
+        return found
+    run_dir = attention_model_dir(cfg, train_fingerprint, root)
+    log(f"attention model: none given (--attention-model), so training a {cfg.attention_model_arch} normally for "
+        f"{cfg.attention_model_epochs} epochs first, as the paper does; it is saved in {run_dir} and reused by later runs")
+    Experiment(attention_model_config(cfg), run_dir, log=log, cache_dir=root, progress=progress).run(resume=run_dir.exists())
+    return resolve_weights(run_dir)
+
+
+def classifier_path(cfg: TrainConfig, train_fingerprint: str, root: Path, log: Log = _stderr, *, train: bool = True,
+                    progress: bool = True) -> Path | None:
+    """The frozen classifier that ``cfg``'s attention method reads: None when it reads
+    none, or (``train`` False) when it does not exist yet."""
+    spec, options = resolve_attention_method(cfg)
+    if not spec.needs_classifier(options):
+        return None
+    if train:
+        return ensure_attention_model(cfg, train_fingerprint, root, log, progress)
+    return find_attention_model(cfg, train_fingerprint, root)
+
+
+def frozen_masks(cfg: TrainConfig, dataset, *, device, root: Path, log: Log = _stderr, train_fingerprint: str | None = None,
+                 rebuild: bool = False, progress: bool = True, batch_size: int | None = None, hint: str = REBUILD_HINT,
+                 **kwargs: Any):
+    """The frozen-attention mask cache of ``dataset`` (reused, resumed or built), with its
+    attention model provisioned first. ``train_fingerprint``: the training split's
+    fingerprint, which keys the attention model (default: ``dataset``'s own)."""
+    root = Path(root)
+    path = classifier_path(cfg, train_fingerprint or dataset.fingerprint(), root, log, progress=progress)
+    return provision.ensure_mask_cache(cfg, dataset, classifier_path=path, device=device, root=root, log=log,
+                                       rebuild=rebuild, progress=progress, batch_size=batch_size, hint=hint, **kwargs)
+
+
+def _in_eval_mode(attention, model):
+    """``attention`` called with ``model`` (the model being trained) in eval mode."""
+
+    def fn(images, labels):
+        with module_mode(model, training=False):
+            return attention(images, labels)
+
+    return fn
+
+
+# ---------------------------------------------------------------------------------
+# A run
+# ---------------------------------------------------------------------------------
+
+
+def build_parts(cfg: TrainConfig, out: Path, *, device, root: Path, log: Log = _stderr, progress: bool = True,
+                rebuild_masks: bool = False) -> RunParts:
+    """Resolve ``cfg`` into the datasets, model, training method and attention of a run."""
+    from dhat_seg.callbacks import SelfAttentionMasks
+
+    c = cfg
+    seed_everything(c.seed)
+    train_ds, val_ds, test_ds = split_for(c, "train", augment=c.augment), split_for(c, "val"), split_for(c, "test")
+    mean, std = (CIFAR_MEAN, CIFAR_STD) if c.data.startswith("cifar") else channel_stats(train_ds)
+    model = create_model(c.model, train_ds.num_classes, mean, std).to(device)
+    method = create_training_method(c)
+    parts = RunParts(train_ds, val_ds, test_ds, model, method)
+    if not method.needs_attention:
+        return parts
+    if c.attention_source == "self":
+        spec, options = resolve_attention_method(c)
+        if not spec.needs_classifier(options):
+            raise UserError(f"attention_source='self' needs an attention method that reads a classifier (gradcam, ig, "
+                            f"sam with prompt=peak); {c.attention!r} does not: use attention_source='frozen'")
+        if c.mask_source == "online":
+            parts.attention = _in_eval_mode(build_attention(c, num_classes=train_ds.num_classes, device=device,
+                                                            classifier=model), model)
+        else:
+            parts.callbacks.append(SelfAttentionMasks(c, out, device=device, log=log, progress=progress))
+        return parts
+    if c.mask_refresh_every:
+        log("mask_refresh_every is ignored with attention_source='frozen': the frozen model's masks never change")
+    if c.mask_source == "online":
+        path = classifier_path(c, train_ds.fingerprint(), root, log, progress=progress)
+        parts.attention = build_attention(c, num_classes=train_ds.num_classes, device=device, classifier_path=path)
+    else:
+        parts.masks = frozen_masks(c, train_ds, device=device, root=root, log=log, rebuild=rebuild_masks, progress=progress)
+    return parts
+
+
+class Experiment:
+    """One training run from a config: ``Experiment(cfg, out).run(resume=False)`` builds
+    its parts (:func:`build_parts`) and fits them with a :class:`Trainer`; returns the
+    summary (also in ``out/summary.json``).
+
+    ``on_epoch``: called with each epoch's metrics record (default: a JSON line on stdout)."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: str | Path, *, log: Log | None = None, cache_dir: str | Path | None = None,
+                 progress: bool = True, rebuild_masks: bool = False, on_epoch: Callable[[dict], None] | None = None):
+        self.cfg = cfg.validate()
+        self.out = Path(out_dir)
+        self.log = log or _stderr
+        self.cache_root = cache_root(cache_dir)
+        self.progress, self.rebuild_masks, self.on_epoch = progress, rebuild_masks, on_epoch
+        resolve_amp_dtype(self.cfg, select_device(self.cfg.device))  # refuse an impossible precision before any work
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        device = select_device(self.cfg.device)
+        Trainer.prepare_out_dir(self.cfg, self.out, resume)
+        parts = build_parts(self.cfg, self.out, device=device, root=self.cache_root, log=self.log, progress=self.progress,
+                            rebuild_masks=self.rebuild_masks)
+        trainer = Trainer(self.cfg, self.out, parts, log=self.log, progress=self.progress, on_epoch=self.on_epoch)
+        return trainer.fit(resume=resume)
