@@ -168,3 +168,41 @@ def inverse_loss(logits: Tensor, y: Tensor, p_nat: Tensor, p_adv: Tensor) -> Ten
     kl_nat = F.kl_div(log_p, p_nat, reduction="batchmean")
     kl_adv = F.kl_div(log_p, p_adv, reduction="batchmean")
     return F.cross_entropy(logits, y) + kl_nat - kl_adv
+
+
+def trades_kl_attack(
+    model: nn.Module,
+    x: Tensor,
+    eps: float,
+    alpha: float,
+    steps: int,
+    *,
+    noise: float = 0.001,
+    mode: str | None = None,
+    precision: str = "fp32",
+) -> Tensor:
+    """TRADES' inner maximisation (Zhang et al., ICML 2019; official code: yaodongyu/TRADES, trades.py).
+
+    Ascends KL(p_nat || softmax f(x')) over the L_inf ball of radius eps around x with
+    signed steps: x' <- Proj_{B(x, eps) ∩ [0,1]}(x' + alpha sign(grad KL)), starting from
+    x + noise * N(0, 1). p_nat = softmax f(x) is computed once, without gradients, before
+    the loop (the official code recomputes it every step; its value is the same). The
+    label is not used. dhat-seg projects the start into the ball and [0, 1] as well (the
+    official code clamps only after the first step). Runs in fp32 unless
+    ``precision="autocast"`` (see the module docstring).
+    """
+    if eps < 0 or alpha < 0 or steps < 0 or noise < 0:
+        raise UserError(f"TRADES attack settings eps={eps}, alpha={alpha}, steps={steps}, noise={noise} are invalid; "
+                        "expected non-negative values")
+    x = x.detach()
+    with model_mode(model, mode), attack_precision(x, precision):
+        with torch.no_grad():
+            p_nat = F.softmax(model(x).float(), dim=1)
+        x_adv = _project(x + noise * torch.randn_like(x), x, eps)
+        with torch.enable_grad():
+            for _ in range(steps):
+                x_adv.requires_grad_(True)
+                objective = F.kl_div(F.log_softmax(model(x_adv).float(), dim=1), p_nat, reduction="sum")
+                (grad,) = torch.autograd.grad(objective, x_adv)
+                x_adv = _project(x_adv.detach() + alpha * grad.sign(), x, eps)
+    return x_adv.detach()

@@ -72,6 +72,23 @@ class TrainConfig:
     dhlr_form: str = "code"
     floe_form: str = "paper"
     floe_p: float = 2.0
+    # the loss UIAT and DHAT add their terms to (ignored by the other methods): "at" =
+    # CE(f(x_adv), y) on PGD examples (the paper); "trades" or "mart" = that method's loss
+    # with its own x_adv, from which x_inv and x_B are made
+    base: str = "at"
+    # TRADES (method trades, or base trades): beta of KL(p_nat || p_adv); 6.0 = the
+    # authors' CIFAR-10 script (their trades_loss defaults to 1.0)
+    trades_beta: float = 6.0
+    # MART (method mart, or base mart): beta of the weighted KL; 6.0 = the authors'
+    # WRN-34-10 script (their ResNet-18 script uses 5.0)
+    mart_beta: float = 6.0
+    # adversarial weight perturbation (AWP, Wu et al. 2020) around any method's loss: the
+    # weights are perturbed by awp_gamma times each layer's norm for the loss and restored
+    # before the step; no AWP in the first awp_warmup epochs. TRADES-AWP: gamma 5e-3,
+    # warm-up 10; AT-AWP: gamma 1e-2, warm-up 0 (dhat_seg/awp.py)
+    awp: bool = False
+    awp_gamma: float = 5e-3
+    awp_warmup: int = 0
     # attacks used for training
     eps: float = 8.0
     step_size: float = 2.0
@@ -164,6 +181,11 @@ class TrainConfig:
             (0 <= self.attention_burn_in < self.epochs or self.attention_burn_in == 0, "attention_burn_in",
              f"a non-negative integer smaller than epochs ({self.epochs})"),
             (self.max_abs_logit >= 0, "max_abs_logit", "a non-negative number (0 = no logit limit)"),
+            (self.trades_beta >= 0, "trades_beta", "a non-negative number"),
+            (self.mart_beta >= 0, "mart_beta", "a non-negative number"),
+            (self.awp_gamma >= 0, "awp_gamma", "a non-negative number (relative size of the weight perturbation)"),
+            (0 <= self.awp_warmup < self.epochs or self.awp_warmup == 0, "awp_warmup",
+             f"a non-negative integer smaller than epochs ({self.epochs})"),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -233,14 +255,14 @@ def _choices(cfg: TrainConfig) -> dict[str, tuple]:
     from dhat_seg.attention import THRESHOLD_POLICIES
     from dhat_seg.data import DATASETS
     from dhat_seg.losses import DHLR_FORMS, FLOE_FORMS
-    from dhat_seg.training_methods import TRAINING_METHODS
+    from dhat_seg.training_methods import BASE_METHODS, TRAINING_METHODS
     from dhat_seg.models import MODELS
 
     choices = {
         "method": tuple(TRAINING_METHODS), "model": tuple(MODELS), "attention_model_arch": tuple(MODELS), "data": tuple(DATASETS),
         "dhlr_form": DHLR_FORMS, "floe_form": FLOE_FORMS, "threshold_policy": THRESHOLD_POLICIES,
         "attack_mode": ("train", "eval"), "attack_precision": PRECISIONS, "mask_source": ("cache", "online"),
-        "attention_source": ("frozen", "self"), "amp_dtype": AMP_DTYPES,
+        "attention_source": ("frozen", "self"), "amp_dtype": AMP_DTYPES, "base": tuple(BASE_METHODS),
     }
     if _needs_attention(cfg.method):
         from dhat_seg.plugin_manager import get_attention_spec

@@ -56,12 +56,11 @@ def ensure_attention_model(cfg: TrainConfig, train_fingerprint: str, root: Path,
     """The attention model's weights: ``cfg.attention_model``, or the cached one, or one
     trained now as a plain run (said in the output) and cached for later runs."""
     found = find_attention_model(cfg, train_fingerprint, root)
+    run_dir = attention_model_dir(cfg, train_fingerprint, root)
     if found is not None:
         if not cfg.attention_model:
-            log(f"attention model: reusing normally trained {cfg.attention_model_arch} from {found.parent.parent.parent}"
-                if found.parent.name.startswith("epoch_") else f"attention model: reusing {found}")
+            log(f"attention model: reusing normally trained {cfg.attention_model_arch} from {run_dir}")
         return found
-    run_dir = attention_model_dir(cfg, train_fingerprint, root)
     log(f"attention model: none given (--attention-model), so training a {cfg.attention_model_arch} normally for "
         f"{cfg.attention_model_epochs} epochs first, as the paper does; it is saved in {run_dir} and reused by later runs")
     Experiment(attention_model_config(cfg), run_dir, log=log, cache_dir=root, progress=progress).run(resume=run_dir.exists())

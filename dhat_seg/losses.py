@@ -1,7 +1,8 @@
-"""DHAT and UIAT losses as pure functions of logits (REFERENCE section 1, steps 5-8).
+"""DHAT and UIAT losses (REFERENCE section 1, steps 5-8) and the TRADES and MART terms,
+as pure functions of logits.
 
-Notation: z_adv = f(x_adv), z_inv = f(x_inv), z_B = f(x_B) with x_B the inverse
-adversarial example with its foreground blacked out, z_star = z_inv - z_B.
+Notation: z_nat = f(x), z_adv = f(x_adv), z_inv = f(x_inv), z_B = f(x_B) with x_B the
+inverse adversarial example with its foreground blacked out, z_star = z_inv - z_B.
 """
 
 from __future__ import annotations
@@ -72,6 +73,40 @@ def floe_loss(z_inv: Tensor, z_background: Tensor, form: str = "paper", p: float
 def uiat_regulariser(z_adv: Tensor, z_inv: Tensor) -> Tensor:
     """UIAT's alignment term KL(softmax(z_adv) || softmax(z_inv)) (Table 10 "-" row)."""
     return kl_div(z_adv, z_inv)
+
+
+def trades_regulariser(z_nat: Tensor, z_adv: Tensor) -> Tensor:
+    """TRADES' robust term KL(p_nat || p_adv), summed over classes, mean over the batch.
+
+    The official code (yaodongyu/TRADES, trades.py) computes
+    ``KLDivLoss(size_average=False)(log_softmax(z_adv), softmax(z_nat)) / batch_size``;
+    the same quantity. Nothing is detached: the gradient reaches both forwards.
+    """
+    return kl_div(z_nat, z_adv)
+
+
+def mart_terms(z_nat: Tensor, z_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """MART's two terms (Wang et al., ICLR 2020; official code: YisenWang/MART, mart.py).
+
+    With p_adv = softmax(z_adv), p_nat = softmax(z_nat) and B the batch size:
+
+    * boosted CE: CE(z_adv, y) + NLL(log(1.0001 - p_adv + 1e-12), y'), where y' is the
+      most probable wrong class under p_adv (the runner-up when the top class is y);
+    * robust term: (1/B) sum_b KL(p_nat,b || p_adv,b) (1.0000001 - p_nat,b[y_b]), the KL
+      taken against log(p_adv + 1e-12). The weight is not detached (as in the official code).
+
+    Returns (boosted CE, robust term); the loss is ``bce + beta * robust``. Computed in fp32.
+    """
+    z_nat, z_adv = z_nat.float(), z_adv.float()
+    adv_probs = F.softmax(z_adv, dim=1)
+    top2 = torch.argsort(adv_probs, dim=1)[:, -2:]
+    wrong = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
+    bce = F.cross_entropy(z_adv, y) + F.nll_loss(torch.log(1.0001 - adv_probs + 1e-12), wrong)
+    nat_probs = F.softmax(z_nat, dim=1)
+    true_probs = nat_probs.gather(1, y[:, None]).squeeze(1)
+    kl = F.kl_div(torch.log(adv_probs + 1e-12), nat_probs, reduction="none").sum(dim=1)
+    robust = (kl * (1.0000001 - true_probs)).sum() / z_adv.shape[0]
+    return bce, robust
 
 
 def background_only(x: Tensor, foreground: Tensor) -> Tensor:

@@ -6,7 +6,8 @@ training method, attention function or mask cache) from the orchestration layer
 own state, such as rebuilding self-attention masks, is a :class:`Callback`.
 
 Per batch: (image, label, index[, cached mask]) -> foreground mask of the clean image
--> the training method's loss -> one host sync for all statistics -> step. With
+-> the training method's loss (with ``awp``: at perturbed weights, restored after the
+backward pass) -> one host sync for all statistics -> step. With
 ``mask_source: cache`` each sample's mask travels with its image through the same
 random crop and flip; with ``mask_source: online`` the attention function runs on
 every augmented batch.
@@ -199,6 +200,7 @@ class Trainer:
                             num_workers=c.num_workers, generator=generator, pin_memory=self.device.type == "cuda")
         model.train()
         warmup = method.needs_attention and epoch < c.attention_burn_in
+        autocast = lambda: torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
         totals: dict[str, float] = {}
         n_batches = 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{c.epochs} [{c.method}]", leave=False, disable=not self.progress or None,
@@ -213,15 +215,18 @@ class Trainer:
                                                          c.omega, c.quantile)
             elif attention is not None:
                 foreground = foreground_mask(attention(x, y), c.threshold_policy, c.omega, c.quantile)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                loss, stats = method.warmup_loss(model, x, y) if warmup else method.loss(model, x, y, foreground)
-            stats["loss"] = loss.detach().float()
-            # one host sync per batch: every statistic in one transfer, checked before the step
-            names = list(stats)
-            values = dict(zip(names, torch.stack([stats[k].float() for k in names]).tolist()))
-            self._check_divergence(values, epoch, n_batches)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            # AWP (awp: true): weights perturbed for the loss and backward, restored before the step
+            with method.weight_perturbation(model, x, y, foreground, epoch, warmup=warmup, autocast=autocast) as prepared:
+                with autocast():
+                    loss, stats = (method.warmup_loss(model, x, y, prepared) if warmup
+                                   else method.loss(model, x, y, foreground, prepared))
+                stats["loss"] = loss.detach().float()
+                # one host sync per batch: every statistic in one transfer, checked before the step
+                names = list(stats)
+                values = dict(zip(names, torch.stack([stats[k].float() for k in names]).tolist()))
+                self._check_divergence(values, epoch, n_batches)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             for k, v in values.items():

@@ -42,7 +42,10 @@ def register(root: typer.Typer) -> None:
     @root.command()
     @user_errors
     def train(
-        method: Optional[str] = typer.Option(None, help="standard | at | uiat | dhat"),
+        # every name of training_methods.TRAINING_METHODS (a test keeps them equal; written out so
+        # that --help does not import torch)
+        method: Optional[str] = typer.Option(None, help="standard | at | uiat | dhat | trades | mart; uiat and dhat add their "
+                                                        "terms to --set base=at|trades|mart; any method takes --set awp=true"),
         attention: Optional[str] = typer.Option(None, help="attention method (see `dhat-seg plugins`)"),
         attention_checkpoint: Optional[str] = typer.Option(None, help="weights file of the attention method (SAM, SOLO)"),
         attention_opt: Optional[List[str]] = typer.Option(None, help="attention option KEY=VALUE (repeatable)"),
@@ -97,10 +100,13 @@ def register(root: typer.Typer) -> None:
             typer.echo("settings that differ from the DHAT paper's (REFERENCE section 1):", err=True)
             for key, value, paper in differences:
                 typer.echo(f"  {key} = {value!r}  (paper: {paper!r})", err=True)
+        base_loss = cfg.base if cfg.method in ("uiat", "dhat") and cfg.base != "at" else None  # the paper's "at": not named
         if out is None:
-            label = cfg.method + (f"-{cfg.attention}" if cfg.method == "dhat" else "")
+            label = cfg.method + (f"-{base_loss}" if base_loss else "") + ("-awp" if cfg.awp else "") \
+                + (f"-{cfg.attention}" if cfg.method == "dhat" else "")
             out = Path("runs") / f"{label}-{cfg.data}-{time.strftime('%Y%m%d-%H%M%S')}"
-        typer.echo(f"dhat-seg train: method={cfg.method} attention={cfg.attention if cfg.method == 'dhat' else '-'} "
+        extra = (f" base={base_loss}" if base_loss else "") + (f" awp_gamma={cfg.awp_gamma:g}" if cfg.awp else "")
+        typer.echo(f"dhat-seg train: method={cfg.method}{extra} attention={cfg.attention if cfg.method == 'dhat' else '-'} "
                    f"data={cfg.data} model={cfg.model} epochs={cfg.epochs} seed={cfg.seed} -> {out}", err=True)
         on_epoch = (lambda record: typer.echo(json.dumps(record))) if json_lines else EpochPrinter(cfg)
         summary = Experiment(cfg, out, cache_dir=cache_dir, rebuild_masks=rebuild_masks, progress=show_progress(), log=log,
