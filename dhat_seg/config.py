@@ -205,9 +205,18 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def digest(self) -> str:
-        """Short hash of the settings that change results (for traceability)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        """Short hash of the settings that change results (for traceability, and to tell
+        whether a finished run can be reused). Keys added in a later version are left
+        out while they hold the value that reproduces the earlier behaviour
+        (``DIGEST_NEUTRAL``), so runs finished before they existed stay reusable."""
+        values = {k: v for k, v in self.to_dict().items() if k not in DIGEST_NEUTRAL or v != DIGEST_NEUTRAL[k]}
+        blob = json.dumps(values, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+
+#: Keys added after 0.1.0 + data_seed, at the value under which a run trains exactly as before they existed.
+DIGEST_NEUTRAL: dict[str, Any] = {"base": "at", "trades_beta": 6.0, "mart_beta": 6.0, "awp": False, "awp_gamma": 5e-3,
+                                  "awp_warmup": 0}
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

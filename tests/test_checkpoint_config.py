@@ -105,3 +105,16 @@ def test_every_model_builds_and_exposes_cam_layer(name):
 
 def test_config_digest_changes_with_settings():
     assert TrainConfig().digest() != TrainConfig(seed=1).digest()
+
+
+def test_digest_leaves_out_later_keys_only_at_their_neutral_value():
+    import hashlib
+    import json
+
+    from dhat_seg.config import DIGEST_NEUTRAL, TrainConfig
+
+    cfg = TrainConfig()
+    older = {k: v for k, v in cfg.to_dict().items() if k not in DIGEST_NEUTRAL}  # a config from before those keys
+    assert cfg.digest() == hashlib.sha256(json.dumps(older, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    for key, value in (("awp", True), ("base", "trades"), ("trades_beta", 1.0), ("awp_warmup", 3)):
+        assert TrainConfig(**{key: value}).digest() != cfg.digest(), key
