@@ -114,8 +114,12 @@ class Trainer:
             if diff:
                 k = diff[0]
                 raise UserError(f"cannot resume {str(out)!r}: option {k}={current[k]!r} differs from the run's {saved[k]!r}")
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, config_path)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, config_path)
+        except OSError as exc:
+            raise UserError(f"run directory {str(out)!r} cannot be written ({exc.strerror or exc}); expected a writable "
+                            "folder for --out") from None
 
     # ------------------------------------------------------------------ main
     def fit(self, resume: bool = False) -> dict[str, Any]:

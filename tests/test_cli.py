@@ -50,3 +50,12 @@ def test_eval_wrong_architecture_and_corrupt_checkpoints(tmp_path):
     assert_one_line_error(runner.invoke(app, ["eval", str(tmp_path / "corrupt.safetensors")]), "corrupt")
     assert_one_line_error(runner.invoke(app, ["eval", str(tmp_path / "nothing")]), "does not exist")
     assert_one_line_error(runner.invoke(app, ["eval", str(weights), "--attacks", "pgd7"]), "attack 'pgd7' is unknown")
+
+
+def test_resume_of_a_folder_without_a_run_and_an_unwritable_out(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(runner.invoke(app, ["train", "--resume", "--out", str(tmp_path / "empty")]),
+                          "holds no run to resume")
+    (tmp_path / "file").write_text("not a folder")
+    assert_one_line_error(runner.invoke(app, ["train", "--out", str(tmp_path / "file" / "run"), "--epochs", "1",
+                                              "--cache-dir", str(tmp_path / "c")]), "cannot be written")

@@ -92,6 +92,9 @@ def register(root: typer.Typer) -> None:
             raise UserError(f"--epochs {epochs} is invalid; expected a positive integer")
         if resume and out is None:
             raise UserError("--resume needs --out RUN_DIR (the run to continue)")
+        if resume and not (out / "config.yaml").is_file():
+            raise UserError(f"--resume: {str(out)!r} holds no run to resume (no config.yaml); expected the --out folder "
+                            "of an earlier `dhat-seg train`, or drop --resume to start a new run there")
         base = config_base(config, resume=resume, out=out,
                            has_settings=bool(set_ or attention_opt or any(v is not None for v in settings.values())))
         cfg = load_config(base, overrides)
