@@ -30,13 +30,21 @@ All of this holds per seed. The table is produced in every case.
 All DHAT rows whose method reads a classifier (Grad-CAM, IG, SAM prompted at
 CAM peaks) share one frozen, normally trained attention model, trained once into the cache.
 
-Modules: :mod:`~dhat_seg.ablate.rows` (presets, rows, seeds), :mod:`~dhat_seg.ablate.run`
-(training and evaluating the rows), :mod:`~dhat_seg.ablate.output` (tables and plot).
+The machinery is shared with ``dhat-seg compare`` (:mod:`dhat_seg.compare`, one row per
+training method): a :class:`~dhat_seg.ablate.study.Study` says what a study's rows are
+(parsing, label, run directory, config, readiness, paper numbers), and
+:func:`~dhat_seg.ablate.run.run_study` runs any study; :func:`run_ablation` is the
+attention study.
+
+Modules: :mod:`~dhat_seg.ablate.study` (the row specification), :mod:`~dhat_seg.ablate.rows`
+(presets, attention rows, seeds), :mod:`~dhat_seg.ablate.run` (training and evaluating the
+rows), :mod:`~dhat_seg.ablate.output` (tables and plot).
 """
 
 from dhat_seg.ablate.output import markdown_table, paper_table, plot, write_outputs
 from dhat_seg.ablate.rows import (
     ABLATE_PRESETS,
+    ATTENTION_STUDY,
     NEEDS_DOWNLOAD,
     NO_DOWNLOAD_HINT,
     PAPER_ORDER,
@@ -45,6 +53,7 @@ from dhat_seg.ablate.rows import (
     AblatePreset,
     Row,
     SeedRows,
+    attention_study,
     base_config,
     combined_status,
     mean_std,
@@ -56,11 +65,12 @@ from dhat_seg.ablate.rows import (
     run_dir_for,
     sanity_status,
 )
-from dhat_seg.ablate.run import metrics_from_report, run_ablation
+from dhat_seg.ablate.run import describe_config, metrics_from_report, run_ablation, run_study
+from dhat_seg.ablate.study import Study
 
 __all__ = [
-    "ABLATE_PRESETS", "NEEDS_DOWNLOAD", "NO_DOWNLOAD_HINT", "PAPER_ORDER", "ROW_ORDER", "UIAT", "AblatePreset", "Row",
-    "SeedRows", "base_config", "combined_status", "markdown_table", "mean_std", "metrics_from_report", "ordered_methods",
-    "paper_table", "parse_rows", "parse_seeds", "plot", "readiness", "row_config", "run_ablation", "run_dir_for",
-    "sanity_status", "write_outputs",
+    "ABLATE_PRESETS", "ATTENTION_STUDY", "NEEDS_DOWNLOAD", "NO_DOWNLOAD_HINT", "PAPER_ORDER", "ROW_ORDER", "UIAT",
+    "AblatePreset", "Row", "SeedRows", "Study", "attention_study", "base_config", "combined_status", "describe_config",
+    "markdown_table", "mean_std", "metrics_from_report", "ordered_methods", "paper_table", "parse_rows", "parse_seeds",
+    "plot", "readiness", "row_config", "run_ablation", "run_dir_for", "run_study", "sanity_status", "write_outputs",
 ]

@@ -1,4 +1,6 @@
-"""The ablation's outputs: markdown/csv/json tables and the plot.
+"""A study's outputs (the ablation's, the comparison's): markdown/csv/json tables and the plot.
+Everything row-specific comes from the rows' :class:`~dhat_seg.ablate.study.Study`
+(default: the attention ablation).
 """
 
 from __future__ import annotations
@@ -10,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from dhat_seg.ablate.rows import (COLUMNS, DISPLAY, EXTRA_COLUMNS, PAPER_TABLE10, AblatePreset, Row, SeedRows,
-                                  sanity_summary)
+from dhat_seg.ablate.rows import ATTENTION_STUDY, AblatePreset, Row, SeedRows, sanity_summary
+from dhat_seg.ablate.study import Study
 
 
 # ---------------------------------------------------------------------------------
@@ -32,15 +34,20 @@ def _fmt_std(mean: float, std: float) -> str:
     return f"{std:.4f}" if abs(mean) < 1 and mean != 0 else f"{std:.2f}"
 
 
-def _paper(name: str, key: str, with_paper: bool) -> str:
-    paper = PAPER_TABLE10.get(name, {}).get(key) if with_paper else None
+def _paper(row, key: str, with_paper: bool) -> str:
+    paper = row.spec.paper.get(row.name, {}).get(key) if with_paper else None
     return f" ({paper:.2f})" if paper is not None else ""
+
+
+def _study(rows: list, study: Study | None) -> Study:
+    """The given study, else the rows' (the ablation's without rows)."""
+    return study or (rows[0].spec if rows else ATTENTION_STUDY)
 
 
 def _cell(row: Row, key: str, with_paper: bool) -> str:
     if not row.has_results:
         return "-"
-    return _fmt(row.metrics.get(key)) + _paper(row.name, key, with_paper)
+    return _fmt(row.metrics.get(key)) + _paper(row, key, with_paper)
 
 
 def _stat_cell(entry: "SeedRows", key: str, with_paper: bool) -> str:
@@ -53,7 +60,7 @@ def _stat_cell(entry: "SeedRows", key: str, with_paper: bool) -> str:
     text = _fmt(mean) + ("" if std is None else f" ± {_fmt_std(mean, std)}")
     if n != len(entry.done):
         text += f" (n={n})"
-    return text + _paper(entry.name, key, with_paper)
+    return text + _paper(entry, key, with_paper)
 
 
 def _single(rows: list) -> list[Row] | None:
@@ -65,27 +72,31 @@ def _single(rows: list) -> list[Row] | None:
     return None
 
 
-def markdown_table(rows: list, with_paper: bool = False) -> str:
+def markdown_table(rows: list, with_paper: bool = False, study: Study | None = None) -> str:
     """The table in Markdown; with ``with_paper``, paper values in parentheses. Several
     seeds: "mean ± std" cells and a column n (seeds with results)."""
+    study = _study(rows, study)
     single = _single(rows)
     multi = single is None
-    cols = [("row", "attention")] + list(COLUMNS) + ([("n", "n")] if multi else []) + [("status", "status")]
+    columns = list(study.columns)
+    cols = [("row", study.row_header)] + columns + ([("n", "n")] if multi else []) + [("status", "status")]
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in (rows if multi else single):
         if multi:
-            cells = [r.label] + [_stat_cell(r, k, with_paper) for k, _ in COLUMNS] + [str(len(r.done)), r.status]
+            cells = [r.label] + [_stat_cell(r, k, with_paper) for k, _ in columns] + [str(len(r.done)), r.status]
         else:
-            cells = [r.label] + [_cell(r, k, with_paper) for k, _ in COLUMNS] + [r.status]
+            cells = [r.label] + [_cell(r, k, with_paper) for k, _ in columns] + [r.status]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)
 
 
-def paper_table() -> str:
-    cols = [k for k, _ in COLUMNS if k in PAPER_TABLE10["-"]]
-    lines = ["| attention | " + " | ".join(h for k, h in COLUMNS if k in cols) + " |", "|---|" + "|".join("---" for _ in cols) + "|"]
-    for name, values in PAPER_TABLE10.items():
-        lines.append(f"| {DISPLAY[name]} | " + " | ".join(f"{values[k]:.2f}" for k in cols) + " |")
+def paper_table(study: Study | None = None) -> str:
+    """The paper's numbers of a study (default: Table 10) as a Markdown table."""
+    study = study or ATTENTION_STUDY
+    cols = [(k, h) for k, h in study.columns if any(k in values for values in study.paper.values())]
+    lines = [f"| {study.row_header} | " + " | ".join(h for _, h in cols) + " |", "|---|" + "|".join("---" for _ in cols) + "|"]
+    for name, values in study.paper.items():
+        lines.append(f"| {study.paper_label(name)} | " + " | ".join(_fmt(values.get(k)) for k, _ in cols) + " |")
     return "\n".join(lines)
 
 
@@ -128,24 +139,25 @@ def _iou_panel(ax, done: list, colours: dict[str, str], key: str, header: str, u
                 ha="center", va="center", fontsize=8, transform=ax.transAxes)
 
 
-def plot(rows: list, path: Path):
+def plot(rows: list, path: Path, study: Study | None = None):
     """Top: grouped bars, one group per metric, one bar per row with results (IoU x 100),
     error bars = std over seeds (several seeds). Suspect rows (a failed sanity check) are
-    hatched, edged in red and named so in the legend. Bottom: attention IoU (x) against
-    BG-gap and against AA (y; PGD-10 when AA was not measured), one point per attention
-    method, error bars = std over seeds; UIAT, without attention, as a horizontal line.
-    Accepts :class:`Row` or :class:`SeedRows`. Returns the figure (axes: bars, IoU vs
-    BG-gap, IoU vs AA)."""
+    hatched, edged in red and named so in the legend. Bottom (a study with
+    ``iou_panels``, the ablation): attention IoU (x) against BG-gap and against AA (y;
+    PGD-10 when AA was not measured), one point per attention method, error bars = std
+    over seeds; UIAT, without attention, as a horizontal line. Accepts :class:`Row` or
+    :class:`SeedRows`. Returns the figure (axes: bars[, IoU vs BG-gap, IoU vs AA])."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg: no display needed
     from matplotlib.figure import Figure
 
+    study = _study(rows, study)
     done = [r for r in rows if r.has_results]
     colours = {r.name: f"C{i % 10}" for i, r in enumerate(done)}
     seeds = max((len(getattr(r, "done", [r])) for r in done), default=1)
-    metrics = [(k, h) for k, h in COLUMNS if any(r.stat(k)[0] is not None for r in done)]
-    fig = Figure(figsize=(max(9.0, 1.4 * len(metrics) + 2), 8.4))
+    metrics = [(k, h) for k, h in study.columns if any(r.stat(k)[0] is not None for r in done)]
+    fig = Figure(figsize=(max(9.0, 1.4 * len(metrics) + 2), 8.4 if study.iou_panels else 4.8))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(2, 1, 1)
+    ax = fig.add_subplot(2, 1, 1) if study.iou_panels else fig.add_subplot(1, 1, 1)
     width = 0.8 / max(len(done), 1)
     for i, r in enumerate(done):
         scale = {k: 100 if k == "iou" else 1 for k, _ in metrics}
@@ -160,13 +172,14 @@ def plot(rows: list, path: Path):
     ax.set_xticklabels([h + (" x100" if k == "iou" else "") for k, h in metrics])
     ax.set_ylabel("percent / points")
     ax.axhline(0, color="black", linewidth=0.6)
-    title = "dhat-seg ablate: attention methods" if done else "dhat-seg ablate: no finished rows yet"
+    title = f"dhat-seg {study.command}: " + (study.title if done else "no finished rows yet")
     ax.set_title(title + (f" (mean ± std over up to {seeds} seeds)" if seeds > 1 else ""))
     if done:
         ax.legend(fontsize=8)
-    _iou_panel(fig.add_subplot(2, 2, 3), done, colours, "bg_gap", "BG-gap", "points")
-    robust = "aa" if any(r.stat("aa")[0] is not None for r in done) or not done else "pgd10"
-    _iou_panel(fig.add_subplot(2, 2, 4), done, colours, robust, "AA" if robust == "aa" else "PGD-10", "%")
+    if study.iou_panels:
+        _iou_panel(fig.add_subplot(2, 2, 3), done, colours, "bg_gap", "BG-gap", "points")
+        robust = "aa" if any(r.stat("aa")[0] is not None for r in done) or not done else "pgd10"
+        _iou_panel(fig.add_subplot(2, 2, 4), done, colours, robust, "AA" if robust == "aa" else "PGD-10", "%")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return fig
@@ -176,29 +189,36 @@ def plot(rows: list, path: Path):
 MORE_KEYS = ("worst_case", "robust_gap_train", "n_test", "n_aa", "n_gap_train")
 
 
-def write_outputs(out: Path, rows: list, meta: Mapping[str, Any], preset: AblatePreset | None) -> dict[str, Any]:
-    """ablation.md / .csv / .json / .png from the rows as they are now (:class:`Row`, or
-    :class:`SeedRows` of one or more seeds)."""
-    with_paper = bool(preset and preset.show_paper)
+def _csv(value: Any) -> Any:
+    return "" if value is None else str(value).lower() if isinstance(value, bool) else value
+
+
+def write_outputs(out: Path, rows: list, meta: Mapping[str, Any], preset: AblatePreset | None,
+                  study: Study | None = None) -> dict[str, Any]:
+    """<stem>.md / .csv / .json / .png (ablation.* for the ablation) from the rows as they
+    are now (:class:`Row`, or :class:`SeedRows` of one or more seeds)."""
+    study = _study(rows, study)
+    with_paper = bool(preset and preset.show_paper and study.paper)
     single = _single(rows)
-    keys = [k for k, _ in COLUMNS] + [k for k, _ in EXTRA_COLUMNS] + list(MORE_KEYS)
+    keys = [k for k, _ in study.columns] + [k for k, _ in study.extra_columns] + list(MORE_KEYS)
+    described = list(study.describe_keys)
     json_rows = [r.to_dict() for r in single] if single is not None else [r.to_dict(keys) for r in rows]
-    data = {**meta, "rows": json_rows, "table_markdown": markdown_table(rows, with_paper=with_paper)}
-    if preset is not None and preset.show_paper:
-        data["paper_table10"] = PAPER_TABLE10
-    (out / "ablation.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    data = {**meta, "rows": json_rows, "table_markdown": markdown_table(rows, with_paper=with_paper, study=study)}
+    if with_paper:
+        data[study.paper_key] = {name: dict(values) for name, values in study.paper.items()}
+    (out / f"{study.stem}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
 
     buf = io.StringIO()
     writer = csv.writer(buf)
     if single is not None:
-        writer.writerow(["row", "attention", "method", "status"] + keys + ["sanity", "sanity_n", "run_dir", "seconds"])
+        writer.writerow(["row"] + described + ["status"] + keys + ["sanity", "sanity_n", "run_dir", "seconds"])
         for r in single:
             d = r.to_dict()
-            writer.writerow([d["row"], d["attention"] or "", d["method"], d["status"]] + ["" if d.get(k) is None else d[k] for k in keys]
+            writer.writerow([d["row"]] + [_csv(d[k]) for k in described] + [d["status"]] + [_csv(d.get(k)) for k in keys]
                             + [sanity_summary(r.sanity), r.sanity["n"] if r.sanity else "",
-                               d["run_dir"] or "", "" if r.seconds is None else r.seconds])
+                               d["run_dir"] or "", _csv(r.seconds)])
     else:
-        writer.writerow(["row", "attention", "method", "status", "n_seeds"]
+        writer.writerow(["row"] + described + ["status", "n_seeds"]
                         + [f"{k}_{part}" for k in keys for part in ("mean", "std", "n")]
                         + ["seeds", "sanity", "run_dirs", "seconds"])
         for r in rows:
@@ -206,31 +226,37 @@ def write_outputs(out: Path, rows: list, meta: Mapping[str, Any], preset: Ablate
             cells = []
             for k in keys:
                 mean, std, n = r.stat(k)
-                cells += ["" if mean is None else mean, "" if std is None else std, n]
-            writer.writerow([d["row"], d["attention"] or "", d["method"], d["status"], d["n_seeds"]] + cells
+                cells += [_csv(mean), _csv(std), n]
+            writer.writerow([d["row"]] + [_csv(d[k]) for k in described] + [d["status"], d["n_seeds"]] + cells
                             + [" ".join(map(str, r.seeds)), r.sanity_summary(),
-                               " ".join(x.run_dir or "" for x in r.runs.values()), "" if r.seconds is None else r.seconds])
-    (out / "ablation.csv").write_text(buf.getvalue())
+                               " ".join(x.run_dir or "" for x in r.runs.values()), _csv(r.seconds)])
+    (out / f"{study.stem}.csv").write_text(buf.getvalue())
 
     settings = meta.get("eval_settings", {})
-    md = ["# dhat-seg ablate: attention methods (DHAT Table 10)", ""]
+    columns = {k for k, _ in study.columns}
+    md = [f"# dhat-seg {study.command}: {study.title}" + (f" ({study.reference})" if study.reference else ""), ""]
     if meta.get("preset"):
         md += [f"Preset `{meta['preset']}`: {meta.get('preset_description')}.", ""]
     if meta.get("overrides"):
         md += ["Overridden on the command line: " + ", ".join(f"`{k}={v}`" for k, v in meta["overrides"].items()) + ".", ""]
     md += [data["table_markdown"], ""]
+    trained = [f"{r.label}: {r.trains}" for r in rows if r.trains]
+    if trained:
+        md += ["Rows as trained: " + "; ".join(trained) + ".", ""]
     if single is None:
         seeds = rows[0].seeds if rows else meta.get("seeds", [])
         md += [f"Every row ran once per seed ({', '.join(map(str, seeds))}; seed `s` in `{out}/seed-<s>/<row>/`). "
                "Cells: mean ± sample standard deviation (ddof=1) over the seeds with results; n: their number "
                "(a cell's own n in parentheses when smaller). Suspect seeds are included and the row marked. The seed "
                "also seeds the data (synthetic generation, validation carve-out), so the spread includes the data's. "
-               "Every seed's values: ablation.json, `per_seed`.", ""]
+               f"Every seed's values: {study.stem}.json, `per_seed`.", ""]
     md += ["Clean, PGD-10, C&W (PGD-20 on the C&W margin loss), AA (AutoAttack standard): test accuracy in %, eps 8/255. "
            f"Robust Gap: {settings.get('gap_attack', 'pgd10')} accuracy on training samples minus on test samples "
            "(points; smaller is better). "
-           "BG-gap: clean accuracy on `test` (training-like backgrounds) minus `test-mixed-rand` (random backgrounds), points. "
-           "IoU: attention foreground vs ground-truth masks (mean over test images). n/a = not measurable here.",
+           + ("BG-gap: clean accuracy on `test` (training-like backgrounds) minus `test-mixed-rand` (random backgrounds), "
+              "points. " if "bg_gap" in columns else "")
+           + ("IoU: attention foreground vs ground-truth masks (mean over test images). " if "iou" in columns else "")
+           + "n/a = not measurable here.",
            f"Evaluation: {settings.get('n_examples') or 'all'} test examples, AutoAttack on {settings.get('aa_examples') or 'all'}, "
            f"Robust Gap on {settings.get('gap_examples') or 'as many'} training samples. Total time {meta.get('seconds')} s.",
            f"Every row ran the gradient-masking sanity checks of `dhat-seg eval --sanity` on the first "
@@ -239,13 +265,11 @@ def write_outputs(out: Path, rows: list, meta: Mapping[str, Any], preset: Ablate
            "falls as eps grows, unbounded attack succeeds, white-box beats transfer, random sampling finds nothing PGD "
            "misses). A row marked `suspect` failed one: its robust accuracies may come from masked gradients, not "
            "robustness (details in the row's eval.json, `sanity`)."]
-    if preset is not None and preset.show_paper:
-        md += ["", "Values in parentheses: the paper's Table 10 (WRN-28-10, CIFAR-10).", "", "## Paper Table 10", "", paper_table()]
-    (out / "ablation.md").write_text("\n".join(md) + "\n")
+    if with_paper:
+        md += ["", f"Values in parentheses: {study.paper_caption}.", "", f"## {study.paper_heading}", "", paper_table(study)]
+    (out / f"{study.stem}.md").write_text("\n".join(md) + "\n")
     try:
-        plot(single if single is not None else rows, out / "ablation.png")
+        plot(single if single is not None else rows, out / f"{study.stem}.png", study)
     except Exception as exc:  # a plotting problem must not lose the table
-        print(f"warning: could not draw {out / 'ablation.png'}: {exc}", file=sys.stderr)
+        print(f"warning: could not draw {out / (study.stem + '.png')}: {exc}", file=sys.stderr)
     return data
-
-

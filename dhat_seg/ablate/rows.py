@@ -123,6 +123,7 @@ class Row(_Named):
     sanity: dict[str, Any] | None = None  # eval.json's "sanity": n, surrogate, passed, checks
     seed: int | None = None
     study: Study | None = field(default=None, repr=False, compare=False)
+    trains: str | None = None  # what the row's config trains, e.g. "dhat (base trades) + gradcam"
 
     @property
     def suspect(self) -> bool:
@@ -140,7 +141,7 @@ class Row(_Named):
 
     def to_dict(self) -> dict[str, Any]:
         return {"row": self.label, **self.spec.describe(self.name), "status": self.status, "run_dir": self.run_dir,
-                "seconds": self.seconds, **self.metrics, "sanity": self.sanity, "seed": self.seed}
+                "seconds": self.seconds, **self.metrics, "sanity": self.sanity, "seed": self.seed, "trains": self.trains}
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None, int]:
@@ -202,6 +203,10 @@ class SeedRows(_Named):
         return combined_status(self.runs)
 
     @property
+    def trains(self) -> str | None:
+        return next((r.trains for r in self.runs.values() if r.trains), None)
+
+    @property
     def seconds(self) -> float | None:
         times = [r.seconds for r in self.runs.values() if r.seconds is not None]
         return round(sum(times), 1) if times else None
@@ -224,7 +229,8 @@ class SeedRows(_Named):
         metric, and every seed's run under "per_seed"."""
         stats = {k: self.stat(k) for k in keys}
         return {"row": self.label, **self.spec.describe(self.name), "status": self.status, "seeds": self.seeds,
-                "n_seeds": len(self.done), "seconds": self.seconds, **{k: m for k, (m, _, _) in stats.items()},
+                "n_seeds": len(self.done), "seconds": self.seconds, "trains": self.trains,
+                **{k: m for k, (m, _, _) in stats.items()},
                 "std": {k: sd for k, (_, sd, _) in stats.items()}, "n": {k: n for k, (_, _, n) in stats.items()},
                 "per_seed": [r.to_dict() for r in self.runs.values()]}
 
@@ -372,7 +378,7 @@ def attention_study(checkpoints: Mapping[str, str] | None = None,
     methods' checkpoints and options."""
     checkpoints, options = dict(checkpoints or {}), dict(options or {})
     return Study(
-        command="ablate", stem="ablation", title="attention methods (DHAT Table 10)", row_header="attention",
+        command="ablate", stem="ablation", title="attention methods", reference="DHAT Table 10", row_header="attention",
         parse=_parse_attention_rows, config=lambda base, name: row_config(base, name, checkpoints, options),
         label=lambda name: DISPLAY.get(name, name), key=lambda name: "uiat" if name == UIAT else name,
         describe=lambda name: {"attention": None if name == UIAT else name, "method": "uiat" if name == UIAT else "dhat"},

@@ -1,18 +1,75 @@
-"""``dhat-seg ablate``: one run per attention method, the paper's Table 10."""
+"""``dhat-seg ablate``: one run per attention method, the paper's Table 10.
+
+:func:`study_settings` and :func:`print_study` are shared with ``dhat-seg compare``
+(:mod:`.compare`): the same presets, seeds, evaluation options and printed result."""
 
 from __future__ import annotations
 
 import dataclasses
+import types
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Callable, List, Mapping, Optional
 
 import typer
 
 
+def study_settings(command: str, preset: str, *, epochs: int | None, seed: int | None, seeds: str | None,
+                   device: str | None, set_: list[str] | None, counts: Mapping[str, str | None],
+                   check_overrides: Callable[[dict[str, Any]], None] | None = None) -> types.SimpleNamespace:
+    """The settings of a study from its options: ``preset`` (the ``ABLATE_PRESETS`` entry),
+    ``base`` (the shared training config), ``seeds`` (the list run), ``eval_options``,
+    ``overrides`` (what the command line changed, for the table) and ``out`` default.
+    ``counts``: the evaluation counts given (n_examples, aa_examples, gap_examples,
+    sanity_examples: their strings or None); ``check_overrides`` may refuse ``--set`` keys."""
+    from dhat_seg import ablate as ab
+    from dhat_seg.cli.common import parse_overrides
+    from dhat_seg.errors import UserError
+    from dhat_seg.evaluation_report import EvalOptions, parse_count
+
+    if preset not in ab.ABLATE_PRESETS:
+        raise UserError(f"--preset {preset!r} is unknown; expected one of {', '.join(ab.ABLATE_PRESETS)}")
+    if epochs is not None and epochs < 1:
+        raise UserError(f"--epochs {epochs} is invalid; expected a positive integer")
+    p = ab.ABLATE_PRESETS[preset]
+    seed_list = ab.parse_seeds(seeds)
+    overrides = parse_overrides(set_)
+    if check_overrides is not None:
+        check_overrides(overrides)
+    if seed_list is not None and (seed is not None or "seed" in overrides):
+        raise UserError(f"--seeds {seeds} and {'--seed' if seed is not None else '--set seed=...'} are exclusive: "
+                        "give every seed with --seeds")
+    overrides.update(epochs=epochs, seed=seed, device=device)
+    base = ab.base_config(p, overrides)
+    eval_kwargs = dict(p.eval)
+    for key, zero in (("n_examples", False), ("aa_examples", False), ("gap_examples", True), ("sanity_examples", False)):
+        if counts.get(key) is not None:
+            eval_kwargs[key] = parse_count(counts[key], "--" + key.replace("_", "-"), allow_zero=zero)
+    eval_options = dataclasses.replace(EvalOptions(), **eval_kwargs, seed=base.seed,
+                                       device=device or base.device).validate()
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if seed_list is not None:
+        given["seeds"] = ",".join(map(str, seed_list))
+    given.update({k: v for k, v in eval_kwargs.items() if k in counts and v != p.eval.get(k)})
+    return types.SimpleNamespace(preset=p, base=base, seeds=seed_list or [base.seed], eval_options=eval_options,
+                                 overrides=given, out=Path("runs") / f"{command}-{preset}")
+
+
+def print_study(result: Mapping[str, Any], study, settings: types.SimpleNamespace, rows: list[str], out: Path) -> None:
+    """The table (and the paper's, with the paper preset) and where the files are."""
+    from dhat_seg.ablate import paper_table
+
+    typer.echo(result["table_markdown"])
+    if settings.preset.show_paper and study.paper:
+        typer.echo(f"\n(parentheses: {study.paper_caption})\n\n{study.paper_heading}:")
+        typer.echo(paper_table(study))
+    n = len(settings.seeds)
+    runs = f"{len(rows)} rows x {n} seeds" if n > 1 else f"{len(rows)} rows"
+    typer.echo(f"\n{runs} in {result['seconds']} s; written to {out}/{study.stem}.md, .csv, .json, .png")
+
+
 def register(root: typer.Typer) -> None:
     """Adds the ``ablate`` command to the root app."""
-    from dhat_seg.cli.common import log, parse_key_values, parse_overrides, show_progress, user_errors
-    from dhat_seg.evaluation_report import parse_count
+    from dhat_seg.cli.common import log, parse_key_values, show_progress, user_errors
 
     @root.command()
     @user_errors
@@ -44,54 +101,25 @@ def register(root: typer.Typer) -> None:
         Writes ablation.md/.csv/.json/.png; finished rows are reused, interrupted ones resume."""
         from dhat_seg import ablate as ab
         from dhat_seg.errors import UserError
-        from dhat_seg.evaluation_report import EvalOptions
-        from dhat_seg.plugin_manager import attention_methods
 
-        if preset not in ab.ABLATE_PRESETS:
-            raise UserError(f"--preset {preset!r} is unknown; expected one of {', '.join(ab.ABLATE_PRESETS)}")
-        if epochs is not None and epochs < 1:
-            raise UserError(f"--epochs {epochs} is invalid; expected a positive integer")
-        p = ab.ABLATE_PRESETS[preset]
-        seed_list = ab.parse_seeds(seeds)
-        overrides = parse_overrides(set_)
-        if seed_list is not None and (seed is not None or "seed" in overrides):
-            raise UserError(f"--seeds {seeds} and {'--seed' if seed is not None else '--set seed=...'} are exclusive: "
-                            "give every seed with --seeds")
-        overrides.update(epochs=epochs, seed=seed, device=device)
-        base = ab.base_config(p, overrides)
-        rows, unavailable = ab.parse_rows(attention, attention_methods())
+        s = study_settings("ablate", preset, epochs=epochs, seed=seed, seeds=seeds, device=device, set_=set_,
+                           counts={"n_examples": n_examples, "aa_examples": aa_examples, "gap_examples": gap_examples,
+                                   "sanity_examples": sanity_examples})
+        study = ab.attention_study()
+        rows, unavailable = study.parse(attention)
         checkpoints = parse_key_values(attention_checkpoint, "--attention-checkpoint")
-        options: dict[str, dict] = {name: dict(opts) for name, opts in p.attention_options.items()}
+        options: dict[str, dict] = {name: dict(opts) for name, opts in s.preset.attention_options.items()}
         for item in attention_opt or []:
             name, sep, rest = item.partition(":")
             if not sep or "=" not in rest:
                 raise UserError(f"--attention-opt {item!r} is invalid; expected NAME:KEY=VALUE, e.g. ig:n_steps=16")
             options.setdefault(name.strip(), {}).update(parse_key_values([rest], "--attention-opt"))
-        eval_kwargs = dict(p.eval)
-        for key, value, flag, zero in (("n_examples", n_examples, "--n-examples", False),
-                                       ("aa_examples", aa_examples, "--aa-examples", False),
-                                       ("gap_examples", gap_examples, "--gap-examples", True),
-                                       ("sanity_examples", sanity_examples, "--sanity-examples", False)):
-            if value is not None:
-                eval_kwargs[key] = parse_count(value, flag, allow_zero=zero)
-        eval_options = dataclasses.replace(EvalOptions(), **eval_kwargs, seed=base.seed,
-                                           device=device or base.device).validate()
-        out = out or Path("runs") / f"ablate-{preset}"
-        given = {k: v for k, v in overrides.items() if v is not None}
-        if seed_list is not None:
-            given["seeds"] = ",".join(map(str, seed_list))
-        seed_list = seed_list or [base.seed]
+        out = out or s.out
+        base = s.base
         typer.echo(f"dhat-seg ablate: preset={preset} rows={', '.join(rows)} data={base.data} model={base.model} "
-                   f"epochs={base.epochs} seed{'s' if len(seed_list) > 1 else ''}={','.join(map(str, seed_list))} -> {out}",
+                   f"epochs={base.epochs} seed{'s' if len(s.seeds) > 1 else ''}={','.join(map(str, s.seeds))} -> {out}",
                    err=True)
-        given.update({k: v for k, v in eval_kwargs.items() if k in ("n_examples", "aa_examples", "gap_examples", "sanity_examples")
-                      and v != p.eval.get(k)})
-        result = ab.run_ablation(rows, base, eval_options, out, seeds=seed_list, cache_dir=cache_dir, checkpoints=checkpoints,
-                                 attention_options=options, unavailable=unavailable, preset=p, overrides=given,
+        result = ab.run_ablation(rows, base, s.eval_options, out, seeds=s.seeds, cache_dir=cache_dir, checkpoints=checkpoints,
+                                 attention_options=options, unavailable=unavailable, preset=s.preset, overrides=s.overrides,
                                  log=log, progress=show_progress())
-        typer.echo(result["table_markdown"])
-        if p.show_paper:
-            typer.echo("\n(parentheses: the paper's Table 10)\n\nPaper Table 10 (WRN-28-10, CIFAR-10):")
-            typer.echo(ab.paper_table())
-        runs = f"{len(rows)} rows x {len(seed_list)} seeds" if len(seed_list) > 1 else f"{len(rows)} rows"
-        typer.echo(f"\n{runs} in {result['seconds']} s; written to {out}/ablation.md, .csv, .json, .png")
+        print_study(result, study, s, rows, out)

@@ -1,0 +1,237 @@
+"""The method comparison (``dhat-seg compare``): one row per training method, same data,
+model, schedule and evaluation; the paper's main-results rows beside them.
+
+It is a :class:`~dhat_seg.ablate.study.Study` run by the ablation's machinery
+(:func:`dhat_seg.ablate.run.run_study`): the same presets (``ABLATE_PRESETS``), seeds,
+reuse of finished rows, resume of interrupted ones, gradient-masking sanity checks per
+row, failed and skipped rows, and tables and plot. Only the rows differ: a row is a
+training method, plain (``standard, at, trades, mart, uiat, dhat``) or composed
+(:data:`METHOD_ROWS`: ``awp`` = AT-AWP, ``trades-awp``, ``dhat-awp``, ``dhat-trades``,
+``dhat-mart``). ``cfa``, ``sglr`` and ``dhat-cfa`` are recognised and reported as
+``skipped: not implemented in this version``, without numbers.
+
+    OUT/<row>/ (OUT/seed-<s>/<row>/ with several seeds)   one run directory per row
+    OUT/comparison.{md,csv,json,png}                      the table, rewritten after every row
+
+Every row's config is the shared base config (training preset <- compare preset <-
+``--set``) with the row's ``method``, ``base`` and ``awp`` settings; the DHAT rows read
+one attention method (``--attention``, default: the preset's, Grad-CAM in both).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from dhat_seg.ablate.rows import AblatePreset, readiness
+from dhat_seg.ablate.study import COLUMNS, EXTRA_COLUMNS, Study
+from dhat_seg.config import TrainConfig
+from dhat_seg.errors import UserError
+
+NOT_IMPLEMENTED = "not implemented in this version"
+
+
+@dataclass(frozen=True)
+class MethodRow:
+    """A row of the comparison: a training method with its ``base`` and AWP settings
+    (``method`` None: a method dhat-seg does not implement)."""
+
+    name: str
+    label: str
+    method: str | None
+    base: str = "at"
+    awp: bool = False
+    awp_gamma: float | None = None
+    #: AWP warm-up epochs at the paper's 100 epochs; scaled with the row's epochs
+    awp_warmup: int = 0
+
+
+#: Every known row, in the table's order for ``--methods all``. AT-AWP: gamma 1e-2,
+#: no warm-up; TRADES-AWP: gamma 5e-3, warm-up 10 epochs (Wu et al. 2020, the settings
+#: of config.py's AWP note); DHAT-AWP takes AT-AWP's (DHAT's base loss is AT's).
+METHOD_ROWS: dict[str, MethodRow] = {
+    r.name: r
+    for r in (
+        MethodRow("standard", "Standard", "standard"),
+        MethodRow("at", "AT", "at"),
+        MethodRow("trades", "TRADES", "trades"),
+        MethodRow("mart", "MART", "mart"),
+        MethodRow("awp", "AT-AWP", "at", awp=True, awp_gamma=1e-2),
+        MethodRow("trades-awp", "TRADES-AWP", "trades", awp=True, awp_gamma=5e-3, awp_warmup=10),
+        MethodRow("uiat", "UIAT", "uiat"),
+        MethodRow("dhat", "DHAT", "dhat"),
+        MethodRow("dhat-awp", "DHAT-AWP", "dhat", awp=True, awp_gamma=1e-2),
+        MethodRow("dhat-trades", "DHAT-TRADES", "dhat", base="trades"),
+        MethodRow("dhat-mart", "DHAT-MART", "dhat", base="mart"),
+        MethodRow("sglr", "SGLR", None),
+        MethodRow("cfa", "CFA", None),
+        MethodRow("dhat-cfa", "DHAT-CFA", None),
+    )
+}
+ALIASES = {"at-awp": "awp"}
+DEFAULT_METHODS = "at,trades,mart,awp,uiat,dhat"
+#: ``--methods paper``: the rows of the paper's main results, in its order.
+PAPER_ROWS = ("mart", "awp", "uiat", "sglr", "dhat", "dhat-cfa")
+
+#: The DHAT paper's main results: WRN-28-10 on CIFAR-10, L-inf eps 8/255; Clean, PGD-10,
+#: C&W, AA accuracy (%) and Robust Gap (points). Source: Zhang et al., "DHAT", ICCV 2025,
+#: main-results table (REFERENCE section 1). Keys: compare's row names ("awp" is the
+#: paper's "AWP").
+PAPER_MAIN_RESULTS: dict[str, dict[str, float]] = {
+    "mart": {"clean": 82.99, "pgd10": 56.25, "cw": 52.26, "aa": 50.67, "robust_gap": 9.52},
+    "awp": {"clean": 82.67, "pgd10": 57.80, "cw": 54.82, "aa": 51.90, "robust_gap": 6.90},
+    "uiat": {"clean": 82.94, "pgd10": 58.66, "cw": 54.11, "aa": 52.17, "robust_gap": 7.92},
+    "sglr": {"clean": 85.76, "pgd10": 57.53, "cw": 54.28, "aa": 52.07, "robust_gap": 9.38},
+    "dhat": {"clean": 83.95, "pgd10": 60.49, "cw": 55.27, "aa": 53.10, "robust_gap": 3.51},
+    "dhat-cfa": {"clean": 84.49, "pgd10": 62.67, "cw": 55.95, "aa": 54.05, "robust_gap": 6.33},
+}
+PAPER_LABELS = {"awp": "AWP"}
+
+#: The comparison's columns: the ablation's without the attention IoU (in the CSV/JSON).
+COMPARE_COLUMNS = tuple((k, h) for k, h in COLUMNS if k != "iou")
+COMPARE_EXTRA_COLUMNS = EXTRA_COLUMNS + (("iou", "IoU"),)
+
+#: The presets are the ablation's (same training and evaluation); their descriptions here.
+COMPARE_DESCRIPTIONS = {
+    "quick": "built-in synthetic data (32x32), small CNN, the `quick` training preset unchanged (batches of 32, "
+             "3-step attacks, 6 epochs; DHAT rows with FLOE in the bounded 'relative' form), AWP warm-ups scaled to "
+             "the 6 epochs; evaluation on the first 500 test samples, AutoAttack on the first 100, Robust Gap on 500 "
+             "training samples, gradient-masking sanity checks on the first 100 test samples",
+    "paper": "the paper's setting (REFERENCE section 1): CIFAR-10, WRN-28-10, 100 epochs, lr 0.1 decayed at 80/90, "
+             "10-step attacks in training; DHAT rows with Grad-CAM from a normally trained ResNet-18. Evaluation on "
+             "the full test set (AutoAttack standard on all 10000), Robust Gap on the first 10000 training samples, "
+             "gradient-masking sanity checks on the first 1000 test samples. Needs a GPU and CIFAR-10 "
+             "(--set download=true or --set data_root=...)",
+}
+
+#: Settings a row defines, refused in ``--set`` (the option to use instead).
+ROW_SETTINGS = {"method": "--methods", "base": "--methods (e.g. dhat-trades)", "awp": "--methods (e.g. awp, dhat-awp)",
+                "awp_gamma": "--methods", "awp_warmup": "--methods", "attention": "--attention"}
+
+
+def check_overrides(overrides: Mapping[str, Any]) -> None:
+    """Refuse ``--set`` of a setting that the rows define."""
+    for key, option in ROW_SETTINGS.items():
+        if key in overrides:
+            raise UserError(f"--set {key}=... is not allowed: every row sets its own {key}; use {option}")
+
+
+def _reads_attention(method: str | None) -> bool:
+    from dhat_seg.training_methods import TRAINING_METHODS
+
+    return method in TRAINING_METHODS and TRAINING_METHODS[method].cls.needs_attention
+
+
+def parse_methods(value: str, attention: str, installed: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
+    """``--methods`` -> (row names, {name: skip reason}).
+
+    A comma list of :data:`METHOD_ROWS` names (case-insensitive, ``_`` as ``-``), or
+    ``all`` (every known row) or ``paper`` (the paper's main-results rows). Rows dhat-seg
+    does not implement are skipped as such; DHAT rows are skipped when ``attention`` is a
+    built-in attention method whose optional dependency is missing."""
+    from dhat_seg.plugin_manager import BUILTIN_PLUGINS
+
+    value = (value or "").strip().lower()
+    names = list(METHOD_ROWS) if value == "all" else list(PAPER_ROWS) if value == "paper" else []
+    for part in ([] if names else value.split(",")):
+        part = part.strip().replace("_", "-")
+        if not part:
+            continue
+        name = ALIASES.get(part, part)
+        if name not in METHOD_ROWS:
+            raise UserError(f"--methods {part!r} is unknown; expected 'all', 'paper' or a comma list of "
+                            f"{', '.join(METHOD_ROWS)}")
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise UserError(f"--methods is empty; expected 'all', 'paper' or a comma list such as {DEFAULT_METHODS}")
+    unavailable = {}
+    for name in names:
+        row = METHOD_ROWS[name]
+        if row.method is None:
+            unavailable[name] = NOT_IMPLEMENTED
+        elif _reads_attention(row.method) and attention not in installed:
+            if attention not in BUILTIN_PLUGINS:
+                raise UserError(f"--attention {attention!r} is unknown; expected one of {', '.join(installed)}")
+            unavailable[name] = (f"the built-in attention method {attention!r} is unavailable (an optional dependency "
+                                 "is missing; see `dhat-seg plugins`)")
+    return names, unavailable
+
+
+def scaled_warmup(paper_warmup: int, epochs: int, paper_epochs: int = 100) -> int:
+    """An AWP warm-up of ``paper_warmup`` epochs out of the paper's 100, scaled to
+    ``epochs`` (rounded half up, below ``epochs``): 10 -> 10 of 100, 1 of 6, 0 of 1-4."""
+    return max(0, min(epochs - 1, int(paper_warmup * epochs / paper_epochs + 0.5)))
+
+
+def method_config(base: TrainConfig, name: str, attention: str,
+                  options: Mapping[str, Mapping[str, Any]] | None = None) -> TrainConfig:
+    """The training config of a row: the shared base with the row's method, base and AWP
+    settings (``awp: false`` for the others), and for DHAT rows the attention method
+    ``attention`` with its preset options (``options``) under the base's."""
+    row = METHOD_ROWS.get(name)
+    if row is None or row.method is None:
+        raise UserError(f"method row {name!r} is {'unknown' if row is None else NOT_IMPLEMENTED}")
+    values: dict[str, Any] = {"method": row.method, "base": row.base, "awp": row.awp}
+    if row.awp:
+        values.update(awp_gamma=row.awp_gamma, awp_warmup=scaled_warmup(row.awp_warmup, base.epochs))
+    if _reads_attention(row.method):
+        values.update(attention=attention, attention_options={**(options or {}).get(attention, {}),
+                                                              **(base.attention_options or {})})
+    return dataclasses.replace(base, **values).validate()
+
+
+def _describe(name: str, attention: str) -> dict[str, Any]:
+    row = METHOD_ROWS[name]
+    if row.method is None:
+        return {"method": None, "base": None, "awp": None, "attention": None}
+    return {"method": row.method, "base": row.base if row.method in ("uiat", "dhat") else None, "awp": row.awp,
+            "attention": attention if _reads_attention(row.method) else None}
+
+
+def method_study(attention: str, options: Mapping[str, Mapping[str, Any]] | None = None) -> Study:
+    """The comparison's rows, DHAT rows with the attention method ``attention``."""
+
+    def parse(value: str) -> tuple[list[str], dict[str, str]]:
+        from dhat_seg.plugin_manager import attention_methods
+
+        return parse_methods(value, attention, attention_methods())
+
+    def ready(name: str, cfg: TrainConfig) -> str | None:
+        from dhat_seg.plugin_manager import attention_methods
+
+        if not _reads_attention(cfg.method):
+            return None
+        methods = attention_methods()
+        if cfg.attention not in methods:
+            return f"the attention method {cfg.attention!r} is not installed"
+        return readiness(cfg.attention, cfg, methods[cfg.attention], methods,
+                         fix="dhat-seg compare: --set attention_checkpoint=PATH")
+
+    return Study(
+        command="compare", stem="comparison", title="training methods", reference="DHAT main results",
+        row_header="method", parse=parse, config=lambda base, name: method_config(base, name, attention, options),
+        label=lambda name: METHOD_ROWS[name].label, key=lambda name: name,
+        describe=lambda name: _describe(name, attention), describe_keys=("method", "base", "awp", "attention"),
+        readiness=ready, columns=COMPARE_COLUMNS, extra_columns=COMPARE_EXTRA_COLUMNS, paper=PAPER_MAIN_RESULTS,
+        paper_labels=PAPER_LABELS, paper_caption="the DHAT paper's main results (WRN-28-10, CIFAR-10, eps 8/255)",
+        paper_heading="Paper main results", paper_key="paper_main_results")
+
+
+def run_comparison(methods: list[str], base: TrainConfig, eval_options, out: Path, *, attention: str | None = None,
+                   preset: AblatePreset | None = None, unavailable: Mapping[str, str] | None = None,
+                   **kwargs: Any) -> dict[str, Any]:
+    """Train and evaluate every method row (``run_study``'s keywords: seeds, cache_dir,
+    overrides, log, progress, trainer_factory); returns comparison.json's content.
+    ``attention``: the DHAT rows' attention method (default: the base config's)."""
+    from dhat_seg.ablate.run import run_study
+
+    attention = attention or base.attention
+    study = method_study(attention, preset.attention_options if preset else None)
+    if preset is not None:
+        preset = dataclasses.replace(preset, description=COMPARE_DESCRIPTIONS.get(preset.name, preset.description))
+    if unavailable is None:
+        methods, unavailable = study.parse(",".join(methods))
+    return run_study(study, methods, base, eval_options, out, preset=preset, unavailable=unavailable, **kwargs)
