@@ -36,7 +36,7 @@ def test_lower_layers_do_not_call_up():
     """The trainer, the cache and the attention model never import the orchestration or the CLI."""
     g = _import_graph()
     graph = g.edges(g.modules())
-    upper = {"dhat_seg.experiment", "dhat_seg.cli", "dhat_seg.ablate", "dhat_seg.evaluation_report"}
+    upper = {"dhat_seg.experiment", "dhat_seg.cli", "dhat_seg.ablate", "dhat_seg.compare", "dhat_seg.evaluation_report"}
     for low in ("dhat_seg.trainer", "dhat_seg.attention_model", "dhat_seg.cache.provision", "dhat_seg.cache.build",
                 "dhat_seg.training_methods", "dhat_seg.sanity"):
         assert not graph[low] & upper, (low, graph[low] & upper)

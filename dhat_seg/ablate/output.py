@@ -247,8 +247,8 @@ def write_outputs(out: Path, rows: list, meta: Mapping[str, Any], preset: Ablate
         seeds = rows[0].seeds if rows else meta.get("seeds", [])
         md += [f"Every row ran once per seed ({', '.join(map(str, seeds))}; seed `s` in `{out}/seed-<s>/<row>/`). "
                "Cells: mean ± sample standard deviation (ddof=1) over the seeds with results; n: their number "
-               "(a cell's own n in parentheses when smaller). Suspect seeds are included and the row marked. The seed "
-               "also seeds the data (synthetic generation, validation carve-out), so the spread includes the data's. "
+               "(a cell's own n in parentheses when smaller). Suspect seeds are included and the row marked. The data "
+               "is the same for every seed (data_seed), so every seed of a row shares its attention model and masks. "
                f"Every seed's values: {study.stem}.json, `per_seed`.", ""]
     md += ["Clean, PGD-10, C&W (PGD-20 on the C&W margin loss), AA (AutoAttack standard): test accuracy in %, eps 8/255. "
            f"Robust Gap: {settings.get('gap_attack', 'pgd10')} accuracy on training samples minus on test samples "
