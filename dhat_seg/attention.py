@@ -117,7 +117,7 @@ class AttentionSpec:
                 raise UserError(
                     f"attention method {self.name!r} has no option {key!r}; its options are: {allowed}"
                 )
-            options[key] = _coerce_like(value, options[key])
+            options[key] = _coerce_like(value, options[key], key, self.name)
         return options
 
     def needs_classifier(self, options: Mapping[str, Any]) -> bool:
@@ -143,7 +143,7 @@ class AttentionSpec:
         return dataclasses.replace(self, plugin=plugin)
 
 
-def _coerce_like(value: Any, default: Any) -> Any:
+def _coerce_like(value: Any, default: Any, key: str = "", method: str = "") -> Any:
     """Options from the command line arrive as strings: convert them to the default's type."""
     if not isinstance(value, str) or default is None or isinstance(default, str):
         return value
@@ -159,7 +159,9 @@ def _coerce_like(value: Any, default: Any) -> Any:
         if isinstance(default, float):
             return float(value)
     except ValueError:
-        raise UserError(f"option value {value!r} is invalid: expected a {type(default).__name__}") from None
+        expected = {bool: "true or false", int: "an integer", float: "a number"}.get(type(default), type(default).__name__)
+        raise UserError(f"attention method {method!r}: option {key}={value!r} is invalid; expected {expected} "
+                        f"(--attention-opt {key}=...)") from None
     return value
 
 

@@ -276,7 +276,8 @@ def _choices(cfg: TrainConfig) -> dict[str, tuple]:
     if _needs_attention(cfg.method):
         from dhat_seg.plugin_manager import get_attention_spec
 
-        get_attention_spec(cfg.attention)  # a UserError naming the installed methods
+        spec = get_attention_spec(cfg.attention)  # a UserError naming the installed methods
+        spec.resolve_options(cfg.attention_options)  # option names and types, before anything is built
     return choices
 
 

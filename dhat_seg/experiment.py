@@ -159,6 +159,8 @@ class Experiment:
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         device = select_device(self.cfg.device)
+        if create_training_method(self.cfg).needs_attention:
+            resolve_attention_method(self.cfg)  # options and checkpoint refused before the run directory is made
         Trainer.prepare_out_dir(self.cfg, self.out, resume)
         parts = build_parts(self.cfg, self.out, device=device, root=self.cache_root, log=self.log, progress=self.progress,
                             rebuild_masks=self.rebuild_masks)

@@ -239,7 +239,14 @@ def check_ready(options: Mapping[str, Any]) -> str | None:
         return f"SAM {model_type} needs its weights: {_download_hint(model_type)}"
     if not os.path.isfile(os.path.expanduser(checkpoint)):
         return f"SAM checkpoint {checkpoint!r} does not exist or is not a file: {_download_hint(model_type)}"
+    with open(os.path.expanduser(checkpoint), "rb") as f:
+        head = f.read(4)
+    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save's zip format, or a legacy pickle
+        return f"{_NOT_SAM.format(path=checkpoint)}: {_download_hint(model_type)}"
     return None
+
+
+_NOT_SAM = "{path!r} is not a SAM checkpoint; expected a PyTorch state dict file (torch.save, as the official sam_vit_*.pth)"
 
 
 def read_state_dict(path: str) -> dict[str, Tensor]:
@@ -252,7 +259,7 @@ def read_state_dict(path: str) -> dict[str, Tensor]:
         state = torch.load(os.path.expanduser(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"SAM checkpoint {path!r} cannot be read as a weights-only PyTorch file: {first}") from None
+        raise UserError(f"{_NOT_SAM.format(path=path)} that loads weights-only: {first}") from None
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -176,7 +176,7 @@ def test_option_errors():
                            ({"flip": -0.1}, "flip=-0.1")]:
         with pytest.raises(UserError, match=match):
             oracle(**options)
-    with pytest.raises(UserError, match="expected a int"):
+    with pytest.raises(UserError, match="attention method .oracle.: option shift_x=.1.5. is invalid; expected an integer"):
         oracle(shift_x="1.5")
     with pytest.raises(UserError, match="has no option 'dilation'"):
         oracle(dilation=1)

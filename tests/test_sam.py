@@ -243,7 +243,7 @@ def test_checkpoint_round_trip_through_plugin(tmp_path, tiny_sam, images, monkey
 def test_option_errors(tmp_path):
     s = spec()
     ckpt = tmp_path / "any.pth"
-    ckpt.write_bytes(b"")
+    ckpt.write_bytes(b"PK\x03\x04")  # looks like torch.save's zip format: the options are checked before loading
     for opts, match in [
         ({"prompt": "middle"}, "prompt='middle'"),
         ({"encoder_batch_size": "0"}, "encoder_batch_size"),

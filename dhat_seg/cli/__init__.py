@@ -15,7 +15,9 @@ import sys
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+from dhat_seg.cli.common import OneLineErrors
+
+app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="DHAT adversarial training with pluggable attention (foreground) methods.")
 
 

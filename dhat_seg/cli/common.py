@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from typer.core import TyperGroup
 
 from dhat_seg.errors import UserError
 
@@ -91,3 +92,52 @@ def show_progress() -> bool:
     import logging
 
     return logging.getLogger("dhat_seg").getEffectiveLevel() <= logging.INFO
+
+
+def _usage_message(exc: Exception) -> str:
+    """A click usage error (bad option value, unknown option, missing argument) as one line."""
+    from typer._click.exceptions import BadParameter, MissingParameter
+
+    if isinstance(exc, BadParameter) and not isinstance(exc, MissingParameter) and exc.param is not None:
+        hint = exc.param_hint or exc.param.get_error_hint()
+        hint = hint if isinstance(hint, str) else " / ".join(hint)
+        hint = hint.replace("'", "")
+        errors = getattr(exc.__cause__, "errors", None)  # typer checks values with pydantic
+        if callable(errors) and errors() and "input" in errors()[0]:
+            first = errors()[0]
+            expected = first.get("msg", "").split(",")[0].replace("Input should be ", "")
+            expected = expected.replace("a valid integer", "an integer").replace("a valid ", "a ")
+            message = f"{hint} {first['input']!r} is invalid; expected {expected}"
+        else:
+            message = f"{hint} is invalid: {exc.message.rstrip('.')}"
+    else:
+        message = exc.format_message().rstrip(".")
+    message = " ".join(message.split())
+    message = message[:1].lower() + message[1:]
+    command = getattr(getattr(exc, "ctx", None), "command_path", None)
+    return f"{message} (see `{command} --help`)" if command else message
+
+
+def _one_line(call):
+    """Runs ``call``; a usage error (not a request for help) becomes ``error: ...`` and exit code 2."""
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+
+    try:
+        return call()
+    except NoArgsIsHelpError:
+        raise
+    except ClickException as exc:
+        typer.echo(f"error: {_usage_message(exc)}", err=True)
+        raise typer.Exit(2) from None
+
+
+class OneLineErrors(TyperGroup):
+    """The root command group: errors found while parsing the command line (``--epochs abc``,
+    an unknown option, a missing argument) print the one-line ``error:`` form with exit
+    code 2, as every other user mistake does, instead of click's usage box."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        return _one_line(lambda: super(OneLineErrors, self).make_context(info_name, args, parent=parent, **extra))
+
+    def invoke(self, ctx):
+        return _one_line(lambda: super(OneLineErrors, self).invoke(ctx))
