@@ -3,6 +3,8 @@
 Layout of ``RUN/checkpoints/``::
 
     epoch_0007/model.safetensors   weights, with metadata (model, num_classes, mean, std)
+    epoch_0007/train_model.safetensors  only for methods that evaluate other weights than they
+                                        train (CFA's weight average): the trained weights, for resume
     epoch_0007/state.pt            optimiser, scheduler, epoch, best score (tensors + plain types)
     pointers.json                  {"last": "epoch_0007", "best": "epoch_0005", ...}
 
@@ -29,6 +31,7 @@ from dhat_seg.errors import UserError
 from dhat_seg.models import Classifier, create_model
 
 WEIGHTS = "model.safetensors"
+TRAIN_WEIGHTS = "train_model.safetensors"
 STATE = "state.pt"
 POINTERS = "pointers.json"
 
@@ -106,14 +109,18 @@ def load_weights(path: str | Path, model: nn.Module | None = None, expected_mode
     return model
 
 
-def save_checkpoint(ckpt_dir: Path, epoch: int, model: Classifier, model_name: str, state: dict[str, Any], is_best: bool) -> None:
-    """Write epoch ``epoch`` atomically and update the last/best pointers."""
+def save_checkpoint(ckpt_dir: Path, epoch: int, model: Classifier, model_name: str, state: dict[str, Any], is_best: bool,
+                    train_model: Classifier | None = None) -> None:
+    """Write epoch ``epoch`` atomically and update the last/best pointers. ``model``: the
+    weights to evaluate; ``train_model``: the trained weights when they differ (resume reads them)."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     name = f"epoch_{epoch:04d}"
     tmp = ckpt_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_weights(model, tmp / WEIGHTS, model_name)
+    if train_model is not None:
+        save_weights(train_model, tmp / TRAIN_WEIGHTS, model_name)
     torch.save(state, tmp / STATE)
     final = ckpt_dir / name
     shutil.rmtree(final, ignore_errors=True)

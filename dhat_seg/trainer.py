@@ -36,7 +36,7 @@ from dhat_seg import __version__, attacks, evaluate
 from dhat_seg.attention import foreground_mask
 from dhat_seg.cache.dataset import MaskedDataset
 from dhat_seg.cache.store import batch_foreground
-from dhat_seg.checkpoint import load_state, load_weights, read_pointers, save_checkpoint
+from dhat_seg.checkpoint import STATE, TRAIN_WEIGHTS, WEIGHTS, load_state, load_weights, read_pointers, save_checkpoint
 from dhat_seg.config import TrainConfig, save_config
 from dhat_seg.errors import DivergenceError, UserError
 from dhat_seg.runtime import resolve_amp_dtype, seed_everything, select_device
@@ -139,8 +139,10 @@ class Trainer:
         ckpt_dir = self.out / "checkpoints"
         pointers = read_pointers(ckpt_dir) if resume else {}
         if pointers.get("last"):
-            state = load_state(ckpt_dir / pointers["last"] / "state.pt")
-            load_weights(ckpt_dir / pointers["last"] / "model.safetensors", model)
+            last = ckpt_dir / pointers["last"]
+            state = load_state(last / STATE)
+            # a method that evaluates other weights (CFA's average) keeps the trained ones apart
+            load_weights(last / TRAIN_WEIGHTS if (last / TRAIN_WEIGHTS).is_file() else last / WEIGHTS, model)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             if "scaler" in state and self.amp:
@@ -152,6 +154,7 @@ class Trainer:
         self._truncate_metrics(start_epoch)
         for cb in parts.callbacks:
             cb.on_fit_start(self, parts, start_epoch, state)
+        method.on_fit_start(model, state.get("method") if state else None)
 
         val_x, val_y = evaluate.collect(parts.val, c.val_examples)
         for epoch in range(start_epoch, c.epochs):
@@ -159,6 +162,7 @@ class Trainer:
             for cb in parts.callbacks:
                 cb.on_epoch_start(self, parts, epoch)
             seed_everything(c.seed * 100_003 + epoch)
+            method.on_epoch_start(model, epoch)
             data = MaskedDataset(parts.train, parts.masks) if parts.masks is not None else parts.train
             try:
                 train_stats = self._train_epoch(model, method, parts.attention, data, optimizer, scaler, epoch)
@@ -168,7 +172,9 @@ class Trainer:
                 raise DivergenceError(f"{exc}; {kept}; lower --lr, or change the loss form (floe_form='relative' is "
                                       f"bounded), or raise max_abs_logit if such logits are expected") from None
             scheduler.step()
-            val = self._validate(model, val_x, val_y, epoch)
+            train_stats.update(method.on_epoch_end(model, epoch, val_x, val_y, self.device))
+            evaluated = method.evaluation_model(model)
+            val = self._validate(evaluated, val_x, val_y, epoch)
             score = val["val_robust_acc"] if val["val_robust_acc"] is not None else val["val_clean_acc"]
             is_best = score > best
             best = max(best, score)
@@ -184,9 +190,12 @@ class Trainer:
                 kept = cb.state_dict()
                 if cb.state_key and kept is not None:
                     state[cb.state_key] = kept
-            save_checkpoint(ckpt_dir, epoch + 1, model, c.model, state, is_best)
+            if (method_state := method.state_dict()) is not None:
+                state["method"] = method_state
+            save_checkpoint(ckpt_dir, epoch + 1, evaluated, c.model, state, is_best,
+                            train_model=model if evaluated is not model else None)
 
-        return self._finish(model, parts.test, ckpt_dir, method.needs_attention)
+        return self._finish(method.evaluation_model(model), parts.test, ckpt_dir, method.needs_attention)
 
     # ------------------------------------------------------------------ pieces
     def _truncate_metrics(self, epochs_done: int) -> None:
@@ -233,6 +242,7 @@ class Trainer:
                 scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            method.after_step(model)
             for k, v in values.items():
                 # logit sizes: the epoch's maximum; everything else: the epoch's mean
                 totals[k] = max(totals.get(k, v), v) if k.startswith("max_logit") else totals.get(k, 0.0) + v

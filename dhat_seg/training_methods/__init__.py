@@ -1,0 +1,76 @@
+"""Training methods: each turns a batch into a loss. A small registry, timm-style.
+
+A method implements ``prepare(model, x, y) -> prepared`` (its adversarial inputs, made on
+the current weights) and ``loss(model, x, y, foreground, prepared=None) -> (loss, stats)``
+(``prepared`` None: made now); the trainer owns the optimiser, devices and precision.
+Methods that need a foreground mask declare ``needs_attention = True`` and receive a bool
+B x 1 x H x W mask of the *clean* images (computed by the attention method, or read from
+the mask cache).
+
+Composition:
+
+* **base** (``base: at | trades | mart``, read by UIAT and DHAT): the loss that UIAT's
+  and DHAT's terms are added to, with that method's own x_adv, from which x_inv (and
+  DHAT's x_B) are made. A base method exposes ``adversarial`` (its attack) and
+  ``base_loss(model, x, y, x_adv) -> (loss, z_adv, stats)``, used standalone and by UIAT/DHAT.
+* **AWP** (``awp: true``, any method): :meth:`TrainingMethod.weight_perturbation`, a
+  context the trainer enters around loss and backward (:mod:`dhat_seg.awp`).
+
+Two rules every method follows, so that methods compare fairly:
+
+* Attacks run in fp32 (``attacks.attack_precision``), also inside the trainer's
+  autocast region, unless the config opts in with ``attack_precision: autocast``.
+* Auxiliary forwards (every attack step, the clean/adversarial probabilities the
+  inverse attack aims at, DHAT's background-only x_B) leave BatchNorm running
+  statistics alone unless ``attack_bn_update`` is true (the authors' code, where every
+  train-mode forward updates them). Only the forwards of the training inputs that the
+  method's loss is about (clean for standard, x_adv for AT, x and x_adv for TRADES and
+  MART, plus x_inv for UIAT/DHAT) update them, so UIAT and DHAT rows differ in their
+  loss alone.
+
+``stats`` holds detached 0-dim tensors (read by the trainer once per batch), among them
+``max_logit_*``: the largest |logit| of a forward, the trainer's divergence signal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from dhat_seg import losses  # noqa: F401  (re-exported: tests patch losses through this module)
+from dhat_seg.errors import UserError
+from dhat_seg.training_methods.adversarial import BASE_METHODS, MART, TRADES, MadryAT, Standard
+from dhat_seg.training_methods.base import TrainingMethod, max_abs
+from dhat_seg.training_methods.inverse import DHAT, UIAT
+
+__all__ = ["BASE_METHODS", "DHAT", "MART", "TRADES", "TRAINING_METHODS", "MadryAT", "Standard", "TrainingMethod",
+           "TrainingMethodEntry", "UIAT", "create_training_method", "max_abs"]
+
+
+@dataclass(frozen=True)
+class TrainingMethodEntry:
+    name: str
+    description: str
+    cls: Callable[[Any], TrainingMethod]
+
+
+TRAINING_METHODS: dict[str, TrainingMethodEntry] = {
+    e.name: e
+    for e in (
+        TrainingMethodEntry("standard", "clean training (also trains the Grad-CAM attention model)", Standard),
+        TrainingMethodEntry("at", "PGD adversarial training (Madry et al. 2018)", MadryAT),
+        TrainingMethodEntry("uiat", "UIAT: base (at, or --set base=trades|mart) + inverse adversarial alignment; "
+                                    "the '-' row of Table 10", UIAT),
+        TrainingMethodEntry("dhat", "DHAT: base (at, or --set base=trades|mart) + DHLR + FLOE with attention-based "
+                                    "background extraction", DHAT),
+        TrainingMethodEntry("trades", "TRADES (Zhang et al. 2019): CE(x) + trades_beta KL(p_nat || p_adv)", TRADES),
+        TrainingMethodEntry("mart", "MART (Wang et al. 2020): boosted CE + mart_beta weighted KL", MART),
+    )
+}
+#: every method takes ``--set awp=true`` (adversarial weight perturbation, :mod:`dhat_seg.awp`)
+
+
+def create_training_method(cfg: Any) -> TrainingMethod:
+    if cfg.method not in TRAINING_METHODS:
+        raise UserError(f"training method {cfg.method!r} is unknown; expected one of {', '.join(TRAINING_METHODS)}")
+    return TRAINING_METHODS[cfg.method].cls(cfg)
