@@ -28,6 +28,25 @@ class UIAT(TrainingMethod):
         super().__init__(cfg)
         self.base = BASE_METHODS[cfg.base](cfg)
 
+    # the trainer hooks go to the base (CFA's calibration and weight average, SGLR's teacher)
+    def on_fit_start(self, model, state):
+        self.base.on_fit_start(model, state)
+
+    def on_epoch_start(self, model, epoch):
+        self.base.on_epoch_start(model, epoch)
+
+    def after_step(self, model):
+        self.base.after_step(model)
+
+    def on_epoch_end(self, model, epoch, val_x, val_y, device):
+        return self.base.on_epoch_end(model, epoch, val_x, val_y, device)
+
+    def evaluation_model(self, model):
+        return self.base.evaluation_model(model)
+
+    def state_dict(self):
+        return self.base.state_dict()
+
     def inverse(self, model, x, y, x_adv) -> tuple[Tensor, Tensor]:
         """(x_inv, clean logits). p_nat and p_adv are fp32 targets of the inverse attack."""
         with self.auxiliary(model), torch.no_grad(), attacks.model_mode(model, self.cfg.attack_mode), \
