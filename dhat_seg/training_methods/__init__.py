@@ -39,7 +39,8 @@ from typing import Any, Callable
 
 from dhat_seg import losses  # noqa: F401  (re-exported: tests patch losses through this module)
 from dhat_seg.errors import UserError
-from dhat_seg.training_methods.adversarial import BASE_METHODS, MART, TRADES, MadryAT, Standard
+from dhat_seg.training_methods.adversarial import MART, TRADES, MadryAT, Standard
+from dhat_seg.training_methods.bases import BASE_METHODS
 from dhat_seg.training_methods.base import TrainingMethod, max_abs
 from dhat_seg.training_methods.inverse import DHAT, UIAT
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -81,9 +80,3 @@ class MART(MadryAT):
         stats = {"bce_adv": bce.detach(), "kl_weighted": robust.detach(), "max_logit_clean": max_abs(z_nat),
                  "max_logit_adv": max_abs(z_adv)}
         return bce + self.cfg.mart_beta * robust, z_adv, stats
-
-
-#: The methods UIAT and DHAT can add their terms to (config ``base``).
-BASE_METHODS: dict[str, Callable[[Any], MadryAT]] = {"at": MadryAT, "trades": TRADES, "mart": MART}
-
-

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from dhat_seg import attacks, losses
 from dhat_seg.errors import UserError
-from dhat_seg.training_methods.adversarial import BASE_METHODS
+from dhat_seg.training_methods.bases import BASE_METHODS
 from dhat_seg.training_methods.base import TrainingMethod, max_abs
 
 
