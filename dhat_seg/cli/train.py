@@ -72,7 +72,6 @@ def register(root: typer.Typer) -> None:
         """Train a model. With no options: the quick demo (DHAT with Grad-CAM on the built-in dataset, about
         5 minutes on CPU); with settings: the paper's recipe with those settings (or --config's preset)."""
         from dhat_seg.config import load_config, paper_differences
-        from dhat_seg.experiment import Experiment
 
         overrides = parse_overrides(set_)
         settings = dict(method=method, attention=attention, attention_checkpoint=attention_checkpoint,
@@ -112,6 +111,8 @@ def register(root: typer.Typer) -> None:
         typer.echo(f"dhat-seg train: method={cfg.method}{extra} attention={cfg.attention if cfg.method == 'dhat' else '-'} "
                    f"data={cfg.data} model={cfg.model} epochs={cfg.epochs} seed={cfg.seed} -> {out}", err=True)
         on_epoch = (lambda record: typer.echo(json.dumps(record))) if json_lines else EpochPrinter(cfg)
+        from dhat_seg.experiment import Experiment  # torch and the rest: only once the settings are valid
+
         summary = Experiment(cfg, out, cache_dir=cache_dir, rebuild_masks=rebuild_masks, progress=show_progress(), log=log,
                              on_epoch=on_epoch).run(resume=resume)
         typer.echo("")
