@@ -140,10 +140,7 @@ class TrainConfig:
         """
         for f in dataclasses.fields(self):
             setattr(self, f.name, _typed(f.name, getattr(self, f.name), _HINTS[f.name]))
-        for name, allowed in _choices(self).items():
-            value = getattr(self, name)
-            if value not in allowed:
-                raise UserError(f"{name} {value!r} is unknown; expected one of {', '.join(map(str, allowed))}")
+        # ranges first: they need no registry, so such a refusal comes before torch is imported
         checks = [
             (self.epochs >= 1, "epochs", "a positive integer"),
             (self.batch_size >= 1, "batch_size", "a positive integer"),
@@ -190,6 +187,10 @@ class TrainConfig:
         for ok, name, expected in checks:
             if not ok:
                 raise UserError(f"config option {name}={getattr(self, name)!r} is invalid; expected {expected}")
+        for name, allowed in _choices(self).items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise UserError(f"{name} {value!r} is unknown; expected one of {', '.join(map(str, allowed))}")
         if self.attention_source == "self" and self.attention_burn_in == 0 and _needs_attention(self.method):
             raise UserError("config option attention_burn_in=0 is invalid with attention_source='self': the first masks "
                             "would come from the randomly initialised model; expected attention_burn_in >= 1 epochs "
