@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
+from dhat_seg.ablate.paired import paired_differences, paired_markdown
 from dhat_seg.ablate.rows import ATTENTION_STUDY, AblatePreset, Row, SeedRows, sanity_summary
 from dhat_seg.ablate.study import Study
 
@@ -204,6 +205,12 @@ def write_outputs(out: Path, rows: list, meta: Mapping[str, Any], preset: Ablate
     described = list(study.describe_keys)
     json_rows = [r.to_dict() for r in single] if single is not None else [r.to_dict(keys) for r in rows]
     data = {**meta, "rows": json_rows, "table_markdown": markdown_table(rows, with_paper=with_paper, study=study)}
+    paired = ""
+    if single is None and study.reference_row is not None:
+        diff_keys = [k for k, _ in study.columns if k != "iou"]
+        diffs = paired_differences(rows, study.reference_row, diff_keys)
+        data["paired_differences"] = {"reference": study.reference_row, "rows": diffs}
+        paired = paired_markdown(diffs, rows, study.columns, study.label(study.reference_row))
     if with_paper:
         data[study.paper_key] = {name: dict(values) for name, values in study.paper.items()}
     (out / f"{study.stem}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
@@ -250,6 +257,12 @@ def write_outputs(out: Path, rows: list, meta: Mapping[str, Any], preset: Ablate
                "(a cell's own n in parentheses when smaller). Suspect seeds are included and the row marked. The data "
                "is the same for every seed (data_seed), so every seed of a row shares its attention model and masks. "
                f"Every seed's values: {study.stem}.json, `per_seed`.", ""]
+        if paired:
+            md += [f"## Paired by seed: each row minus {study.label(study.reference_row)}", "",
+                   "The difference at each seed (same initialisation and data order), then mean ± sample std over the "
+                   "seeds where both rows have a value, (n). `*`: the mean is more than two standard errors from zero "
+                   "(a rough screen; with n = 3 a t-test at p < 0.05 needs about 4.3). "
+                   f"Every seed's difference: {study.stem}.json, `paired_differences`.", "", paired, ""]
     md += ["Clean, PGD-10, C&W (PGD-20 on the C&W margin loss), AA (AutoAttack standard): test accuracy in %, eps 8/255. "
            f"Robust Gap: {settings.get('gap_attack', 'pgd10')} accuracy on training samples minus on test samples "
            "(points; smaller is better). "

@@ -384,7 +384,7 @@ def attention_study(checkpoints: Mapping[str, str] | None = None,
         describe=lambda name: {"attention": None if name == UIAT else name, "method": "uiat" if name == UIAT else "dhat"},
         describe_keys=("attention", "method"), readiness=_attention_readiness, paper=PAPER_TABLE10,
         paper_caption="the paper's Table 10 (WRN-28-10, CIFAR-10)", paper_heading="Paper Table 10",
-        paper_key="paper_table10", iou_panels=True)
+        paper_key="paper_table10", iou_panels=True, reference_row="-")
 
 
 #: The ablation's study without checkpoints or options (labels, run directories, output).

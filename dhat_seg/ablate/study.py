@@ -66,6 +66,9 @@ class Study:
     paper_key: str = "paper"
     #: the plot's attention-IoU panels (attention rows)
     iou_panels: bool = False
+    #: the row every other row is compared with seed by seed (e.g. "-", UIAT, in the
+    #: ablation); None: no paired differences
+    reference_row: str | None = None
 
     def paper_label(self, name: str) -> str:
         return self.paper_labels.get(name) or self.label(name)
