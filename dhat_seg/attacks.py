@@ -74,16 +74,30 @@ def _ce_per_sample(logits: Tensor, y: Tensor) -> Tensor:
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"ce": _ce_per_sample, "cw": cw_margin_loss}
 
 
-def _project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
+def _project(x_adv: Tensor, x: Tensor, eps: float | Tensor) -> Tensor:
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+
+
+def _per_sample(value: float | Tensor, x: Tensor) -> float | Tensor:
+    """A float as it is; a tensor of shape B (one value per sample, e.g. CFA's class-wise
+    radius) shaped B x 1 x ... x 1 to broadcast over the sample's dimensions."""
+    if isinstance(value, Tensor):
+        return value.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    return value
+
+
+def _negative(value: float | Tensor) -> bool:
+    """Whether a float setting is negative. Per-sample tensors are not checked (that would
+    cost a host sync per batch); their caller builds them non-negative."""
+    return not isinstance(value, Tensor) and value < 0
 
 
 def pgd(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
-    eps: float,
-    alpha: float,
+    eps: float | Tensor,
+    alpha: float | Tensor,
     steps: int,
     *,
     loss: str = "ce",
@@ -94,6 +108,8 @@ def pgd(
     """L_inf PGD (Madry et al. 2018): x_{t+1} = Proj_{B(x, eps) ∩ [0,1]}(x_t + alpha sign(grad L)).
 
     Args:
+        eps, alpha: floats, or tensors of shape B: one radius / step size per sample (CFA's
+            class-wise margins); the float path is unchanged by this option.
         loss: "ce" (cross-entropy) or "cw" (C&W margin: PGD on it is the C&W-inf attack).
         random_start: start from x + U(-eps, eps) (clipped to [0, 1]).
         mode: model mode during the attack ("train", "eval", or None to leave it).
@@ -101,14 +117,17 @@ def pgd(
     Returns:
         adversarial examples, detached, same shape as x.
     """
-    if eps < 0 or alpha < 0 or steps < 0:
+    if _negative(eps) or _negative(alpha) or steps < 0:
         raise UserError(f"attack settings eps={eps}, alpha={alpha}, steps={steps} are invalid; expected non-negative values")
     if loss not in LOSSES:
         raise UserError(f"attack loss {loss!r} is unknown; expected one of {', '.join(LOSSES)}")
     loss_fn = LOSSES[loss]
     x = x.detach()
+    eps, alpha = _per_sample(eps, x), _per_sample(alpha, x)
     x_adv = x.clone()
-    if random_start and eps > 0:
+    if random_start and isinstance(eps, Tensor):
+        x_adv = _project(x_adv + torch.empty_like(x).uniform_(-1.0, 1.0) * eps, x, eps)
+    elif random_start and eps > 0:
         x_adv = _project(x_adv + torch.empty_like(x).uniform_(-eps, eps), x, eps)
     with model_mode(model, mode), attack_precision(x, precision), torch.enable_grad():
         for _ in range(steps):
@@ -173,8 +192,8 @@ def inverse_loss(logits: Tensor, y: Tensor, p_nat: Tensor, p_adv: Tensor) -> Ten
 def trades_kl_attack(
     model: nn.Module,
     x: Tensor,
-    eps: float,
-    alpha: float,
+    eps: float | Tensor,
+    alpha: float | Tensor,
     steps: int,
     *,
     noise: float = 0.001,
@@ -188,13 +207,15 @@ def trades_kl_attack(
     x + noise * N(0, 1). p_nat = softmax f(x) is computed once, without gradients, before
     the loop (the official code recomputes it every step; its value is the same). The
     label is not used. dhat-seg projects the start into the ball and [0, 1] as well (the
-    official code clamps only after the first step). Runs in fp32 unless
+    official code clamps only after the first step). ``eps`` and ``alpha`` may be tensors
+    of shape B (one per sample), as in :func:`pgd`. Runs in fp32 unless
     ``precision="autocast"`` (see the module docstring).
     """
-    if eps < 0 or alpha < 0 or steps < 0 or noise < 0:
+    if _negative(eps) or _negative(alpha) or steps < 0 or noise < 0:
         raise UserError(f"TRADES attack settings eps={eps}, alpha={alpha}, steps={steps}, noise={noise} are invalid; "
                         "expected non-negative values")
     x = x.detach()
+    eps, alpha = _per_sample(eps, x), _per_sample(alpha, x)
     with model_mode(model, mode), attack_precision(x, precision):
         with torch.no_grad():
             p_nat = F.softmax(model(x).float(), dim=1)

@@ -5,10 +5,11 @@ It is a :class:`~dhat_seg.ablate.study.Study` run by the ablation's machinery
 (:func:`dhat_seg.ablate.run.run_study`): the same presets (``ABLATE_PRESETS``), seeds,
 reuse of finished rows, resume of interrupted ones, gradient-masking sanity checks per
 row, failed and skipped rows, and tables and plot. Only the rows differ: a row is a
-training method, plain (``standard, at, trades, mart, uiat, dhat``) or composed
+training method, plain (``standard, at, trades, mart, uiat, dhat, cfa, sglr``) or composed
 (:data:`METHOD_ROWS`: ``awp`` = AT-AWP, ``trades-awp``, ``dhat-awp``, ``dhat-trades``,
-``dhat-mart``). ``cfa``, ``sglr`` and ``dhat-cfa`` are recognised and reported as
-``skipped: not implemented in this version``, without numbers.
+``dhat-mart``, ``dhat-cfa`` = DHAT on CFA's loss, calibration and weight average). A row
+whose method is None would be reported as ``skipped: not implemented in this version``,
+without numbers (none is, in this version).
 
     OUT/<row>/ (OUT/seed-<s>/<row>/ with several seeds)   one run directory per row
     OUT/comparison.{md,csv,json,png}                      the table, rewritten after every row
@@ -65,9 +66,9 @@ METHOD_ROWS: dict[str, MethodRow] = {
         MethodRow("dhat-awp", "DHAT-AWP", "dhat", awp=True, awp_gamma=1e-2),
         MethodRow("dhat-trades", "DHAT-TRADES", "dhat", base="trades"),
         MethodRow("dhat-mart", "DHAT-MART", "dhat", base="mart"),
-        MethodRow("sglr", "SGLR", None),
-        MethodRow("cfa", "CFA", None),
-        MethodRow("dhat-cfa", "DHAT-CFA", None),
+        MethodRow("sglr", "SGLR", "sglr"),
+        MethodRow("cfa", "CFA", "cfa"),
+        MethodRow("dhat-cfa", "DHAT-CFA", "dhat", base="cfa"),
     )
 }
 ALIASES = {"at-awp": "awp"}
@@ -160,6 +161,10 @@ def parse_methods(value: str, attention: str, installed: Mapping[str, Any]) -> t
     return names, unavailable
 
 
+#: CFA's defaults (config.py), epochs of the paper's 100
+CFA_BEGIN, FAWA_BEGIN = 10, 50
+
+
 def scaled_warmup(paper_warmup: int, epochs: int, paper_epochs: int = 100) -> int:
     """An AWP warm-up of ``paper_warmup`` epochs out of the paper's 100, scaled to
     ``epochs`` (rounded half up, below ``epochs``): 10 -> 10 of 100, 1 of 6, 0 of 1-4."""
@@ -177,6 +182,12 @@ def method_config(base: TrainConfig, name: str, attention: str,
     values: dict[str, Any] = {"method": row.method, "base": row.base, "awp": row.awp}
     if row.awp:
         values.update(awp_gamma=row.awp_gamma, awp_warmup=scaled_warmup(row.awp_warmup, base.epochs))
+    if "cfa" in (row.method, row.base if row.method in ("uiat", "dhat") else None):
+        # CFA's start epochs are for the paper's schedule (calibration from epoch 10, the
+        # weight average from 50, of 100 epochs): scaled like AWP's warm-up unless set with --set
+        for key, paper in (("cfa_begin", CFA_BEGIN), ("fawa_begin", FAWA_BEGIN)):
+            if getattr(base, key) == paper:
+                values[key] = scaled_warmup(paper, base.epochs)
     if _reads_attention(row.method):
         values.update(attention=attention, attention_options={**(options or {}).get(attention, {}),
                                                               **(base.attention_options or {})})

@@ -89,6 +89,30 @@ class TrainConfig:
     awp: bool = False
     awp_gamma: float = 5e-3
     awp_warmup: int = 0
+    # CFA (Wei et al., CVPR 2023; method cfa, or base cfa = DHAT-CFA; training_methods/cfa.py):
+    # cfa_base "at" = AT+CFA (CCM + FAWA), "trades" = TRADES+CFA (CCM + CCR + FAWA). CCM:
+    # class k's radius (cfa_lambda1 + t_k) eps, t_k = its train robust accuracy in the
+    # previous epoch (null = the paper's 0.5 for at, 0.3 for trades); CCR: TRADES' beta
+    # (cfa_lambda2 + t_k) trades_beta; both from 0-based epoch cfa_begin (official code: 10)
+    cfa_base: str = "at"
+    cfa_lambda1: float | None = None
+    cfa_lambda2: float = 0.5
+    cfa_begin: int = 10
+    # FAWA: after each epoch from 0-based epoch fawa_begin (paper: 50) whose worst class
+    # reaches fawa_threshold (a fraction; paper: 0.2) in validation robust accuracy, the
+    # evaluated weights become fawa_decay (paper: 0.85) x themselves + (1 - fawa_decay) x the
+    # trained ones (the first such epoch: a copy of the trained ones)
+    fawa_decay: float = 0.85
+    fawa_threshold: float = 0.2
+    fawa_begin: int = 50
+    # SGLR (Li et al., CVPR 2024; method sglr, or base sglr; training_methods/sglr.py): from
+    # 0-based epoch sglr_start (null = 10 epochs before the first LR milestone, the official
+    # script's placement) each training sample's soft label t, one-hot at first, becomes
+    # sglr_momentum t + (1 - sglr_momentum) (sglr_clean_weight p(x) + (1 - sglr_clean_weight)
+    # p(x_adv)) at each visit and the loss is CE(f(x_adv), t); 0.9 and 0.2: the official code
+    sglr_momentum: float = 0.9
+    sglr_clean_weight: float = 0.2
+    sglr_start: int | None = None
     # attacks used for training
     eps: float = 8.0
     step_size: float = 2.0
@@ -183,6 +207,17 @@ class TrainConfig:
             (self.awp_gamma >= 0, "awp_gamma", "a non-negative number (relative size of the weight perturbation)"),
             (0 <= self.awp_warmup < self.epochs or self.awp_warmup == 0, "awp_warmup",
              f"a non-negative integer smaller than epochs ({self.epochs})"),
+            (self.cfa_lambda1 is None or self.cfa_lambda1 >= 0, "cfa_lambda1",
+             "a non-negative number or null (the paper's value for cfa_base)"),
+            (self.cfa_lambda2 >= 0, "cfa_lambda2", "a non-negative number"),
+            (self.cfa_begin >= 0, "cfa_begin", "a non-negative integer (0-based epoch)"),
+            (0 <= self.fawa_decay < 1, "fawa_decay", "a number in [0, 1)"),
+            (0 <= self.fawa_threshold <= 1, "fawa_threshold", "a number in [0, 1] (a fraction of a class's samples)"),
+            (self.fawa_begin >= 0, "fawa_begin", "a non-negative integer (0-based epoch)"),
+            (0 <= self.sglr_momentum <= 1, "sglr_momentum", "a number in [0, 1]"),
+            (0 <= self.sglr_clean_weight <= 1, "sglr_clean_weight", "a number in [0, 1]"),
+            (self.sglr_start is None or self.sglr_start >= 0, "sglr_start",
+             "a non-negative integer (0-based epoch) or null (10 epochs before the first milestone)"),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -217,7 +252,9 @@ class TrainConfig:
 
 #: Keys added after 0.1.0 + data_seed, at the value under which a run trains exactly as before they existed.
 DIGEST_NEUTRAL: dict[str, Any] = {"base": "at", "trades_beta": 6.0, "mart_beta": 6.0, "awp": False, "awp_gamma": 5e-3,
-                                  "awp_warmup": 0}
+                                  "awp_warmup": 0, "cfa_base": "at", "cfa_lambda1": None, "cfa_lambda2": 0.5,
+                                  "cfa_begin": 10, "fawa_decay": 0.85, "fawa_threshold": 0.2, "fawa_begin": 50,
+                                  "sglr_momentum": 0.9, "sglr_clean_weight": 0.2, "sglr_start": None}
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -266,6 +303,7 @@ def _choices(cfg: TrainConfig) -> dict[str, tuple]:
     from dhat_seg.data import DATASETS
     from dhat_seg.losses import DHLR_FORMS, FLOE_FORMS
     from dhat_seg.training_methods import BASE_METHODS, TRAINING_METHODS
+    from dhat_seg.training_methods.cfa import CFA_BASES
     from dhat_seg.models import MODELS
 
     choices = {
@@ -273,6 +311,7 @@ def _choices(cfg: TrainConfig) -> dict[str, tuple]:
         "dhlr_form": DHLR_FORMS, "floe_form": FLOE_FORMS, "threshold_policy": THRESHOLD_POLICIES,
         "attack_mode": ("train", "eval"), "attack_precision": PRECISIONS, "mask_source": ("cache", "online"),
         "attention_source": ("frozen", "self"), "amp_dtype": AMP_DTYPES, "base": tuple(BASE_METHODS),
+        "cfa_base": CFA_BASES,
     }
     if _needs_attention(cfg.method):
         from dhat_seg.plugin_manager import get_attention_spec

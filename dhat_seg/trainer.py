@@ -220,6 +220,7 @@ class Trainer:
                    file=sys.stderr, dynamic_ncols=True)
         for batch in bar:
             x, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
+            method.on_batch_start(batch[2])  # the samples' dataset indices (SGLR's per-sample soft labels)
             foreground = None
             if warmup:  # attention burn-in: no masks yet
                 pass

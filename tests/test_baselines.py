@@ -318,7 +318,7 @@ def test_one_epoch_of_each_new_method_trains(tmp_path, settings, terms):
 
 # ------------------------------------------------------------------ settings
 @pytest.mark.parametrize("key, value, expected", [
-    ("base", "cfa", "at, trades, mart"), ("trades_beta", -1, "non-negative"), ("mart_beta", -0.5, "non-negative"),
+    ("base", "fgsm", "at, trades, mart"), ("trades_beta", -1, "non-negative"), ("mart_beta", -0.5, "non-negative"),
     ("awp_gamma", -0.01, "non-negative"), ("awp_warmup", 5, "smaller than epochs"), ("awp_warmup", -1, "smaller than epochs"),
     ("awp", "yes", "true or false"), ("trades_beta", "six", "a number"),
 ])
@@ -330,8 +330,8 @@ def test_new_settings_are_validated(key, value, expected):
 
 
 def test_base_is_validated_for_every_method_and_defaults_to_at():
-    with pytest.raises(UserError, match="base 'sglr' is unknown"):
-        load_config(None, {"method": "at", "base": "sglr"})
+    with pytest.raises(UserError, match="base 'fgsm' is unknown"):
+        load_config(None, {"method": "at", "base": "fgsm"})
     assert load_config(None, {}).base == "at" and not load_config(None, {}).awp
 
 
@@ -347,6 +347,6 @@ def test_cli_refuses_a_bad_base_before_any_work(tmp_path):
     from cli_helpers import assert_one_line_error
 
     result = CliRunner().invoke(app, ["train", "--method", "dhat", "--out", str(tmp_path / "run"), "--cache-dir",
-                                      str(tmp_path / "c"), "--set", "base=cfa"])
-    assert_one_line_error(result, "base", "cfa", "at, trades, mart")
+                                      str(tmp_path / "c"), "--set", "base=fgsm"])
+    assert_one_line_error(result, "base", "fgsm", "at, trades, mart")
     assert not (tmp_path / "run").exists()

@@ -41,10 +41,17 @@ def test_compare_is_a_dhat_seg_command():
     assert "compare" in {c.name or c.callback.__name__ for c in app.registered_commands}
 
 
-def test_parse_methods_plain_composed_and_not_implemented():
+def sglr_not_implemented(monkeypatch):
+    """No row is unimplemented in this version: SGLR's, with method None, stands in for one."""
+    monkeypatch.setitem(compare.METHOD_ROWS, "sglr", compare.MethodRow("sglr", "SGLR", None))
+
+
+def test_parse_methods_plain_composed_and_not_implemented(monkeypatch):
+    assert compare.parse_methods("cfa,sglr", "gradcam", INSTALLED) == (["cfa", "sglr"], {})
+    sglr_not_implemented(monkeypatch)
     rows, skipped = compare.parse_methods("AT, trades,dhat_trades,at-awp, awp,dhat-awp,cfa,sglr", "gradcam", INSTALLED)
     assert rows == ["at", "trades", "dhat-trades", "awp", "dhat-awp", "cfa", "sglr"]  # aliases and repeats folded
-    assert skipped == {"cfa": compare.NOT_IMPLEMENTED, "sglr": compare.NOT_IMPLEMENTED}
+    assert skipped == {"sglr": compare.NOT_IMPLEMENTED}
     assert compare.NOT_IMPLEMENTED == "not implemented in this version"
     assert compare.parse_methods("paper", "gradcam", INSTALLED)[0] == ["mart", "awp", "uiat", "sglr", "dhat", "dhat-cfa"]
     assert compare.parse_methods("all", "gradcam", INSTALLED)[0] == list(compare.METHOD_ROWS)
@@ -68,7 +75,7 @@ def quick_base(**more):
     return ablate.base_config(ablate.ABLATE_PRESETS["quick"], {**SMALL, **more})
 
 
-def test_row_configs():
+def test_row_configs(monkeypatch):
     base = quick_base()
     options = ablate.ABLATE_PRESETS["quick"].attention_options
 
@@ -96,8 +103,13 @@ def test_row_configs():
     shared = {k: v for k, v in base.to_dict().items() if k not in ("method", "base", "awp", "awp_gamma", "awp_warmup")}
     for name in ("at", "dhat-trades", "trades-awp"):
         assert {k: v for k, v in cfg(name).to_dict().items() if k in shared} == shared
+    assert (cfg("cfa").method, cfg("cfa").awp) == ("cfa", False)
+    dhat_cfa = cfg("dhat-cfa")
+    assert (dhat_cfa.method, dhat_cfa.base, dhat_cfa.attention) == ("dhat", "cfa", "gradcam")
+    assert (cfg("sglr").method, cfg("sglr").base) == ("sglr", "at")
+    sglr_not_implemented(monkeypatch)
     with pytest.raises(UserError, match="not implemented"):
-        cfg("cfa")
+        cfg("sglr")
 
 
 def test_set_refuses_what_the_rows_define():
@@ -131,7 +143,7 @@ class FakeTrainer:
 
 
 CLEAN = {"standard": 90.0, "at": 70.0, "trades": 72.0, "mart": 69.0, "awp": 71.0, "uiat": 73.0, "dhat": 74.0,
-         "dhat-trades": 75.0}
+         "dhat-trades": 75.0, "cfa": 70.5, "dhat-cfa": 76.0}
 
 
 def fake_eval(calls):
@@ -169,34 +181,37 @@ def by_row(result):
 
 
 def test_compare_writes_the_table_with_not_implemented_rows_skipped(tmp_path, monkeypatch):
+    sglr_not_implemented(monkeypatch)
     calls = []
     result = fake_compare(tmp_path, monkeypatch, calls)
     out = tmp_path / "out"
     for name in ("comparison.md", "comparison.csv", "comparison.json", "comparison.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert not (out / "ablation.json").exists()
-    assert calls == [("at", 0), ("dhat-trades", 0)]  # the skipped rows never train nor evaluate
-    assert [(name, cfg.method, cfg.base) for name, cfg, _ in FakeTrainer.runs] == [("at", "at", "at"), ("dhat-trades", "dhat", "trades")]
+    assert calls == [("at", 0), ("dhat-trades", 0), ("cfa", 0)]  # the skipped rows never train nor evaluate
+    assert [(name, cfg.method, cfg.base) for name, cfg, _ in FakeTrainer.runs] == [
+        ("at", "at", "at"), ("dhat-trades", "dhat", "trades"), ("cfa", "cfa", "at")]
     rows = by_row(result)
     assert list(rows) == ["AT", "DHAT-TRADES", "CFA", "SGLR"]
     assert rows["AT"]["status"] == "ok" and rows["AT"]["clean"] == 70.0 and rows["AT"]["run_dir"] == str(out / "at")
     assert (rows["DHAT-TRADES"]["method"], rows["DHAT-TRADES"]["base"], rows["DHAT-TRADES"]["attention"]) == ("dhat", "trades", "gradcam")
     assert (rows["AT"]["method"], rows["AT"]["base"], rows["AT"]["awp"], rows["AT"]["attention"]) == ("at", None, False, None)
-    for name in ("CFA", "SGLR"):
+    assert rows["CFA"]["status"] == "ok" and rows["CFA"]["clean"] == 70.5
+    for name in ("SGLR",):
         assert rows[name]["status"] == "skipped: not implemented in this version" and rows[name].get("clean") is None
         assert not (out / name.lower()).exists()
     md = (out / "comparison.md").read_text()
     assert md.startswith("# dhat-seg compare: training methods")
     assert "| method | Clean | PGD-10 | C&W | AA | Robust Gap | BG-gap | status |" in md  # no IoU column
     assert "| AT | 70.00 | 40.00 | 35.00 | 30.00 | 4.00 | 5.00 | ok |" in md
-    assert "| CFA | - | - | - | - | - | - | skipped: not implemented in this version |" in md
+    assert "| SGLR | - | - | - | - | - | - | skipped: not implemented in this version |" in md
     assert "Paper main results" not in md  # the quick preset shows no paper numbers
-    assert "Rows as trained: AT: at; DHAT-TRADES: dhat (base trades) + gradcam." in md
+    assert "Rows as trained: AT: at; DHAT-TRADES: dhat (base trades) + gradcam; CFA: cfa." in md
     with open(out / "comparison.csv") as fh:
         table = {r["row"]: r for r in csv.DictReader(fh)}
     assert list(table) == ["AT", "DHAT-TRADES", "CFA", "SGLR"]
     assert (table["DHAT-TRADES"]["method"], table["DHAT-TRADES"]["base"], table["DHAT-TRADES"]["awp"]) == ("dhat", "trades", "false")
-    assert table["DHAT-TRADES"]["iou"] == "0.3" and table["AT"]["iou"] == "" and table["CFA"]["clean"] == ""
+    assert table["DHAT-TRADES"]["iou"] == "0.3" and table["AT"]["iou"] == "" and table["SGLR"]["clean"] == ""
     assert table["AT"]["sanity"] == "passed"
     saved = json.loads((out / "comparison.json").read_text())
     assert saved["preset"] == "quick" and "AWP warm-ups scaled" in saved["preset_description"]
@@ -231,16 +246,18 @@ def test_seeds_and_the_paper_numbers(tmp_path, monkeypatch):
     result = fake_compare(tmp_path, monkeypatch, calls, methods=("mart", "awp", "dhat", "dhat-cfa"), seeds=[0, 1],
                           show_paper=True)
     out = tmp_path / "out"
-    assert calls == [("mart", 0), ("awp", 0), ("dhat", 0), ("mart", 1), ("awp", 1), ("dhat", 1)]
+    assert calls == [("mart", 0), ("awp", 0), ("dhat", 0), ("dhat-cfa", 0), ("mart", 1), ("awp", 1), ("dhat", 1),
+                     ("dhat-cfa", 1)]
     assert all((out / f"seed-{s}" / name / "eval.json").is_file() for s in (0, 1) for name in ("mart", "awp", "dhat"))
     rows = by_row(result)
     assert rows["MART"]["clean"] == pytest.approx(69.5) and rows["MART"]["std"]["clean"] == pytest.approx(0.5 ** 0.5)
-    assert rows["DHAT-CFA"]["status"] == "skipped: not implemented in this version"
+    assert rows["DHAT-CFA"]["status"] == "ok" and rows["DHAT-CFA"]["clean"] == pytest.approx(76.5)
     assert result["paper_main_results"]["dhat"]["robust_gap"] == 3.51
-    assert rows["AT-AWP"]["trains"] == "at + AWP (gamma 0.01, 0 warm-up epochs)" and rows["DHAT-CFA"]["trains"] is None
+    assert rows["AT-AWP"]["trains"] == "at + AWP (gamma 0.01, 0 warm-up epochs)" and rows["DHAT-CFA"]["trains"] == "dhat (base cfa) + gradcam"
     md = (out / "comparison.md").read_text()
     assert "| MART | 69.50 ± 0.71 (82.99) |" in md and "(56.25)" in md  # measured, then the paper's in parentheses
     assert "| AT-AWP | 71.50 ± 0.71 (82.67) |" in md and "| DHAT | 74.50 ± 0.71 (83.95) |" in md
+    assert "| DHAT-CFA | 76.50 ± 0.71 (84.49) |" in md
     paper = compare.PAPER_MAIN_RESULTS
     assert paper["dhat-cfa"] == {"clean": 84.49, "pgd10": 62.67, "cw": 55.95, "aa": 54.05, "robust_gap": 6.33}
     assert "## Paper main results" in md and "| AWP | 82.67 | 57.80 | 54.82 | 51.90 | 6.90 |" in md
@@ -279,6 +296,7 @@ SMALL_ARGS = ["--device", "cpu", "--set", "image_size=16", "--set", "train_size=
 def test_compare_cli_runs_the_rows(tmp_path, monkeypatch):
     import dhat_seg.experiment
 
+    sglr_not_implemented(monkeypatch)
     calls = []
     monkeypatch.setattr(ablate.run, "run_eval", fake_eval(calls))
     monkeypatch.setattr(dhat_seg.experiment, "Experiment", FakeTrainer)
@@ -341,3 +359,21 @@ def test_tiny_real_rows_train_composed_methods(tmp_path):
     assert {"method: trades", "awp: true", "awp_gamma: 0.005", "awp_warmup: 0"} <= set(config)
     config = (out / "dhat-mart" / "config.yaml").read_text().splitlines()
     assert {"method: dhat", "base: mart", "awp: false", "attention: gradcam"} <= set(config)
+
+
+def test_cfa_start_epochs_scale_with_the_schedule_unless_set():
+    """CFA calibrates from epoch 10 and averages from 50 of the paper's 100; a 6-epoch row
+    would otherwise train as plain AT. A value given with --set is kept."""
+    import dataclasses
+
+    from dhat_seg.ablate.rows import ABLATE_PRESETS, base_config
+    from dhat_seg.compare import method_config
+
+    base = base_config(ABLATE_PRESETS["quick"], {})
+    assert base.epochs == 6
+    for name in ("cfa", "dhat-cfa"):
+        cfg = method_config(base, name, "gradcam")
+        assert (cfg.cfa_begin, cfg.fawa_begin) == (1, 3)
+    assert method_config(base, "at", "gradcam").cfa_begin == 10  # rows without CFA: untouched
+    kept = method_config(dataclasses.replace(base, cfa_begin=2, fawa_begin=4), "cfa", "gradcam")
+    assert (kept.cfa_begin, kept.fawa_begin) == (2, 4)

@@ -18,8 +18,8 @@ def register(root: typer.Typer) -> None:
     @user_errors
     def compare(
         methods: str = typer.Option("at,trades,mart,awp,uiat,dhat", help="a comma list of standard, at, trades, mart, "
-                                    "awp (AT-AWP), trades-awp, uiat, dhat, dhat-awp, dhat-trades, dhat-mart (cfa, sglr, "
-                                    "dhat-cfa: reported as not implemented); 'paper' = the paper's rows, 'all' = every one"),
+                                    "awp (AT-AWP), trades-awp, uiat, dhat, dhat-awp, dhat-trades, dhat-mart, cfa, dhat-cfa, "
+                                    "sglr; 'paper' = the paper's rows, 'all' = every one"),
         preset: str = typer.Option("quick", help="quick (built-in data, CPU) | paper (CIFAR-10, WRN-28-10, the paper's settings)"),
         out: Optional[Path] = typer.Option(None, help="output folder, one run directory per row (default runs/compare-<preset>)"),
         attention: Optional[str] = typer.Option(None, help="attention method of the DHAT rows (default: the preset's, gradcam)"),

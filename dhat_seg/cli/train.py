@@ -44,8 +44,9 @@ def register(root: typer.Typer) -> None:
     def train(
         # every name of training_methods.TRAINING_METHODS (a test keeps them equal; written out so
         # that --help does not import torch)
-        method: Optional[str] = typer.Option(None, help="standard | at | uiat | dhat | trades | mart; uiat and dhat add their "
-                                                        "terms to --set base=at|trades|mart; any method takes --set awp=true"),
+        method: Optional[str] = typer.Option(None, help="standard | at | uiat | dhat | trades | mart | cfa | sglr; uiat and dhat "
+                                                        "add their terms to --set base=at|trades|mart|cfa|sglr; any method takes "
+                                                        "--set awp=true"),
         attention: Optional[str] = typer.Option(None, help="attention method (see `dhat-seg plugins`)"),
         attention_checkpoint: Optional[str] = typer.Option(None, help="weights file of the attention method (SAM, SOLO)"),
         attention_opt: Optional[List[str]] = typer.Option(None, help="attention option KEY=VALUE (repeatable)"),

@@ -9,10 +9,12 @@ the mask cache).
 
 Composition:
 
-* **base** (``base: at | trades | mart``, read by UIAT and DHAT): the loss that UIAT's
+* **base** (``base: at | trades | mart | cfa | sglr``, read by UIAT and DHAT): the loss that UIAT's
   and DHAT's terms are added to, with that method's own x_adv, from which x_inv (and
   DHAT's x_B) are made. A base method exposes ``adversarial`` (its attack) and
-  ``base_loss(model, x, y, x_adv) -> (loss, z_adv, stats)``, used standalone and by UIAT/DHAT.
+  ``base_loss(model, x, y, x_adv) -> (loss, z_adv, stats)``, used standalone and by UIAT/DHAT;
+  a base with state (CFA's calibration and weight average) keeps it through the trainer
+  hooks, which UIAT and DHAT pass on (``base: cfa`` = DHAT-CFA).
 * **AWP** (``awp: true``, any method): :meth:`TrainingMethod.weight_perturbation`, a
   context the trainer enters around loss and backward (:mod:`dhat_seg.awp`).
 
@@ -42,10 +44,12 @@ from dhat_seg.errors import UserError
 from dhat_seg.training_methods.adversarial import MART, TRADES, MadryAT, Standard
 from dhat_seg.training_methods.bases import BASE_METHODS
 from dhat_seg.training_methods.base import TrainingMethod, max_abs
+from dhat_seg.training_methods.cfa import CFA
 from dhat_seg.training_methods.inverse import DHAT, UIAT
+from dhat_seg.training_methods.sglr import SGLR
 
-__all__ = ["BASE_METHODS", "DHAT", "MART", "TRADES", "TRAINING_METHODS", "MadryAT", "Standard", "TrainingMethod",
-           "TrainingMethodEntry", "UIAT", "create_training_method", "max_abs"]
+__all__ = ["BASE_METHODS", "CFA", "DHAT", "MART", "TRADES", "TRAINING_METHODS", "MadryAT", "SGLR", "Standard",
+           "TrainingMethod", "TrainingMethodEntry", "UIAT", "create_training_method", "max_abs"]
 
 
 @dataclass(frozen=True)
@@ -60,12 +64,16 @@ TRAINING_METHODS: dict[str, TrainingMethodEntry] = {
     for e in (
         TrainingMethodEntry("standard", "clean training (also trains the Grad-CAM attention model)", Standard),
         TrainingMethodEntry("at", "PGD adversarial training (Madry et al. 2018)", MadryAT),
-        TrainingMethodEntry("uiat", "UIAT: base (at, or --set base=trades|mart) + inverse adversarial alignment; "
+        TrainingMethodEntry("uiat", "UIAT: base (at, or --set base=trades|mart|cfa|sglr) + inverse adversarial alignment; "
                                     "the '-' row of Table 10", UIAT),
-        TrainingMethodEntry("dhat", "DHAT: base (at, or --set base=trades|mart) + DHLR + FLOE with attention-based "
+        TrainingMethodEntry("dhat", "DHAT: base (at, or --set base=trades|mart|cfa|sglr) + DHLR + FLOE with attention-based "
                                     "background extraction", DHAT),
         TrainingMethodEntry("trades", "TRADES (Zhang et al. 2019): CE(x) + trades_beta KL(p_nat || p_adv)", TRADES),
         TrainingMethodEntry("mart", "MART (Wang et al. 2020): boosted CE + mart_beta weighted KL", MART),
+        TrainingMethodEntry("cfa", "CFA (Wei et al. 2023): AT (or --set cfa_base=trades) with class-wise calibrated "
+                                   "eps (and TRADES beta) and a fairness-aware weight average (FAWA)", CFA),
+        TrainingMethodEntry("sglr", "SGLR (Li et al. 2024): AT on self-refined soft labels, a moving average of each "
+                                    "sample's one-hot label and the model's clean and adversarial predictions", SGLR),
     )
 }
 #: every method takes ``--set awp=true`` (adversarial weight perturbation, :mod:`dhat_seg.awp`)

@@ -61,6 +61,10 @@ class TrainingMethod:
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
         """Before ``epoch`` (0-based) is trained."""
 
+    def on_batch_start(self, index: Tensor) -> None:
+        """Before each training batch: the dataset indices of its samples (``batch[2]``, on the
+        CPU), for methods with per-sample state (SGLR's soft labels)."""
+
     def after_step(self, model: nn.Module) -> None:
         """After each optimiser step (e.g. an exponential moving average of the weights)."""
 

@@ -10,5 +10,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from dhat_seg.training_methods.adversarial import MART, TRADES, MadryAT
+from dhat_seg.training_methods.cfa import CFA
+from dhat_seg.training_methods.sglr import SGLR
 
-BASE_METHODS: dict[str, Callable[[Any], MadryAT]] = {"at": MadryAT, "trades": TRADES, "mart": MART}
+BASE_METHODS: dict[str, Callable[[Any], MadryAT]] = {"at": MadryAT, "trades": TRADES, "mart": MART, "cfa": CFA,
+                                                     "sglr": SGLR}

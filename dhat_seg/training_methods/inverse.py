@@ -35,6 +35,9 @@ class UIAT(TrainingMethod):
     def on_epoch_start(self, model, epoch):
         self.base.on_epoch_start(model, epoch)
 
+    def on_batch_start(self, index):
+        self.base.on_batch_start(index)
+
     def after_step(self, model):
         self.base.after_step(model)
 
