@@ -12,6 +12,12 @@ normally trained classifier, itself trained through this module as a plain run a
 cached), the mask cache built from it, the online attention function, and the
 self-attention refresh callback. Lower layers (trainer, cache, attention_model) never
 call back up.
+
+Concurrency: a run holds its directory's lock (``RUN/.lock``) from before its
+``config.yaml`` is written to the end: a second process given the same ``--out`` fails at
+once. Processes sharing a cache directory wait for each other instead: the attention
+model is trained by one (the others wait on its run directory's lock and then reuse it),
+and a mask cache is built by one (the others wait on the cache's lock).
 """
 
 from __future__ import annotations
@@ -33,9 +39,10 @@ from dhat_seg.cache.key import REBUILD_HINT
 from dhat_seg.checkpoint import resolve_weights
 from dhat_seg.config import TrainConfig
 from dhat_seg.data import channel_stats, split_for
-from dhat_seg.errors import UserError
+from dhat_seg.errors import Interrupted, UserError
 from dhat_seg.models import CIFAR_MEAN, CIFAR_STD, create_model, module_mode
-from dhat_seg.runtime import resolve_amp_dtype, seed_everything, select_device
+from dhat_seg.runtime import (deterministic_kernels, directory_lock, graceful_stop, resolve_amp_dtype, seed_everything,
+                              select_device)
 from dhat_seg.trainer import RunParts, Trainer
 from dhat_seg.training_methods import create_training_method
 
@@ -61,9 +68,23 @@ def ensure_attention_model(cfg: TrainConfig, train_fingerprint: str, root: Path,
         if not cfg.attention_model:
             log(f"attention model: reusing normally trained {cfg.attention_model_arch} from {run_dir}")
         return found
-    log(f"attention model: none given (--attention-model), so training a {cfg.attention_model_arch} normally for "
-        f"{cfg.attention_model_epochs} epochs first, as the paper does; it is saved in {run_dir} and reused by later runs")
-    Experiment(attention_model_config(cfg), run_dir, log=log, cache_dir=root, progress=progress).run(resume=run_dir.exists())
+
+    def waiting(pid: str) -> None:
+        log(f"attention model: another process (pid {pid}) is training it in {run_dir}; waiting for it")
+
+    with directory_lock(run_dir, wait=True, on_wait=waiting):
+        found = find_attention_model(cfg, train_fingerprint, root)
+        if found is not None:  # trained by the process we waited for
+            log(f"attention model: reusing normally trained {cfg.attention_model_arch} from {run_dir}")
+            return found
+        log(f"attention model: none given (--attention-model), so training a {cfg.attention_model_arch} normally for "
+            f"{cfg.attention_model_epochs} epochs first, as the paper does; it is saved in {run_dir} and reused by later runs")
+        try:
+            Experiment(attention_model_config(cfg), run_dir, log=log, cache_dir=root, progress=progress).run(
+                resume=(run_dir / "config.yaml").is_file())
+        except Interrupted as exc:
+            exc.message = f"while training the attention model in {run_dir}: {exc.message}"
+            raise
     return resolve_weights(run_dir)
 
 
@@ -158,11 +179,16 @@ class Experiment:
         resolve_amp_dtype(self.cfg, select_device(self.cfg.device))  # refuse an impossible precision before any work
 
     def run(self, resume: bool = False) -> dict[str, Any]:
+        """Build the parts and fit them, holding the run directory's lock, with
+        deterministic kernels, stopping at a safe point on SIGINT/SIGTERM
+        (:class:`~dhat_seg.errors.Interrupted`)."""
         device = select_device(self.cfg.device)
         if create_training_method(self.cfg).needs_attention:
             resolve_attention_method(self.cfg)  # options and checkpoint refused before the run directory is made
-        Trainer.prepare_out_dir(self.cfg, self.out, resume)
-        parts = build_parts(self.cfg, self.out, device=device, root=self.cache_root, log=self.log, progress=self.progress,
-                            rebuild_masks=self.rebuild_masks)
-        trainer = Trainer(self.cfg, self.out, parts, log=self.log, progress=self.progress, on_epoch=self.on_epoch)
-        return trainer.fit(resume=resume)
+        lock = directory_lock(self.out, wait=False, busy="run directory", hint="choose another --out")
+        with lock, graceful_stop(), deterministic_kernels(device):
+            Trainer.prepare_out_dir(self.cfg, self.out, resume)  # under the lock: no other process writes here now
+            parts = build_parts(self.cfg, self.out, device=device, root=self.cache_root, log=self.log,
+                                progress=self.progress, rebuild_masks=self.rebuild_masks)
+            trainer = Trainer(self.cfg, self.out, parts, log=self.log, progress=self.progress, on_epoch=self.on_epoch)
+            return trainer.fit(resume=resume)

@@ -1,14 +1,21 @@
 """Where and how a run computes: device selection, the training passes' autocast dtype,
-and seeding the global random number generators."""
+seeding the global random number generators, deterministic kernels, stopping at a safe
+point on SIGINT/SIGTERM, and one process at a time in a directory (``flock``)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-from dhat_seg.errors import UserError
+from dhat_seg.errors import Interrupted, UserError, os_reason
 
 
 def select_device(name: str) -> torch.device:
@@ -45,3 +52,170 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------
+# Deterministic kernels
+# ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def deterministic_kernels(device: torch.device) -> Iterator[None]:
+    """Deterministic kernels for the block (the previous settings restored after).
+
+    CPU: nothing to change, torch's CPU kernels give the same bits run after run for the
+    same number of threads. CUDA: cuDNN autotuning off, cuDNN's deterministic algorithms,
+    ``torch.use_deterministic_algorithms(True, warn_only=True)`` (an operation without a
+    deterministic CUDA kernel warns, naming itself, and runs anyway) and cuBLAS's fixed
+    workspace (``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless set; it takes effect for the
+    cuBLAS handles created after it, so before a process's first CUDA matmul).
+    ``DHAT_SEG_DETERMINISTIC=0`` keeps torch's faster, nondeterministic defaults."""
+    if device.type != "cuda" or os.environ.get("DHAT_SEG_DETERMINISTIC", "1") == "0":
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    cudnn = torch.backends.cudnn
+    before = (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    cudnn.benchmark, cudnn.deterministic = False, True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        cudnn.benchmark, cudnn.deterministic = before[0], before[1]
+        torch.use_deterministic_algorithms(before[2], warn_only=before[3])
+
+
+# ---------------------------------------------------------------------------------
+# Stopping at a safe point on SIGINT / SIGTERM
+# ---------------------------------------------------------------------------------
+
+_STOP: dict[str, Any] = {"depth": 0, "signum": None}
+
+
+@contextlib.contextmanager
+def graceful_stop() -> Iterator[None]:
+    """Within the block, SIGINT (Ctrl-C) and SIGTERM only record a stop request, which the
+    work honours at its next safe point (:func:`stop_requested`: the trainer after a
+    batch, a mask build after a batch, both discarding only unfinished work); a second
+    signal stops at once (:class:`~dhat_seg.errors.Interrupted`; everything on disk is
+    written atomically). Re-entrant; the previous handlers are restored when the
+    outermost block ends; a no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield
+        return
+    if _STOP["depth"]:
+        _STOP["depth"] += 1
+        try:
+            yield
+        finally:
+            _STOP["depth"] -= 1
+        return
+
+    def handler(signum, frame):
+        if _STOP["signum"] is not None:
+            raise Interrupted(signum, f"{signal.Signals(signum).name} received a second time; stopped at once "
+                                      "(checkpoints and cache chunks on disk are complete: they are written atomically)")
+        _STOP["signum"] = signum
+        try:  # a raw write: print() here could re-enter a stream the interrupted code is writing
+            os.write(2, f"\n{signal.Signals(signum).name} received: stopping at the next safe point (the end of the "
+                        "current batch); send it again to stop at once\n".encode())
+        except OSError:
+            pass
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    _STOP.update(depth=1, signum=None)
+    try:
+        for s in previous:
+            signal.signal(s, handler)
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        _STOP.update(depth=0, signum=None)
+
+
+def stop_requested() -> int | None:
+    """The signal number of a pending stop request (see :func:`graceful_stop`), else None."""
+    return _STOP["signum"]
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """``worker_init_fn`` of DataLoader workers: SIGINT/SIGTERM are the main process's to
+    handle (a Ctrl-C reaches the whole process group; a worker killed by it would make
+    the main process's safe stop fail); the main process shuts its workers down."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+
+
+# ---------------------------------------------------------------------------------
+# One process at a time in a directory
+# ---------------------------------------------------------------------------------
+
+LOCK_FILE = ".lock"
+_HELD: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def directory_lock(directory: Path, *, wait: bool, busy: str = "directory", hint: str = "",
+                   on_wait: Callable[[str], None] | None = None) -> Iterator[bool]:
+    """Hold an exclusive lock on ``directory/.lock`` (POSIX ``flock``; a no-op where there
+    is none) for the block, creating ``directory``. The kernel drops the lock when the
+    process ends, killed or not, so a lock never outlives its holder.
+
+    ``wait=False``: a UserError at once when another process holds it, ``busy`` (e.g.
+    "run directory") naming what is in use, with the holder's pid, and ``hint`` (e.g.
+    "choose another --out"). ``wait=True``: wait for it, calling ``on_wait(pid)`` first.
+    Re-entrant within a process. Yields whether it had to wait."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise UserError(f"{busy} {str(directory)!r} cannot be written ({os_reason(exc)}); expected a writable folder"
+                        + (f"; {hint}" if hint else "")) from None
+    ident = str(path.resolve())
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        fcntl = None
+    waited = False
+    try:
+        if fcntl is not None and not _HELD.get(ident):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(fd)
+                if not wait:
+                    raise UserError(f"{busy} {str(directory)!r} is in use by another dhat-seg process (pid {holder}); "
+                                    f"wait for it to finish" + (f" or {hint}" if hint else "")) from None
+                if on_wait is not None:
+                    on_wait(holder)
+                waited = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:  # the holder's pid, for the message of a process that finds it busy
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
+            except OSError:
+                pass  # a full disk: the pid is only informative
+        _HELD[ident] = _HELD.get(ident, 0) + 1
+        try:
+            yield waited
+        finally:
+            _HELD[ident] -= 1
+            if not _HELD[ident]:
+                del _HELD[ident]
+    finally:
+        os.close(fd)  # releases the flock with the last descriptor of this open
+
+
+def _holder(fd: int) -> str:
+    try:
+        return os.pread(fd, 32, 0).decode().strip() or "unknown"
+    except (OSError, UnicodeDecodeError):
+        return "unknown"

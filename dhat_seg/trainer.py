@@ -15,13 +15,23 @@ every augmented batch.
 Reproducibility: every epoch reseeds the RNGs from (seed, epoch), so an epoch depends
 only on the state saved at the end of the previous one. A run killed at any point and
 restarted with ``resume=True`` redoes the interrupted epoch and ends with the same
-``summary.json`` as an uninterrupted run (on CPU; CUDA kernels may be nondeterministic).
+``summary.json`` as an uninterrupted run, and the same run repeated gives the same bits
+(on CPU; on CUDA some kernels stay nondeterministic, see
+:func:`dhat_seg.runtime.deterministic_kernels`).
+
+Faults: during :meth:`Trainer.fit` the run directory is locked (``RUN/.lock``: a second
+process fitting into it fails at once), SIGINT/SIGTERM stop at the end of the current
+batch (:class:`~dhat_seg.errors.Interrupted`; the last finished epoch's checkpoint is the
+resume point and the interrupted epoch is redone exactly), and a write that fails (full
+disk, read-only file system) is a :class:`~dhat_seg.errors.WriteError` that leaves the
+previous checkpoint and every complete metrics line in place.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,10 +46,12 @@ from dhat_seg import __version__, attacks, evaluate
 from dhat_seg.attention import foreground_mask
 from dhat_seg.cache.dataset import MaskedDataset
 from dhat_seg.cache.store import batch_foreground
-from dhat_seg.checkpoint import STATE, TRAIN_WEIGHTS, WEIGHTS, load_state, load_weights, read_pointers, save_checkpoint
+from dhat_seg.checkpoint import (STATE, TRAIN_WEIGHTS, WEIGHTS, atomic_write_text, load_state, load_weights, read_pointers,
+                                 replaced_atomically, save_checkpoint)
 from dhat_seg.config import TrainConfig, save_config
-from dhat_seg.errors import DivergenceError, UserError
-from dhat_seg.runtime import resolve_amp_dtype, seed_everything, select_device
+from dhat_seg.errors import DivergenceError, Interrupted, UserError, write_error
+from dhat_seg.runtime import (deterministic_kernels, directory_lock, graceful_stop, ignore_stop_signals, resolve_amp_dtype,
+                              seed_everything, select_device, signal_name, stop_requested)
 
 CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "summary.json"
 
@@ -116,13 +128,21 @@ class Trainer:
                 raise UserError(f"cannot resume {str(out)!r}: option {k}={current[k]!r} differs from the run's {saved[k]!r}")
         try:
             out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, config_path)
+            with replaced_atomically(config_path) as tmp:  # a resumed run's config.yaml is never left half-written
+                save_config(cfg, tmp)
         except OSError as exc:
             raise UserError(f"run directory {str(out)!r} cannot be written ({exc.strerror or exc}); expected a writable "
                             "folder for --out") from None
 
     # ------------------------------------------------------------------ main
     def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train (or, with ``resume``, continue) the run; returns the summary. Holds the run
+        directory's lock and stops at a safe point on SIGINT/SIGTERM (handlers restored after)."""
+        lock = directory_lock(self.out, wait=False, busy="run directory", hint="choose another --out")
+        with lock, graceful_stop(), deterministic_kernels(self.device):
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> dict[str, Any]:
         c, parts = self.cfg, self.parts
         model, method = parts.model, parts.training_method
         if self.amp_dtype is not None:
@@ -158,6 +178,7 @@ class Trainer:
 
         val_x, val_y = evaluate.collect(parts.val, c.val_examples)
         for epoch in range(start_epoch, c.epochs):
+            self._stop_if_asked(epoch, None, ckpt_dir)
             t0 = time.time()
             for cb in parts.callbacks:
                 cb.on_epoch_start(self, parts, epoch)
@@ -180,8 +201,7 @@ class Trainer:
             best = max(best, score)
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **train_stats, **val,
                       "best": is_best, "seconds": round(time.time() - t0, 2)}
-            with open(self.out / METRICS_FILE, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            self._append_metrics(record, ckpt_dir)
             self.on_epoch(record)
             state = {"epoch": epoch + 1, "best": best, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
             if self.amp:
@@ -195,22 +215,73 @@ class Trainer:
             save_checkpoint(ckpt_dir, epoch + 1, evaluated, c.model, state, is_best,
                             train_model=model if evaluated is not model else None)
 
+        self._stop_if_asked(c.epochs, None, ckpt_dir)
         return self._finish(method.evaluation_model(model), parts.test, ckpt_dir, method.needs_attention)
 
-    # ------------------------------------------------------------------ pieces
+    # ------------------------------------------------------------------ faults
+    def _stop_if_asked(self, epoch: int, batches: int | None, ckpt_dir: Path) -> None:
+        """Interrupted when SIGINT/SIGTERM asked to stop: ``batches`` done in 0-based
+        ``epoch`` (whose work is discarded and redone on resume), or None between epochs."""
+        signum = stop_requested()
+        if signum is None:
+            return
+        last = read_pointers(ckpt_dir).get("last")
+        total = self.cfg.epochs
+        if batches is None:
+            where = f"stopped after epoch {epoch}/{total}" if epoch else "stopped before epoch 1"
+        else:
+            where = f"stopped in epoch {epoch + 1}/{total} after batch {batches} (a safe point)"
+        kept = (f"the checkpoint of epoch {int(last[6:])} is kept ({ckpt_dir / last})" if last
+                else "no epoch had finished, so nothing is kept")
+        redo = f"; a resumed run redoes epoch {epoch + 1} exactly" if batches is not None and last else ""
+        raise Interrupted(signum, f"{signal_name(signum)} received; {where}; {kept}{redo}")
+
+    def _append_metrics(self, record: dict, ckpt_dir: Path) -> None:
+        """One line appended to metrics.jsonl; a write that fails is rolled back to the
+        previous complete lines (a truncation needs no free space)."""
+        path = self.out / METRICS_FILE
+        size = path.stat().st_size if path.exists() else 0
+        try:
+            with open(path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            try:
+                os.truncate(path, size)
+            except OSError:
+                pass  # a torn last line is skipped when the run is resumed
+            last = read_pointers(ckpt_dir).get("last")
+            kept = (f"it keeps the lines of the finished epochs, and the checkpoint {str(ckpt_dir / last)!r} is intact; "
+                    f"--resume continues from it (redoing epoch {record['epoch']})" if last
+                    else "no epoch had finished; --resume starts the run again")
+            raise write_error(path, exc, f"{kept}; free space or choose a writable --out") from None
+
     def _truncate_metrics(self, epochs_done: int) -> None:
+        """Keep the lines of the ``epochs_done`` checkpointed epochs (a resumed run rewrites
+        the rest); a torn last line of a write cut short is dropped."""
         path = self.out / METRICS_FILE
         if not path.exists():
             return
-        lines = [l for l in path.read_text().splitlines() if l.strip()]
-        kept = [l for l in lines if json.loads(l).get("epoch", 0) <= epochs_done]
-        path.write_text("".join(l + "\n" for l in kept))
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("epoch", 0) <= epochs_done:
+                    kept.append(line)
+            except (json.JSONDecodeError, AttributeError):
+                continue
+        try:
+            atomic_write_text(path, "".join(l + "\n" for l in kept))
+        except OSError as exc:
+            raise write_error(path, exc, "nothing was changed; free space or choose a writable --out") from None
 
+    # ------------------------------------------------------------------ pieces
     def _train_epoch(self, model, method, attention, dataset, optimizer, scaler, epoch) -> dict[str, float]:
         c = self.cfg
         generator = torch.Generator().manual_seed(c.seed * 7919 + epoch)
         loader = DataLoader(dataset, batch_size=c.batch_size, shuffle=True, drop_last=len(dataset) > c.batch_size,
-                            num_workers=c.num_workers, generator=generator, pin_memory=self.device.type == "cuda")
+                            num_workers=c.num_workers, generator=generator, pin_memory=self.device.type == "cuda",
+                            worker_init_fn=ignore_stop_signals if c.num_workers else None)
         model.train()
         warmup = method.needs_attention and epoch < c.attention_burn_in
         autocast = lambda: torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
@@ -249,6 +320,7 @@ class Trainer:
                 totals[k] = max(totals.get(k, v), v) if k.startswith("max_logit") else totals.get(k, 0.0) + v
             n_batches += 1
             bar.set_postfix(loss=f"{values['loss']:.3f}")
+            self._stop_if_asked(epoch, n_batches, self.out / "checkpoints")  # the safe point
         return {f"train_{k}": round(v if k.startswith("max_logit") else v / max(n_batches, 1), 5) for k, v in totals.items()}
 
     def _check_divergence(self, values: dict[str, float], epoch: int, batch: int) -> None:
@@ -305,7 +377,11 @@ class Trainer:
             "config_digest": c.digest(),
             "dhat_seg_version": __version__,
         }
-        (self.out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        try:
+            atomic_write_text(self.out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        except OSError as exc:
+            raise write_error(self.out / SUMMARY_FILE, exc, "every checkpoint is intact and --resume finishes the run "
+                              "(only the test evaluation is redone); free space or choose a writable --out") from None
         return summary
 
 

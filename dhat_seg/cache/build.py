@@ -1,12 +1,18 @@
 """Building a mask cache: chunked, locked, resumable, byte-identical after a resume.
+
+Faults: two processes building the same cache take turns on its lock (the second waits,
+then reuses the finished cache); SIGINT/SIGTERM stop after the current batch, dropping
+only the unfinished chunk; a chunk or ``meta.json`` that cannot be written (full disk,
+read-only file system) is a :class:`~dhat_seg.errors.WriteError` that keeps every
+finished chunk. In each case the same command later resumes at the first missing chunk.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -19,8 +25,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from dhat_seg.attention import validate_attention
-from dhat_seg.checkpoint import atomic_write_text
-from dhat_seg.errors import PluginError, UserError
+from dhat_seg.checkpoint import atomic_write_text, write_atomic
+from dhat_seg.errors import Interrupted, PluginError, UserError, write_error
+from dhat_seg.runtime import directory_lock, graceful_stop, ignore_stop_signals, signal_name, stop_requested
 from dhat_seg.cache.key import _jsonable, sha256_file
 from dhat_seg.cache.key import CHUNK_SIZE, FORMAT, META, check_key, key_hash
 from dhat_seg.cache.store import MaskCache, _chunk_name, _chunk_ok, read_meta
@@ -31,24 +38,15 @@ from dhat_seg.cache.store import MaskCache, _chunk_name, _chunk_ok, read_meta
 
 
 @contextlib.contextmanager
-def _build_lock(directory: Path, log: Callable[[str], None]) -> Iterator[None]:
+def _build_lock(directory: Path, log: Callable[[str], None]) -> Iterator[bool]:
     """Exclusive lock on ``directory/.lock`` (POSIX flock; a no-op elsewhere): two
-    processes never build the same cache at once, the second waits and then reuses."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        yield
-        return
-    with open(directory / ".lock", "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"mask cache: another process is building {directory}; waiting for it")
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    processes never build the same cache at once, the second waits and then reuses.
+    Yields whether it waited."""
+    def waiting(pid: str) -> None:
+        log(f"mask cache: another process (pid {pid}) is building {directory}; waiting for it")
+
+    with directory_lock(directory, wait=True, busy="mask cache directory", on_wait=waiting) as waited:
+        yield waited
 
 
 class _Unaugmented(Dataset):
@@ -77,13 +75,10 @@ def _encode(result: Tensor, storage: str) -> np.ndarray:
 
 
 def _write_npy(path: Path, array: np.ndarray) -> str:
-    """Write atomically; return the file's SHA-256."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write atomically (an OSError leaves no partial file); return the file's SHA-256."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    write_atomic(path, buffer.getvalue())
     return sha256_file(path)
 
 
@@ -137,14 +132,15 @@ def build_masks(
     method_name = method_name or str(key.get("method", {}).get("name", "attention"))
     if batch_size < 1 or chunk_size < 1:
         raise UserError(f"mask batch size {batch_size} / chunk size {chunk_size} is invalid; expected positive integers")
-    directory.mkdir(parents=True, exist_ok=True)
-    with _build_lock(directory, log):
-        if rebuild:
+    with _build_lock(directory, log) as waited, graceful_stop():
+        if rebuild and not waited:  # after a wait, the other process has just rebuilt it
             _clear(directory)
         meta = read_meta(directory)
         if meta is not None:
             check_key(directory, meta["key"], key)
             if meta.get("complete"):
+                if waited:
+                    log(f"mask cache: {directory} was finished by the other process; reusing it")
                 return MaskCache.open(directory, key)
         for stale in directory.glob(".chunk_*.tmp*"):
             stale.unlink()
@@ -172,12 +168,13 @@ def build_masks(
                 lo, hi = k * chunk_size, min(n, (k + 1) * chunk_size)
                 t0 = time.time()
                 rows, storage = _compute_chunk(fn, dataset, lo, hi, k, device, batch_size, num_workers, meta["storage"],
-                                               method_name, bar)
+                                               method_name, bar, _stopper(directory, k, n_chunks, meta))
                 meta["storage"] = storage
                 name = _chunk_name(k)
-                meta["chunks"][name] = {"sha256": _write_npy(directory / name, rows), "samples": [lo, hi]}
-                meta["build_seconds"] = round(float(meta.get("build_seconds", 0.0)) + time.time() - t0, 3)
-                atomic_write_text(directory / META, json.dumps(meta, indent=1, sort_keys=True))
+                with _kept_on_failure(directory / name, meta, n_chunks):
+                    meta["chunks"][name] = {"sha256": _write_npy(directory / name, rows), "samples": [lo, hi]}
+                    meta["build_seconds"] = round(float(meta.get("build_seconds", 0.0)) + time.time() - t0, 3)
+                    atomic_write_text(directory / META, json.dumps(meta, indent=1, sort_keys=True))
         finally:
             bar.close()
         cache = MaskCache(directory, meta)
@@ -186,14 +183,46 @@ def build_masks(
         meta["bytes_per_sample"] = round(cache.bytes_per_sample, 2)
         meta["coverage"] = {"value": round(cache.coverage(threshold.policy, threshold.omega, threshold.quantile), 6),
                             "policy": threshold.policy, "omega": threshold.omega, "quantile": threshold.quantile}
-        atomic_write_text(directory / META, json.dumps(meta, indent=1, sort_keys=True))
+        with _kept_on_failure(directory / META, meta, n_chunks):
+            atomic_write_text(directory / META, json.dumps(meta, indent=1, sort_keys=True))
     return MaskCache.open(directory, key)
 
 
-def _compute_chunk(fn, dataset, lo, hi, k, device, batch_size, num_workers, storage, method_name, bar):
+def _finished(meta: dict) -> int:
+    return sum(1 for r in meta["chunks"].values() if r)
+
+
+@contextlib.contextmanager
+def _kept_on_failure(path: Path, meta: dict, n_chunks: int) -> Iterator[None]:
+    """An OSError while writing ``path`` (full disk, read-only file system) -> a WriteError
+    saying that the finished chunks are kept."""
+    before = dict(meta["chunks"])
+    try:
+        yield
+    except OSError as exc:
+        meta["chunks"] = before
+        raise write_error(exc.filename or path, exc, f"the {_finished(meta)} finished chunk(s) of {n_chunks} are kept; "
+                          "free space or choose a writable --cache-dir, then run the same command again to finish the "
+                          "cache") from None
+
+
+def _stopper(directory: Path, k: int, n_chunks: int, meta: dict) -> Callable[[], None]:
+    """The safe point of a build (after each batch): Interrupted when SIGINT/SIGTERM asked to stop."""
+    def check() -> None:
+        signum = stop_requested()
+        if signum is not None:
+            raise Interrupted(signum, f"{signal_name(signum)} received; stopped building the mask cache {directory} in "
+                                      f"chunk {k + 1}/{n_chunks}; the {_finished(meta)} finished chunk(s) are kept and "
+                                      "the same command resumes the build from the first missing one")
+    return check
+
+
+def _compute_chunk(fn, dataset, lo, hi, k, device, batch_size, num_workers, storage, method_name, bar,
+                   stop: Callable[[], None] = lambda: None):
     from dhat_seg.data.base import derive_seed
 
-    loader = DataLoader(_Unaugmented(dataset, lo, hi), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(_Unaugmented(dataset, lo, hi), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        worker_init_fn=ignore_stop_signals if num_workers else None)
     parts = []
     with torch.random.fork_rng(devices=_cuda_devices(device)):
         # one seed per chunk: a resumed build equals an uninterrupted one
@@ -210,6 +239,7 @@ def _compute_chunk(fn, dataset, lo, hi, k, device, batch_size, num_workers, stor
                                   "a mask cache needs one kind")
             parts.append(_encode(result, storage))
             bar.update(images.shape[0])
+            stop()
     return np.concatenate(parts, axis=0), storage
 
 

@@ -52,9 +52,12 @@ def sha256_file(path: str | Path, memo_dir: Path | None = None) -> str:
             h.update(block)
     digest = h.hexdigest()
     if memo_path is not None:
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
         memo[ident] = digest
-        atomic_write_text(memo_path, json.dumps(memo, indent=1))
+        try:
+            memo_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(memo_path, json.dumps(memo, indent=1))
+        except OSError:
+            pass  # only a memo (full disk, read-only cache): the file is hashed again next time
     return digest
 
 

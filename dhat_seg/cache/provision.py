@@ -13,6 +13,7 @@ from dhat_seg.attention import AttentionSpec
 from dhat_seg.data import split_args, split_for
 from dhat_seg.errors import UserError
 from dhat_seg.models import module_mode
+from dhat_seg.runtime import directory_lock
 from dhat_seg.cache.build import Threshold, build_masks
 from dhat_seg.cache.key import CHUNK_SIZE, REBUILD_HINT, cache_dir_for, cache_name, check_key, mask_key, sha256_file, sha256_state
 from dhat_seg.cache.store import MaskCache, read_meta
@@ -73,23 +74,35 @@ def ensure_mask_cache(
         raise UserError(f"attention method {spec.name!r} reads a classifier and none was given")
     directory = cache_dir_for(root, key)
     meta = None if rebuild else read_meta(directory)
-    if meta is not None and meta.get("complete"):
+    if meta is not None and meta.get("complete"):  # no lock needed (nor a writable cache) to reuse a complete cache
         cache = MaskCache.open(directory, key, hint=hint)
         log(f"mask cache: reusing {directory} ({len(cache)} masks)")
         return cache
-    if meta is not None:
-        check_key(directory, meta["key"], key, hint)
-        done = sum(1 for r in meta.get("chunks", {}).values() if r)
-        log(f"mask cache: resuming the interrupted build of {directory} ({done} chunks done)")
-    else:
-        log(f"mask cache: building {directory} ({len(dataset)} masks with {spec.name}; runs once, later runs reuse it)")
-    path = classifier_path if spec.needs_classifier(options) else None
-    attention = build_attention(cfg, num_classes=dataset.num_classes, device=device, classifier_path=path)
-    threshold = Threshold(cfg.threshold_policy, cfg.omega, cfg.quantile)
-    extra = {"dataset_args": split_args(cfg, dataset.split), "attention_model": str(path) if path else None}
-    return build_masks(attention, dataset, directory, key, device=device, batch_size=batch_size or cfg.batch_size,
-                       chunk_size=chunk_size, num_workers=cfg.num_workers, threshold=threshold, rebuild=rebuild, log=log, progress=progress,
-                       method_name=spec.name, extra_meta=extra)
+
+    def waiting(pid: str) -> None:
+        log(f"mask cache: another process (pid {pid}) is building {directory}; waiting for it")
+
+    # one builder at a time: a process that had to wait finds the cache the other one built
+    with directory_lock(directory, wait=True, busy="mask cache directory", on_wait=waiting) as waited:
+        rebuild = rebuild and not waited
+        meta = None if rebuild else read_meta(directory)
+        if meta is not None and meta.get("complete"):
+            cache = MaskCache.open(directory, key, hint=hint)
+            log(f"mask cache: reusing {directory} ({len(cache)} masks), built by the process waited for")
+            return cache
+        if meta is not None:
+            check_key(directory, meta["key"], key, hint)
+            done = sum(1 for r in meta.get("chunks", {}).values() if r)
+            log(f"mask cache: resuming the interrupted build of {directory} ({done} chunks done)")
+        else:
+            log(f"mask cache: building {directory} ({len(dataset)} masks with {spec.name}; runs once, later runs reuse it)")
+        path = classifier_path if spec.needs_classifier(options) else None
+        attention = build_attention(cfg, num_classes=dataset.num_classes, device=device, classifier_path=path)
+        threshold = Threshold(cfg.threshold_policy, cfg.omega, cfg.quantile)
+        extra = {"dataset_args": split_args(cfg, dataset.split), "attention_model": str(path) if path else None}
+        return build_masks(attention, dataset, directory, key, device=device, batch_size=batch_size or cfg.batch_size,
+                           chunk_size=chunk_size, num_workers=cfg.num_workers, threshold=threshold, rebuild=rebuild, log=log,
+                           progress=progress, method_name=spec.name, extra_meta=extra)
 
 
 def self_mask_cache(

@@ -3,6 +3,7 @@ tables, and where a run's settings start."""
 
 from __future__ import annotations
 
+import errno
 import functools
 from pathlib import Path
 from typing import Any
@@ -10,11 +11,17 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from dhat_seg.errors import UserError
+from dhat_seg.errors import Interrupted, UserError, write_error
+
+
+#: errno values of a disk that cannot take a write: one ``error:`` line wherever they surface
+_DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG}
 
 
 def user_errors(fn):
-    """Turn UserError (and Ctrl-C) into one line and a non-zero exit code."""
+    """Turn UserError (and a full or read-only disk) into one ``error:`` line and exit code 2;
+    a stop asked by SIGINT/SIGTERM (:class:`~dhat_seg.errors.Interrupted`) into one
+    ``interrupted:`` line and exit code 130/143, as a shell reports a process killed by them."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -23,9 +30,19 @@ def user_errors(fn):
         except UserError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
+        except Interrupted as exc:
+            again = "" if exc.resume else "; run the same command again to continue"
+            typer.echo(f"interrupted: {exc}{again}", err=True)
+            raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("interrupted: finished epochs are checkpointed; continue with --resume --out RUN_DIR", err=True)
             raise typer.Exit(130) from None
+        except OSError as exc:
+            if exc.errno not in _DISK_ERRNOS:
+                raise
+            kept = "what was finished is kept (checkpoints and cache chunks are written atomically)"
+            typer.echo(f"error: {write_error(exc.filename or 'a file', exc, kept)}", err=True)
+            raise typer.Exit(2) from None
 
     return wrapper
 

@@ -20,7 +20,7 @@ import typer
 
 from dhat_seg.cli.common import log as _log
 from dhat_seg.cli.common import parse_key_values, parse_overrides, print_table, show_progress, user_errors
-from dhat_seg.errors import UserError
+from dhat_seg.errors import Interrupted, UserError
 
 app = typer.Typer(no_args_is_help=True, help="Per-sample foreground mask caches: build, info, show, score.")
 
@@ -107,6 +107,8 @@ def build(
         cache = frozen_masks(cfg, dataset, device=_device(cfg), root=_root(cache_dir), log=_log,
                              train_fingerprint=train_fingerprint(cfg, dataset), rebuild=rebuild, progress=show_progress(),
                              batch_size=batch_size, hint=BUILD_HINT, chunk_size=chunk_size)
+    except Interrupted:  # SIGINT/SIGTERM at a safe point: user_errors prints what was kept (exit 130/143)
+        raise
     except KeyboardInterrupt:
         typer.echo("interrupted: finished chunks are kept; run the same command again to resume the build", err=True)
         raise typer.Exit(130) from None

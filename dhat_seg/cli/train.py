@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 
 from dhat_seg.cli.common import config_base, log, parse_key_values, parse_overrides, print_table, show_progress, user_errors
-from dhat_seg.errors import UserError
+from dhat_seg.errors import Interrupted, UserError
 
 
 class EpochPrinter:
@@ -34,6 +34,14 @@ class EpochPrinter:
             self.table = EpochTable(default_columns(template))
             typer.echo(self.table.header(template))
         typer.echo(self.table.row(record))
+
+
+def resume_command(out: Path, cache_dir: Path | None) -> str:
+    """The command that continues the run in ``out`` (its settings are in out/config.yaml)."""
+    import shlex
+
+    cache = f" --cache-dir {shlex.quote(str(cache_dir))}" if cache_dir is not None else ""
+    return f"dhat-seg train --resume --out {shlex.quote(str(out))}{cache}"
 
 
 def register(root: typer.Typer) -> None:
@@ -114,8 +122,12 @@ def register(root: typer.Typer) -> None:
         on_epoch = (lambda record: typer.echo(json.dumps(record))) if json_lines else EpochPrinter(cfg)
         from dhat_seg.experiment import Experiment  # torch and the rest: only once the settings are valid
 
-        summary = Experiment(cfg, out, cache_dir=cache_dir, rebuild_masks=rebuild_masks, progress=show_progress(), log=log,
-                             on_epoch=on_epoch).run(resume=resume)
+        try:
+            summary = Experiment(cfg, out, cache_dir=cache_dir, rebuild_masks=rebuild_masks, progress=show_progress(), log=log,
+                                 on_epoch=on_epoch).run(resume=resume)
+        except Interrupted as exc:  # SIGINT/SIGTERM: stopped at a safe point; say how to go on
+            exc.resume = resume_command(out, cache_dir)
+            raise
         typer.echo("")
         print_table([summary | {"run": str(out)}], [("method", "method"), ("attention", "attention"), ("data", "data"),
                     ("model", "model"), ("epochs", "epochs"), ("best_epoch", "best epoch"), ("clean_acc", "clean %"),
