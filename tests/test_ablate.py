@@ -341,3 +341,30 @@ def test_the_plot_has_iou_panels_with_error_bars(tmp_path):
     x, y = points[0].lines[0].get_data()  # Grad-CAM in the AA panel: means
     assert (x[0], y[0]) == (pytest.approx(0.15), pytest.approx(32.0))
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_report_only_writes_the_finished_rows_and_runs_nothing(tmp_path, monkeypatch):
+    calls = []
+    fake_ablation(tmp_path, monkeypatch, calls, failing=(), seeds=[0])  # seed 0 finished, single-seed layout
+    calls.clear()
+    import dataclasses
+
+    from dhat_seg.evaluation_report import EvalOptions
+
+    class NoTraining(FakeTrainer):
+        def run(self, resume=False):
+            raise AssertionError("report_only must not train")
+
+    preset = ablate.ABLATE_PRESETS["quick"]
+    base = ablate.base_config(preset, {"image_size": 16, "train_size": 100, "test_size": 40, "device": "cpu"})
+    options = dataclasses.replace(EvalOptions(), **preset.eval, device="cpu").validate()
+    result = ablate.run_ablation(["-", "gradcam"], base, options, tmp_path / "out", seeds=[0, 1], cache_dir=tmp_path / "cache",
+                                 preset=preset, log=lambda m: None, progress=False, trainer_factory=NoTraining,
+                                 report_only=True)
+    assert calls == []  # nothing evaluated either
+    rows = {r["row"]: r for r in result["rows"]}
+    assert rows["- (UIAT)"]["n_seeds"] == 1 and rows["Grad-CAM"]["n_seeds"] == 1
+    assert "pending: not finished yet" in rows["Grad-CAM"]["status"]
+    assert not (tmp_path / "out" / "seed-1").exists()
+    md = (tmp_path / "out" / "ablation.md").read_text()
+    assert "Paired by seed" in md  # seed 0 pairs Grad-CAM with UIAT

@@ -89,6 +89,10 @@ def _reads_oracle(study: Study, base: TrainConfig, name: str) -> bool:
     return entry is not None and entry.cls.needs_attention and cfg.attention == "oracle"
 
 
+#: status of a row not finished when ``report_only`` writes the table
+PENDING_REPORT_ONLY = "pending: not finished yet (--report-only runs nothing)"
+
+
 def run_ablation(
     rows: list[str],
     base: TrainConfig,
@@ -105,6 +109,7 @@ def run_ablation(
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
     progress: bool = True,
     trainer_factory: Callable[..., Any] | None = None,
+    report_only: bool = False,
 ) -> dict[str, Any]:
     """The attention ablation: :func:`run_study` of the attention rows ("-" and method
     names) with the methods' checkpoints and options; returns ablation.json's content."""
@@ -113,7 +118,7 @@ def run_ablation(
         log(f"ablate: warning: --attention-checkpoint {name}=... is not used: no row {name!r} (rows: {', '.join(rows)})")
     return run_study(attention_study(checkpoints, attention_options), rows, base, eval_options, out, seeds=seeds,
                      cache_dir=cache_dir, unavailable=unavailable, preset=preset, overrides=overrides, log=log,
-                     progress=progress, trainer_factory=trainer_factory)
+                     progress=progress, trainer_factory=trainer_factory, report_only=report_only)
 
 
 def run_study(
@@ -131,11 +136,13 @@ def run_study(
     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
     progress: bool = True,
     trainer_factory: Callable[..., Any] | None = None,
+    report_only: bool = False,
 ) -> dict[str, Any]:
     """Train and evaluate every row (its config: ``study.config``) with the sanity checks
     once per seed (default: the base config's seed), write the table files
     (OUT/<study.stem>.*), return the JSON's content. Rows in ``unavailable`` and rows
-    that ``study.readiness`` refuses are skipped with the reason.
+    that ``study.readiness`` refuses are skipped with the reason. ``report_only``: train and
+    evaluate nothing; write the table of the rows finished so far (the others "pending").
 
     Seed by seed: every row of the first seed, then of the next, so that a complete
     table of the first seed exists early. Training and evaluation of seed ``s`` run with
@@ -206,6 +213,9 @@ def run_study(
                         run_dir = other
                         row.run_dir = str(run_dir)
                 reused = report is not None
+                if not reused and report_only:
+                    row.status = PENDING_REPORT_ONLY
+                    continue
                 if reused:
                     log(f"{command}: row {name}: finished earlier in {run_dir}, reused")
                 else:

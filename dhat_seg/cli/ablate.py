@@ -92,6 +92,8 @@ def register(root: typer.Typer) -> None:
         gap_examples: Optional[str] = typer.Option(None, metavar="N", help="training examples of the Robust Gap (default: the preset's)"),
         sanity_examples: Optional[str] = typer.Option(None, metavar="N", help="test examples of each row's gradient-masking "
                                                                                 "sanity checks (default: the preset's)"),
+        report_only: bool = typer.Option(False, "--report-only", help="train and evaluate nothing: write the table of the "
+                                                                      "rows finished so far (the others pending)"),
         set_: Optional[List[str]] = typer.Option(None, "--set", help="any training config option KEY=VALUE (repeatable)"),
     ):
         """Train and evaluate one run per attention method with identical settings: the paper's Table 10
@@ -121,5 +123,5 @@ def register(root: typer.Typer) -> None:
                    err=True)
         result = ab.run_ablation(rows, base, s.eval_options, out, seeds=s.seeds, cache_dir=cache_dir, checkpoints=checkpoints,
                                  attention_options=options, unavailable=unavailable, preset=s.preset, overrides=s.overrides,
-                                 log=log, progress=show_progress())
+                                 log=log, progress=show_progress(), report_only=report_only)
         print_study(result, study, s, rows, out)

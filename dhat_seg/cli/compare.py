@@ -19,7 +19,8 @@ def register(root: typer.Typer) -> None:
     def compare(
         methods: str = typer.Option("at,trades,mart,awp,uiat,dhat", help="a comma list of standard, at, trades, mart, "
                                     "awp (AT-AWP), trades-awp, uiat, dhat, dhat-awp, dhat-trades, dhat-mart, cfa, dhat-cfa, "
-                                    "sglr; 'paper' = the paper's rows, 'all' = every one"),
+                                    "sglr, fsr (AT+FSR), fsr-trades, fsr-mart (on the model + _fsr); 'paper' = the "
+                                    "paper's rows, 'all' = every one"),
         preset: str = typer.Option("quick", help="quick (built-in data, CPU) | paper (CIFAR-10, WRN-28-10, the paper's settings)"),
         out: Optional[Path] = typer.Option(None, help="output folder, one run directory per row (default runs/compare-<preset>)"),
         attention: Optional[str] = typer.Option(None, help="attention method of the DHAT rows (default: the preset's, gradcam)"),
@@ -35,6 +36,8 @@ def register(root: typer.Typer) -> None:
         gap_examples: Optional[str] = typer.Option(None, metavar="N", help="training examples of the Robust Gap (default: the preset's)"),
         sanity_examples: Optional[str] = typer.Option(None, metavar="N", help="test examples of each row's gradient-masking "
                                                                                 "sanity checks (default: the preset's)"),
+        report_only: bool = typer.Option(False, "--report-only", help="train and evaluate nothing: write the table of the "
+                                                                      "rows finished so far (the others pending)"),
         set_: Optional[List[str]] = typer.Option(None, "--set", help="a training config option KEY=VALUE shared by every row "
                                                  "(repeatable; not method, base, awp*, attention: the rows set those)"),
     ):
@@ -60,5 +63,5 @@ def register(root: typer.Typer) -> None:
                    f"{','.join(map(str, s.seeds))} -> {out}", err=True)
         result = cmp.run_comparison(rows, base, s.eval_options, out, attention=attention, seeds=s.seeds,
                                     cache_dir=cache_dir, unavailable=unavailable, preset=s.preset, overrides=s.overrides,
-                                    log=log, progress=show_progress())
+                                    log=log, progress=show_progress(), report_only=report_only)
         print_study(result, study, s, rows, out)
