@@ -11,7 +11,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from dhat_seg import compare, losses, training_methods
 from dhat_seg.checkpoint import load_state
@@ -19,6 +18,7 @@ from dhat_seg.config import DIGEST_NEUTRAL, TrainConfig, load_config
 from dhat_seg.errors import UserError
 from dhat_seg.experiment import Experiment
 from dhat_seg.training_methods.sglr import SGLR, refine_labels, soft_cross_entropy, start_epoch
+from method_helpers import Tiny, TinyBN, batch
 
 INDEX = torch.tensor([7, 0, 3, 9, 2, 5])  # dataset indices of the batch's 6 samples
 
@@ -28,39 +28,6 @@ def cfg_of(**overrides) -> TrainConfig:
                   lambda1=0.7, lambda2=0.3, floe_form="paper", sglr_start=0)
     values.update(overrides)
     return load_config(None, values)
-
-
-class Tiny(nn.Module):
-    """conv -> ReLU -> linear on 3 x 8 x 8 images, 4 classes; no BatchNorm (deterministic forwards)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Linear(4 * 8 * 8, 4)
-
-    def forward(self, x):
-        return self.fc(F.relu(self.conv(x)).flatten(1))
-
-
-class TinyBN(Tiny):
-    def __init__(self):
-        super().__init__()
-        self.bn = nn.BatchNorm2d(4)
-
-    def forward(self, x):
-        return self.fc(F.relu(self.bn(self.conv(x))).flatten(1))
-
-
-def batch(n=6, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 3, 8, 8, generator=g)
-    y = torch.randint(0, 4, (n,), generator=g)
-    x_adv = (x + (torch.rand(x.shape, generator=g) - 0.5) * 0.06).clamp(0, 1)
-    x_inv = (x + (torch.rand(x.shape, generator=g) - 0.5) * 0.03).clamp(0, 1)
-    fg = torch.zeros(n, 1, 8, 8, dtype=torch.bool)
-    fg[:, :, 2:6, 1:7] = True
-    return x, y, x_adv, x_inv, fg
 
 
 def sglr(cfg=None, model=None, epoch=0, index=INDEX) -> SGLR:
