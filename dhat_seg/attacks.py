@@ -74,15 +74,40 @@ def _ce_per_sample(logits: Tensor, y: Tensor) -> Tensor:
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"ce": _ce_per_sample, "cw": cw_margin_loss}
 
 
-def _project(x_adv: Tensor, x: Tensor, eps: float | Tensor) -> Tensor:
-    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+def _box(x: Tensor, eps: float | Tensor) -> tuple[Tensor, Tensor]:
+    """Bounds (lo, hi) of the L_inf ball of radius ``eps`` around ``x``, computed once per attack.
+
+    A float radius: x - eps and x + eps, the float path's values bit for bit. A tensor radius
+    (per sample or per pixel) is exact element-wise: where rounding put a bound outside its
+    pixel's budget (fl(x + eps) - x > eps), the bound moves one float step towards x, so every
+    x' in [lo, hi] has |x' - x| <= eps in floating point, also after clamping to [0, 1]
+    (which moves x' towards x, inside [0, 1]). One step suffices: the rounding error of
+    x + eps is at most half a step."""
+    lo, hi = x - eps, x + eps
+    if isinstance(eps, Tensor):
+        hi = torch.where(hi - x > eps, torch.nextafter(hi, x.expand_as(hi)), hi)
+        lo = torch.where(x - lo > eps, torch.nextafter(lo, x.expand_as(lo)), lo)
+    return lo, hi
+
+
+def _project(x_adv: Tensor, box: tuple[Tensor, Tensor]) -> Tensor:
+    """Element-wise projection onto the ball (``_box``) and [0, 1]."""
+    return torch.min(torch.max(x_adv, box[0]), box[1]).clamp_(0.0, 1.0)
 
 
 def _per_sample(value: float | Tensor, x: Tensor) -> float | Tensor:
     """A float as it is; a tensor of shape B (one value per sample, e.g. CFA's class-wise
-    radius) shaped B x 1 x ... x 1 to broadcast over the sample's dimensions."""
-    if isinstance(value, Tensor):
-        return value.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    radius) shaped B x 1 x ... x 1 to broadcast over the sample's dimensions; a tensor with
+    as many dimensions as ``x`` (one value per pixel, B x 1 x H x W, or per pixel and
+    channel, B x C x H x W: PART's budget map) as it is, once checked to broadcast to ``x``."""
+    if not isinstance(value, Tensor):
+        return value
+    value = value.to(device=x.device, dtype=x.dtype)
+    if value.dim() <= 1:
+        return value.reshape(-1, *([1] * (x.dim() - 1)))
+    if value.dim() != x.dim() or any(v not in (1, n) for v, n in zip(value.shape, x.shape)):
+        raise UserError(f"attack budget of shape {tuple(value.shape)} does not broadcast to the inputs' shape "
+                        f"{tuple(x.shape)}; expected a float, one value per sample (B) or a map B x 1 x H x W or B x C x H x W")
     return value
 
 
@@ -109,7 +134,9 @@ def pgd(
 
     Args:
         eps, alpha: floats, or tensors of shape B: one radius / step size per sample (CFA's
-            class-wise margins); the float path is unchanged by this option.
+            class-wise margins), or maps B x 1 x H x W / B x C x H x W: one per pixel (PART's
+            budget). The projection is element-wise and exact for tensors: every pixel ends
+            within its own radius in floating point (``_box``); the float path is unchanged.
         loss: "ce" (cross-entropy) or "cw" (C&W margin: PGD on it is the C&W-inf attack).
         random_start: start from x + U(-eps, eps) (clipped to [0, 1]).
         mode: model mode during the attack ("train", "eval", or None to leave it).
@@ -124,17 +151,18 @@ def pgd(
     loss_fn = LOSSES[loss]
     x = x.detach()
     eps, alpha = _per_sample(eps, x), _per_sample(alpha, x)
+    box = _box(x, eps)
     x_adv = x.clone()
     if random_start and isinstance(eps, Tensor):
-        x_adv = _project(x_adv + torch.empty_like(x).uniform_(-1.0, 1.0) * eps, x, eps)
+        x_adv = _project(x_adv + torch.empty_like(x).uniform_(-1.0, 1.0) * eps, box)
     elif random_start and eps > 0:
-        x_adv = _project(x_adv + torch.empty_like(x).uniform_(-eps, eps), x, eps)
+        x_adv = _project(x_adv + torch.empty_like(x).uniform_(-eps, eps), box)
     with model_mode(model, mode), attack_precision(x, precision), torch.enable_grad():
         for _ in range(steps):
             x_adv.requires_grad_(True)
             objective = loss_fn(model(x_adv), y).sum()
             (grad,) = torch.autograd.grad(objective, x_adv)
-            x_adv = _project(x_adv.detach() + alpha * grad.sign(), x, eps)
+            x_adv = _project(x_adv.detach() + alpha * grad.sign(), box)
     return x_adv.detach()
 
 
@@ -169,14 +197,15 @@ def inverse_adversarial(
     x = x.detach()
     p_nat, p_adv = p_nat.detach(), p_adv.detach()
     x_inv = x.clone()
+    box = _box(x, eps)
     if random_start and eps > 0:
-        x_inv = _project(x_inv + torch.empty_like(x).uniform_(-eps, eps), x, eps)
+        x_inv = _project(x_inv + torch.empty_like(x).uniform_(-eps, eps), box)
     with model_mode(model, mode), attack_precision(x, precision), torch.enable_grad():
         for _ in range(steps):
             x_inv.requires_grad_(True)
             objective = inverse_loss(model(x_inv), y, p_nat, p_adv)
             (grad,) = torch.autograd.grad(objective, x_inv)
-            x_inv = _project(x_inv.detach() - alpha * grad.sign(), x, eps)
+            x_inv = _project(x_inv.detach() - alpha * grad.sign(), box)
     return x_inv.detach()
 
 
@@ -208,7 +237,7 @@ def trades_kl_attack(
     the loop (the official code recomputes it every step; its value is the same). The
     label is not used. dhat-seg projects the start into the ball and [0, 1] as well (the
     official code clamps only after the first step). ``eps`` and ``alpha`` may be tensors
-    of shape B (one per sample), as in :func:`pgd`. Runs in fp32 unless
+    of shape B (one per sample) or per-pixel maps, as in :func:`pgd`. Runs in fp32 unless
     ``precision="autocast"`` (see the module docstring).
     """
     if _negative(eps) or _negative(alpha) or steps < 0 or noise < 0:
@@ -216,14 +245,15 @@ def trades_kl_attack(
                         "expected non-negative values")
     x = x.detach()
     eps, alpha = _per_sample(eps, x), _per_sample(alpha, x)
+    box = _box(x, eps)
     with model_mode(model, mode), attack_precision(x, precision):
         with torch.no_grad():
             p_nat = F.softmax(model(x).float(), dim=1)
-        x_adv = _project(x + noise * torch.randn_like(x), x, eps)
+        x_adv = _project(x + noise * torch.randn_like(x), box)
         with torch.enable_grad():
             for _ in range(steps):
                 x_adv.requires_grad_(True)
                 objective = F.kl_div(F.log_softmax(model(x_adv).float(), dim=1), p_nat, reduction="sum")
                 (grad,) = torch.autograd.grad(objective, x_adv)
-                x_adv = _project(x_adv.detach() + alpha * grad.sign(), x, eps)
+                x_adv = _project(x_adv.detach() + alpha * grad.sign(), box)
     return x_adv.detach()

@@ -202,7 +202,7 @@ def validate_attention(result: Any, images: Tensor, method: str) -> Tensor:
 # Threshold policies: soft attention -> foreground mask (the paper's omega).
 # ---------------------------------------------------------------------------------
 
-THRESHOLD_POLICIES = ("fixed", "quantile", "mean", "otsu")
+THRESHOLD_POLICIES = ("fixed", "quantile", "mean", "otsu", "mean_std")
 
 
 def foreground_mask(attention: Tensor, policy: str = "fixed", omega: float = 0.1, quantile: float = 0.5) -> Tensor:
@@ -213,7 +213,9 @@ def foreground_mask(attention: Tensor, policy: str = "fixed", omega: float = 0.1
         policy: "fixed": threshold omega (the authors' code: omega = 0.1 on a min-max
             normalised Grad-CAM); "quantile": each image's ``quantile``-quantile, so a
             fraction 1 - quantile of pixels is foreground; "mean": each image's mean;
-            "otsu": each image's Otsu threshold (the paper's "adaptive threshold").
+            "otsu": each image's Otsu threshold (the paper's "adaptive threshold");
+            "mean_std": above each image's mean + standard deviation, strictly (PART: the
+            standardised CAM w = (L - mean) / std marks pixels with w > 1 important).
         omega: threshold of the "fixed" policy.
         quantile: quantile of the "quantile" policy.
 
@@ -231,6 +233,9 @@ def foreground_mask(attention: Tensor, policy: str = "fixed", omega: float = 0.1
         threshold = flat.mean(dim=1, keepdim=True)
     elif policy == "otsu":
         threshold = otsu_threshold(flat)
+    elif policy == "mean_std":  # PART's w > 1: strictly above (population std, as numpy's in its code)
+        std, mean = torch.std_mean(flat, dim=1, correction=0, keepdim=True)
+        return (flat > mean + std).view_as(attention)
     else:
         raise UserError(f"threshold policy {policy!r} is unknown; expected one of {', '.join(THRESHOLD_POLICIES)}")
     return (flat >= threshold).view_as(attention)

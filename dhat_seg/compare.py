@@ -7,7 +7,10 @@ reuse of finished rows, resume of interrupted ones, gradient-masking sanity chec
 row, failed and skipped rows, and tables and plot. Only the rows differ: a row is a
 training method, plain (``standard, at, trades, mart, uiat, dhat, cfa, sglr``) or composed
 (:data:`METHOD_ROWS`: ``awp`` = AT-AWP, ``trades-awp``, ``dhat-awp``, ``dhat-trades``,
-``dhat-mart``, ``dhat-cfa`` = DHAT on CFA's loss, calibration and weight average). A row
+``dhat-mart``, ``dhat-cfa`` = DHAT on CFA's loss, calibration and weight average; ``fsr``,
+``fsr-trades``, ``fsr-mart`` = FSR on AT, TRADES, MART, trained and evaluated on the shared
+model with the FSR module, ``<model>_fsr``; ``part``, ``part-t``, ``part-m`` = PART on AT, TRADES,
+MART, with :func:`part_settings`: ``--attention`` picks their masks too). A row
 whose method is None would be reported as ``skipped: not implemented in this version``,
 without numbers (none is, in this version).
 
@@ -47,6 +50,8 @@ class MethodRow:
     awp_gamma: float | None = None
     #: AWP warm-up epochs at the paper's 100 epochs; scaled with the row's epochs
     awp_warmup: int = 0
+    #: the row trains the shared model with the FSR module (``<model>_fsr``; method fsr)
+    fsr: bool = False
 
 
 #: Every known row, in the table's order for ``--methods all``. AT-AWP: gamma 1e-2,
@@ -69,9 +74,17 @@ METHOD_ROWS: dict[str, MethodRow] = {
         MethodRow("sglr", "SGLR", "sglr"),
         MethodRow("cfa", "CFA", "cfa"),
         MethodRow("dhat-cfa", "DHAT-CFA", "dhat", base="cfa"),
+        MethodRow("fsr", "AT+FSR", "fsr", fsr=True),
+        MethodRow("fsr-trades", "TRADES+FSR", "fsr", base="trades", fsr=True),
+        MethodRow("fsr-mart", "MART+FSR", "fsr", base="mart", fsr=True),
+        MethodRow("part", "PART", "part"),
+        MethodRow("part-t", "PART-T", "part", base="trades"),
+        MethodRow("part-m", "PART-M", "part", base="mart"),
     )
 }
-ALIASES = {"at-awp": "awp"}
+ALIASES = {"at-awp": "awp", "at-fsr": "fsr", "trades-fsr": "fsr-trades", "mart-fsr": "fsr-mart",
+           "fsr-t": "fsr-trades", "fsr-m": "fsr-mart",
+           "part-at": "part", "part-trades": "part-t", "part-mart": "part-m"}
 DEFAULT_METHODS = "at,trades,mart,awp,uiat,dhat"
 #: ``--methods paper``: the rows of the paper's main results, in its order.
 PAPER_ROWS = ("mart", "awp", "uiat", "sglr", "dhat", "dhat-cfa")
@@ -89,6 +102,20 @@ PAPER_MAIN_RESULTS: dict[str, dict[str, float]] = {
     "dhat-cfa": {"clean": 84.49, "pgd10": 62.67, "cw": 55.95, "aa": 54.05, "robust_gap": 6.33},
 }
 PAPER_LABELS = {"awp": "AWP"}
+
+#: The PART paper's Table 1 (ResNet-18 on CIFAR-10, L-inf eps 8/255, masks refreshed every
+#: epoch, s = 1): Natural, PGD-20 and AA accuracy (%), means of three runs. Source: Zhang
+#: et al., "Improving Accuracy-robustness Trade-off via Pixel Reweighted Adversarial
+#: Training", ICML 2024 (REFERENCE section 2). Keys: compare's row names. Not printed yet:
+#: another model, schedule and PGD than the DHAT numbers the table prints (no PGD-20 column).
+PAPER_PART_RESULTS: dict[str, dict[str, float]] = {
+    "at": {"clean": 82.58, "pgd20": 43.69, "aa": 41.63},
+    "part": {"clean": 83.42, "pgd20": 43.65, "aa": 41.74},
+    "trades": {"clean": 78.16, "pgd20": 48.28, "aa": 45.05},
+    "part-t": {"clean": 79.36, "pgd20": 48.90, "aa": 45.97},
+    "mart": {"clean": 76.82, "pgd20": 49.86, "aa": 45.10},
+    "part-m": {"clean": 78.67, "pgd20": 50.26, "aa": 45.19},
+}
 
 #: The comparison's columns: the ablation's without the attention IoU (in the CSV/JSON).
 COMPARE_COLUMNS = tuple((k, h) for k, h in COLUMNS if k != "iou")
@@ -174,7 +201,8 @@ def scaled_warmup(paper_warmup: int, epochs: int, paper_epochs: int = 100) -> in
 def method_config(base: TrainConfig, name: str, attention: str,
                   options: Mapping[str, Mapping[str, Any]] | None = None) -> TrainConfig:
     """The training config of a row: the shared base with the row's method, base and AWP
-    settings (``awp: false`` for the others), and for DHAT rows the attention method
+    settings (``awp: false`` for the others), for FSR rows the base's model with the FSR
+    module (``<model>_fsr``), and for DHAT rows the attention method
     ``attention`` with its preset options (``options``) under the base's."""
     row = METHOD_ROWS.get(name)
     if row is None or row.method is None:
@@ -188,17 +216,57 @@ def method_config(base: TrainConfig, name: str, attention: str,
         for key, paper in (("cfa_begin", CFA_BEGIN), ("fawa_begin", FAWA_BEGIN)):
             if getattr(base, key) == paper:
                 values[key] = scaled_warmup(paper, base.epochs)
+    if row.fsr:
+        from dhat_seg.fsr_module import fsr_model_name
+
+        values["model"] = fsr_model_name(base.model)
     if _reads_attention(row.method):
         values.update(attention=attention, attention_options={**(options or {}).get(attention, {}),
                                                               **(base.attention_options or {})})
+    if row.method == "part":
+        values.update(part_settings(base, attention, values["attention_options"]))
     return dataclasses.replace(base, **values).validate()
+
+
+#: PART's burn-in: 20 of its 80 epochs (paper section 4.1), scaled to a row's epochs like AWP's warm-up.
+PART_BURN_IN, PART_EPOCHS = 20, 80
+
+
+def part_settings(base: TrainConfig, attention: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """A PART row's mask settings. With an attention method that reads a classifier (Grad-CAM,
+    IG, SAM prompted at Grad-CAM peaks): the paper's, masks of the model being trained
+    (``attention_source: self``) for its predicted class (option ``target: pred`` unless given),
+    refreshed every epoch (s = 1) and important above the image's mean + std (``mean_std``, PART's
+    standardised CAM > 1). Any other method's masks (u2net, SAM, the oracle) do not depend on the
+    model: frozen, from the mask cache, thresholded by the base config's policy (foreground masks,
+    not importance maps: mean + std marks nothing on a near-binary map whose object covers more
+    than half the image). Burn-in: 20 of 80 epochs, scaled to ``base.epochs``, for every PART row.
+    Refresh, policy and burn-in are set only where ``base`` holds the default (``--set`` wins)."""
+    from dhat_seg.config import FIELDS
+    from dhat_seg.plugin_manager import get_attention_spec
+
+    spec = get_attention_spec(attention)
+    reads_model = spec.needs_classifier(spec.resolve_options(options))
+    unset = lambda key: getattr(base, key) == FIELDS[key].default  # noqa: E731
+    values: dict[str, Any] = {"attention_source": "self" if reads_model else "frozen"}
+    if unset("attention_burn_in"):
+        values["attention_burn_in"] = scaled_warmup(PART_BURN_IN, base.epochs, PART_EPOCHS)
+    if not reads_model:
+        return values | {"mask_refresh_every": 0}  # frozen masks are never rebuilt
+    if unset("mask_refresh_every"):
+        values["mask_refresh_every"] = 1
+    if unset("threshold_policy"):
+        values["threshold_policy"] = "mean_std"
+    if "target" in spec.default_options:
+        values["attention_options"] = {"target": "pred", **options}
+    return values
 
 
 def _describe(name: str, attention: str) -> dict[str, Any]:
     row = METHOD_ROWS[name]
     if row.method is None:
         return {"method": None, "base": None, "awp": None, "attention": None}
-    return {"method": row.method, "base": row.base if row.method in ("uiat", "dhat") else None, "awp": row.awp,
+    return {"method": row.method, "base": row.base if row.method in ("uiat", "dhat", "fsr", "part") else None, "awp": row.awp,
             "attention": attention if _reads_attention(row.method) else None}
 
 

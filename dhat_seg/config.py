@@ -113,6 +113,20 @@ class TrainConfig:
     sglr_momentum: float = 0.9
     sglr_clean_weight: float = 0.2
     sglr_start: int | None = None
+    # FSR (Kim et al., CVPR 2023; method fsr on a model <name>_fsr, with base at | trades | mart;
+    # training_methods/fsr.py): L_base + fsr_lambda_sep [CE(aux(f+), y) + CE(aux(f-), y')] +
+    # fsr_lambda_rec CE(aux(f~-), y) on x_adv's features, y' the highest-scoring wrong class;
+    # the mask is a Gumbel-sigmoid at temperature fsr_tau (saved with the model's weights); the
+    # FSR terms are added from 0-based epoch fsr_begin (0 = the paper and code; a later start lets
+    # short runs of small models leave chance first, see training_methods/fsr.py)
+    fsr_lambda_sep: float = 1.0
+    fsr_lambda_rec: float = 1.0
+    fsr_tau: float = 0.1
+    fsr_begin: int = 0
+    # PART (Zhang et al., ICML 2024; method part on base at | trades | mart; training_methods/part.py): the
+    # attack's budget is eps on the pixels the foreground mask marks important, part_eps_low elsewhere (units of
+    # 1/255; null = eps - 1, the paper's); paper masks: threshold_policy mean_std, attention_source self
+    part_eps_low: float | None = None
     # attacks used for training
     eps: float = 8.0
     step_size: float = 2.0
@@ -216,6 +230,13 @@ class TrainConfig:
             (self.fawa_begin >= 0, "fawa_begin", "a non-negative integer (0-based epoch)"),
             (0 <= self.sglr_momentum <= 1, "sglr_momentum", "a number in [0, 1]"),
             (0 <= self.sglr_clean_weight <= 1, "sglr_clean_weight", "a number in [0, 1]"),
+            (self.fsr_lambda_sep >= 0, "fsr_lambda_sep", "a non-negative number"),
+            (self.fsr_lambda_rec >= 0, "fsr_lambda_rec", "a non-negative number"),
+            (self.fsr_tau > 0, "fsr_tau", "a positive number (the Gumbel-sigmoid temperature)"),
+            (self.fsr_begin >= 0, "fsr_begin", "a non-negative integer (0-based epoch)"),
+            (self.part_eps_low is None or 0 <= self.part_eps_low <= self.eps, "part_eps_low",
+             f"a number in [0, eps={self.eps:g}] (units of 1/255) or null (eps - 1)"),
+            (self.method != "part" or self.base in ("at", "trades", "mart"), "base", "at, trades or mart with method part"),
             (self.sglr_start is None or self.sglr_start >= 0, "sglr_start",
              "a non-negative integer (0-based epoch) or null (10 epochs before the first milestone)"),
         ]
@@ -226,6 +247,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value not in allowed:
                 raise UserError(f"{name} {value!r} is unknown; expected one of {', '.join(map(str, allowed))}")
+        if self.method == "fsr":  # a model with the FSR module, one of FSR's bases
+            from dhat_seg.training_methods.fsr import check_config
+
+            check_config(self)
         if self.attention_source == "self" and self.attention_burn_in == 0 and _needs_attention(self.method):
             raise UserError("config option attention_burn_in=0 is invalid with attention_source='self': the first masks "
                             "would come from the randomly initialised model; expected attention_burn_in >= 1 epochs "
@@ -254,7 +279,9 @@ class TrainConfig:
 DIGEST_NEUTRAL: dict[str, Any] = {"base": "at", "trades_beta": 6.0, "mart_beta": 6.0, "awp": False, "awp_gamma": 5e-3,
                                   "awp_warmup": 0, "cfa_base": "at", "cfa_lambda1": None, "cfa_lambda2": 0.5,
                                   "cfa_begin": 10, "fawa_decay": 0.85, "fawa_threshold": 0.2, "fawa_begin": 50,
-                                  "sglr_momentum": 0.9, "sglr_clean_weight": 0.2, "sglr_start": None}
+                                  "sglr_momentum": 0.9, "sglr_clean_weight": 0.2, "sglr_start": None,
+                                  "fsr_lambda_sep": 1.0, "fsr_lambda_rec": 1.0, "fsr_tau": 0.1,
+                                  "fsr_begin": 0, "part_eps_low": None}
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

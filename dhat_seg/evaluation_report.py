@@ -255,7 +255,9 @@ def run_eval(target: str | Path, options: EvalOptions | None = None, *, log: Cal
 
     # ---- attention quality
     report["attention_iou"] = None
-    uses_attention = cfg.method == "dhat"
+    from dhat_seg.training_methods import TRAINING_METHODS
+
+    uses_attention = TRAINING_METHODS[cfg.method].cls.needs_attention  # dhat, part
     if uses_attention and opts.iou_examples != 0:
         t0 = time.time()
         report["attention_iou"] = _attention_iou(cfg, opts, model, dev, log)

@@ -4,6 +4,10 @@ Every model is a :class:`Classifier`: ``net`` is the architecture, ``cam_layer``
 layer class-activation methods read (the last convolutional stage), and
 ``features(x)`` the penultimate features. ``create_model(name, num_classes)`` is the
 one way in; ``MODELS`` describes every entry without building it.
+
+Each architecture (``net``) also has ``feature_map(x)`` (its last feature map, before
+pooling) and ``head`` (its linear classifier); ``<name>_fsr`` is ``<name>`` with the FSR
+module between the two (:class:`dhat_seg.fsr_module.FSRNet`, for method ``fsr``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dhat_seg.errors import UserError
+from dhat_seg.fsr_module import FSRNet, fsr_model_name
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2471, 0.2435, 0.2616)
@@ -102,8 +107,16 @@ class SmallCNN(nn.Module):
         self.cam_layer = block(4 * width, 4 * width, 1)
         self.fc = nn.Linear(4 * width, num_classes)
 
+    @property
+    def head(self) -> nn.Module:
+        return self.fc
+
+    def feature_map(self, x: Tensor) -> Tensor:
+        """The last feature map, before pooling (where FSR is inserted)."""
+        return self.cam_layer(self.body(x))
+
     def features(self, x: Tensor) -> Tensor:
-        return F.adaptive_avg_pool2d(self.cam_layer(self.body(x)), 1).flatten(1)
+        return F.adaptive_avg_pool2d(self.feature_map(x), 1).flatten(1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.features(x))
@@ -169,13 +182,21 @@ class ResNet(nn.Module):
     def cam_layer(self) -> nn.Module:
         return self.layer4
 
-    def features(self, x: Tensor) -> Tensor:
+    @property
+    def head(self) -> nn.Module:
+        return self.linear
+
+    def feature_map(self, x: Tensor) -> Tensor:
+        """The last feature map, before pooling (where FSR is inserted)."""
         out = self.conv1(x)
         out = out if self.preact else F.relu(self.bn1(out))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         if self.preact:
             out = F.relu(self.final_bn(out))
-        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return out
+
+    def features(self, x: Tensor) -> Tensor:
+        return F.adaptive_avg_pool2d(self.feature_map(x), 1).flatten(1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear(self.features(x))
@@ -220,9 +241,16 @@ class WideResNet(nn.Module):
     def cam_layer(self) -> nn.Module:
         return self.block3
 
+    @property
+    def head(self) -> nn.Module:
+        return self.fc
+
+    def feature_map(self, x: Tensor) -> Tensor:
+        """The last feature map, before pooling (where FSR is inserted)."""
+        return F.relu(self.bn(self.block3(self.block2(self.block1(self.conv1(x))))))
+
     def features(self, x: Tensor) -> Tensor:
-        out = self.block3(self.block2(self.block1(self.conv1(x))))
-        return F.adaptive_avg_pool2d(F.relu(self.bn(out)), 1).flatten(1)
+        return F.adaptive_avg_pool2d(self.feature_map(x), 1).flatten(1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.features(x))
@@ -246,6 +274,15 @@ MODELS: dict[str, ModelEntry] = {
         ModelEntry("wrn34_10", "WideResNet-34-10", lambda k: WideResNet(34, 10, k)),
     )
 }
+
+
+def _with_fsr(entry: ModelEntry) -> ModelEntry:
+    """``<name>_fsr``: the model with the FSR module after its last stage (dhat_seg/fsr_module.py)."""
+    return ModelEntry(fsr_model_name(entry.name), f"{entry.description}, with the FSR module after its last stage "
+                      "(Kim et al. 2023; method fsr)", lambda k: FSRNet(entry.builder(k), k))
+
+
+MODELS.update({fsr_model_name(name): _with_fsr(entry) for name, entry in list(MODELS.items())})
 
 
 def create_model(name: str, num_classes: int, mean: Sequence[float] = CIFAR_MEAN, std: Sequence[float] = CIFAR_STD) -> Classifier:

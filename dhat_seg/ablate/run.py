@@ -67,7 +67,7 @@ def describe_config(cfg: TrainConfig) -> str:
     from dhat_seg.training_methods import TRAINING_METHODS
 
     text = cfg.method
-    if cfg.method in ("uiat", "dhat") and cfg.base != "at":
+    if cfg.method in ("uiat", "dhat", "part") and cfg.base != "at":
         text += f" (base {cfg.base})"
     if cfg.awp:
         text += f" + AWP (gamma {cfg.awp_gamma:g}, {cfg.awp_warmup} warm-up epochs)"

@@ -19,11 +19,14 @@ def register(root: typer.Typer) -> None:
     def compare(
         methods: str = typer.Option("at,trades,mart,awp,uiat,dhat", help="a comma list of standard, at, trades, mart, "
                                     "awp (AT-AWP), trades-awp, uiat, dhat, dhat-awp, dhat-trades, dhat-mart, cfa, dhat-cfa, "
-                                    "sglr, fsr (AT+FSR), fsr-trades, fsr-mart (on the model + _fsr); 'paper' = the "
+                                    "sglr, fsr (AT+FSR), fsr-trades, fsr-mart (on the model + _fsr), part, part-t, "
+                                    "part-m (PART on AT, TRADES, MART); 'paper' = the "
                                     "paper's rows, 'all' = every one"),
-        preset: str = typer.Option("quick", help="quick (built-in data, CPU) | paper (CIFAR-10, WRN-28-10, the paper's settings)"),
+        preset: str = typer.Option("quick", help="quick (built-in data, CPU) | paper (CIFAR-10, WRN-28-10, the paper's settings) | "
+                                    "part-paper (CIFAR-10, ResNet-18, the PART paper's schedule)"),
         out: Optional[Path] = typer.Option(None, help="output folder, one run directory per row (default runs/compare-<preset>)"),
-        attention: Optional[str] = typer.Option(None, help="attention method of the DHAT rows (default: the preset's, gradcam)"),
+        attention: Optional[str] = typer.Option(None, help="attention method of the DHAT and PART rows (default: the "
+                                                "preset's, gradcam; PART rows take Grad-CAM from the model being trained)"),
         epochs: Optional[int] = typer.Option(None, help="training epochs of every row"),
         seed: Optional[int] = typer.Option(None, help="random seed (data, training and attacks)"),
         seeds: Optional[str] = typer.Option(None, metavar="S1,S2,...", help="run every row once per seed, e.g. 0,1,2 "

@@ -52,9 +52,10 @@ def register(root: typer.Typer) -> None:
     def train(
         # every name of training_methods.TRAINING_METHODS (a test keeps them equal; written out so
         # that --help does not import torch)
-        method: Optional[str] = typer.Option(None, help="standard | at | uiat | dhat | trades | mart | cfa | sglr; uiat and dhat "
+        method: Optional[str] = typer.Option(None, help="standard | at | uiat | dhat | trades | mart | cfa | sglr | fsr | part; uiat and dhat "
                                                         "add their terms to --set base=at|trades|mart|cfa|sglr; any method takes "
-                                                        "--set awp=true"),
+                                                        "--set awp=true; fsr needs a model <name>_fsr and takes "
+                                                        "--set base=at|trades|mart, as does part (PART, PART-T, PART-M)"),
         attention: Optional[str] = typer.Option(None, help="attention method (see `dhat-seg plugins`)"),
         attention_checkpoint: Optional[str] = typer.Option(None, help="weights file of the attention method (SAM, SOLO)"),
         attention_opt: Optional[List[str]] = typer.Option(None, help="attention option KEY=VALUE (repeatable)"),
@@ -62,7 +63,8 @@ def register(root: typer.Typer) -> None:
         data: Optional[str] = typer.Option(None, help="synthetic | cifar10 | cifar100 | folder"),
         data_root: Optional[str] = typer.Option(None, help="where real datasets live"),
         download: Optional[bool] = typer.Option(None, "--download", help="allow downloading CIFAR"),
-        model: Optional[str] = typer.Option(None, help="small_cnn | resnet18 | preact_resnet18 | wrn28_10 | wrn34_10"),
+        model: Optional[str] = typer.Option(None, help="small_cnn | resnet18 | preact_resnet18 | wrn28_10 | wrn34_10; "
+                                                       "each + _fsr: with the FSR module (method fsr)"),
         epochs: Optional[int] = typer.Option(None, help="number of epochs"),
         batch_size: Optional[int] = typer.Option(None, help="mini-batch size"),
         lr: Optional[float] = typer.Option(None, help="initial learning rate"),

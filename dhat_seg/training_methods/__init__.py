@@ -14,7 +14,10 @@ Composition:
   DHAT's x_B) are made. A base method exposes ``adversarial`` (its attack) and
   ``base_loss(model, x, y, x_adv) -> (loss, z_adv, stats)``, used standalone and by UIAT/DHAT;
   a base with state (CFA's calibration and weight average) keeps it through the trainer
-  hooks, which UIAT and DHAT pass on (``base: cfa`` = DHAT-CFA).
+  hooks, which UIAT and DHAT pass on (``base: cfa`` = DHAT-CFA). FSR reads ``base`` too
+  (``at | trades | mart``) and adds its terms to that loss (:mod:`.fsr`). PART reads it too
+  (``at | trades | mart``: PART, PART-T, PART-M) and makes that base's x_adv with a
+  per-pixel budget from the foreground mask (:mod:`.part`).
 * **AWP** (``awp: true``, any method): :meth:`TrainingMethod.weight_perturbation`, a
   context the trainer enters around loss and backward (:mod:`dhat_seg.awp`).
 
@@ -45,10 +48,12 @@ from dhat_seg.training_methods.adversarial import MART, TRADES, MadryAT, Standar
 from dhat_seg.training_methods.bases import BASE_METHODS
 from dhat_seg.training_methods.base import TrainingMethod, max_abs
 from dhat_seg.training_methods.cfa import CFA
+from dhat_seg.training_methods.fsr import FSR
 from dhat_seg.training_methods.inverse import DHAT, UIAT
+from dhat_seg.training_methods.part import PART
 from dhat_seg.training_methods.sglr import SGLR
 
-__all__ = ["BASE_METHODS", "CFA", "DHAT", "MART", "TRADES", "TRAINING_METHODS", "MadryAT", "SGLR", "Standard",
+__all__ = ["BASE_METHODS", "CFA", "DHAT", "FSR", "MART", "TRADES", "TRAINING_METHODS", "MadryAT", "PART", "SGLR", "Standard",
            "TrainingMethod", "TrainingMethodEntry", "UIAT", "create_training_method", "max_abs"]
 
 
@@ -74,6 +79,10 @@ TRAINING_METHODS: dict[str, TrainingMethodEntry] = {
                                    "eps (and TRADES beta) and a fairness-aware weight average (FAWA)", CFA),
         TrainingMethodEntry("sglr", "SGLR (Li et al. 2024): AT on self-refined soft labels, a moving average of each "
                                     "sample's one-hot label and the model's clean and adversarial predictions", SGLR),
+        TrainingMethodEntry("fsr", "FSR (Kim et al. 2023): base (at, or --set base=trades|mart) + feature separation and "
+                                   "recalibration losses; needs a model <name>_fsr", FSR),
+        TrainingMethodEntry("part", "PART (Zhang et al. 2024): base (at, or --set base=trades|mart) on x_adv whose budget is "
+                                    "eps on the pixels the attention marks important, part_eps_low elsewhere", PART),
     )
 }
 #: every method takes ``--set awp=true`` (adversarial weight perturbation, :mod:`dhat_seg.awp`)

@@ -49,9 +49,9 @@ class TRADES(MadryAT):
     loss forwards x twice; dhat-seg once (one BN update for x, one for x_adv).
     """
 
-    def adversarial(self, model, x, y):
+    def adversarial(self, model, x, y, eps=None):
         with self.auxiliary(model):
-            return attacks.trades_kl_attack(model, x, self.eps, self.alpha, self.cfg.attack_steps,
+            return attacks.trades_kl_attack(model, x, self.eps if eps is None else eps, self.alpha, self.cfg.attack_steps,
                                             mode=self.cfg.attack_mode, precision=self.cfg.attack_precision)
 
     def base_loss(self, model, x, y, x_adv):

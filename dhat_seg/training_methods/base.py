@@ -33,11 +33,12 @@ class TrainingMethod:
         """Context for forwards that must not update BN running statistics (see module doc)."""
         return frozen_bn_statistics(model, frozen=not self.cfg.attack_bn_update)
 
-    def adversarial(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        """x_adv: PGD on the CE (Madry et al.), under :meth:`auxiliary`, in ``attack_mode``, fp32."""
+    def adversarial(self, model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor | None = None) -> Tensor:
+        """x_adv: PGD on the CE (Madry et al.), under :meth:`auxiliary`, in ``attack_mode``, fp32.
+        ``eps``: another radius than ``self.eps`` (a per-sample or per-pixel tensor: PART's budget map)."""
         with self.auxiliary(model):
-            return attacks.pgd(model, x, y, self.eps, self.alpha, self.cfg.attack_steps, mode=self.cfg.attack_mode,
-                               precision=self.cfg.attack_precision)
+            return attacks.pgd(model, x, y, self.eps if eps is None else eps, self.alpha, self.cfg.attack_steps,
+                               mode=self.cfg.attack_mode, precision=self.cfg.attack_precision)
 
     def prepare(self, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         """What the loss needs that is made without weight gradients (adversarial inputs), on the current weights."""
