@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from torch import nn
 
 from dhat_seg import ablate, attacks, compare, training_methods
 from dhat_seg.attention import foreground_mask
@@ -23,6 +22,7 @@ from dhat_seg.errors import UserError
 from dhat_seg.evaluation_report import EvalOptions
 from dhat_seg.experiment import Experiment
 from dhat_seg.training_methods.part import PART, PART_BASES, eps_low_of, pixel_budget
+from method_helpers import Tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 EPS, LOW = 8 / 255, 7 / 255
@@ -34,19 +34,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class Tiny(nn.Module):
-    """conv -> ReLU -> linear on 3 x 8 x 8 images, 4 classes (no BatchNorm: deterministic forwards)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Linear(4 * 8 * 8, 4)
-
-    def forward(self, x):
-        return self.fc(F.relu(self.conv(x)).flatten(1))
 
 
 def batch(n=32, seed=1):

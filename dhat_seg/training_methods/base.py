@@ -115,3 +115,32 @@ class TrainingMethod:
             yield prepared
 
 
+
+
+class OnBase(TrainingMethod):
+    """A method built on another method's loss (``self.base``: UIAT, DHAT, PART, FSR): every
+    trainer hook goes to the base (CFA's calibration and weight average, SGLR's labels).
+    Subclasses that need a hook themselves extend it and call ``super()``."""
+
+    base: TrainingMethod
+
+    def on_fit_start(self, model, state):
+        self.base.on_fit_start(model, state)
+
+    def on_epoch_start(self, model, epoch):
+        self.base.on_epoch_start(model, epoch)
+
+    def on_batch_start(self, index):
+        self.base.on_batch_start(index)
+
+    def after_step(self, model):
+        self.base.after_step(model)
+
+    def on_epoch_end(self, model, epoch, val_x, val_y, device):
+        return self.base.on_epoch_end(model, epoch, val_x, val_y, device)
+
+    def evaluation_model(self, model):
+        return self.base.evaluation_model(model)
+
+    def state_dict(self):
+        return self.base.state_dict()

@@ -54,7 +54,7 @@ from dhat_seg.errors import UserError
 from dhat_seg.fsr_module import (FSROutputs, deterministic_masks, fsr_model_name, is_fsr_model, recording, require_fsr,
                                  set_tau)
 from dhat_seg.training_methods.bases import BASE_METHODS
-from dhat_seg.training_methods.base import TrainingMethod
+from dhat_seg.training_methods.base import OnBase
 
 #: The losses FSR's terms are added to (``base``), as in the paper's tables.
 FSR_BASES = ("at", "trades", "mart")
@@ -105,7 +105,7 @@ def _forward_of(outputs: list[FSROutputs], logits: Tensor) -> FSROutputs:
                     "base's base_loss to return the logits of its own x_adv forward")
 
 
-class FSR(TrainingMethod):
+class FSR(OnBase):
     """L_base + FSR's separation and recalibration terms on x_adv (see the module doc)."""
 
     def __init__(self, cfg):
@@ -119,30 +119,15 @@ class FSR(TrainingMethod):
         """Whether the current epoch adds FSR's terms (from 0-based epoch ``fsr_begin``)."""
         return self._epoch >= self.cfg.fsr_begin
 
-    # the trainer hooks go to the base (as UIAT's)
+    # the other trainer hooks go to the base (OnBase)
     def on_fit_start(self, model, state):
         require_fsr(model)
         set_tau(model, self.cfg.fsr_tau)
-        self.base.on_fit_start(model, state)
+        super().on_fit_start(model, state)
 
     def on_epoch_start(self, model, epoch):
         self._epoch = epoch
-        self.base.on_epoch_start(model, epoch)
-
-    def on_batch_start(self, index):
-        self.base.on_batch_start(index)
-
-    def after_step(self, model):
-        self.base.after_step(model)
-
-    def on_epoch_end(self, model, epoch, val_x, val_y, device):
-        return self.base.on_epoch_end(model, epoch, val_x, val_y, device)
-
-    def evaluation_model(self, model):
-        return self.base.evaluation_model(model)
-
-    def state_dict(self):
-        return self.base.state_dict()
+        super().on_epoch_start(model, epoch)
 
     def adversarial(self, model, x, y):
         """The base's x_adv, made without Gumbel noise."""

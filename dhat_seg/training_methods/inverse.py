@@ -9,7 +9,7 @@ from torch import Tensor
 from dhat_seg import attacks, losses
 from dhat_seg.errors import UserError
 from dhat_seg.training_methods.bases import BASE_METHODS
-from dhat_seg.training_methods.base import TrainingMethod, max_abs
+from dhat_seg.training_methods.base import OnBase, max_abs
 
 
 def _loss_terms(stats: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -17,7 +17,7 @@ def _loss_terms(stats: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v for k, v in stats.items() if not k.startswith("max_logit")}
 
 
-class UIAT(TrainingMethod):
+class UIAT(OnBase):
     """UIAT without momentum, the "-" row of DHAT Table 10: L_base + lambda1 KL(p_adv || p_inv).
 
     L_base = CE(z_adv, y) with ``base: at`` (UIAT itself); with ``trades``/``mart`` that
@@ -27,28 +27,6 @@ class UIAT(TrainingMethod):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.base = BASE_METHODS[cfg.base](cfg)
-
-    # the trainer hooks go to the base (CFA's calibration and weight average, SGLR's teacher)
-    def on_fit_start(self, model, state):
-        self.base.on_fit_start(model, state)
-
-    def on_epoch_start(self, model, epoch):
-        self.base.on_epoch_start(model, epoch)
-
-    def on_batch_start(self, index):
-        self.base.on_batch_start(index)
-
-    def after_step(self, model):
-        self.base.after_step(model)
-
-    def on_epoch_end(self, model, epoch, val_x, val_y, device):
-        return self.base.on_epoch_end(model, epoch, val_x, val_y, device)
-
-    def evaluation_model(self, model):
-        return self.base.evaluation_model(model)
-
-    def state_dict(self):
-        return self.base.state_dict()
 
     def inverse(self, model, x, y, x_adv) -> tuple[Tensor, Tensor]:
         """(x_inv, clean logits). p_nat and p_adv are fp32 targets of the inverse attack."""

@@ -74,7 +74,7 @@ from torch import Tensor, nn
 
 from dhat_seg.errors import UserError
 from dhat_seg.training_methods.bases import BASE_METHODS
-from dhat_seg.training_methods.base import TrainingMethod
+from dhat_seg.training_methods.base import OnBase
 
 #: The losses PART reweights the attack of (``base``): PART, PART-T, PART-M.
 PART_BASES = ("at", "trades", "mart")
@@ -97,7 +97,7 @@ def pixel_budget(important: Tensor, eps: float, eps_low: float) -> Tensor:
     return low.masked_fill_(important, eps)
 
 
-class PART(TrainingMethod):
+class PART(OnBase):
     """The base's loss on x_adv made with PART's pixel-wise budget (see the module doc)."""
 
     needs_attention = True
@@ -109,28 +109,6 @@ class PART(TrainingMethod):
         self.base = BASE_METHODS[cfg.base](cfg)
         self.eps_low = eps_low_of(cfg)
         self._foreground: Tensor | None = None  # the batch's mask while the trainer's AWP block prepares x_adv
-
-    # the trainer hooks go to the base (as UIAT's and FSR's)
-    def on_fit_start(self, model, state):
-        self.base.on_fit_start(model, state)
-
-    def on_epoch_start(self, model, epoch):
-        self.base.on_epoch_start(model, epoch)
-
-    def on_batch_start(self, index):
-        self.base.on_batch_start(index)
-
-    def after_step(self, model):
-        self.base.after_step(model)
-
-    def on_epoch_end(self, model, epoch, val_x, val_y, device):
-        return self.base.on_epoch_end(model, epoch, val_x, val_y, device)
-
-    def evaluation_model(self, model):
-        return self.base.evaluation_model(model)
-
-    def state_dict(self):
-        return self.base.state_dict()
 
     # ------------------------------------------------------------------ attack and loss
     def budget(self, foreground: Tensor) -> Tensor:
