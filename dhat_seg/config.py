@@ -166,7 +166,8 @@ class TrainConfig:
     # loss scaling needed), else float16 with a GradScaler
     amp: bool = False
     amp_dtype: str = "auto"
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader workers; -1 = none on CPU, min(8, CPUs - 1) on CUDA
+    sync_every: int = 0  # batches between reads of the loss statistics (0: 1 on CPU, 50 on CUDA)
     # divergence guard: training stops with an error (the last good checkpoint kept) when
     # the loss is not finite or a clean or x_B logit exceeds this in absolute value (0 = off)
     max_abs_logit: float = 1e4
@@ -203,7 +204,8 @@ class TrainConfig:
             (0 < self.quantile < 1, "quantile", "a number in (0, 1)"),
             (self.attention_model_epochs >= 1, "attention_model_epochs", "a positive integer"),
             (self.image_size >= 8, "image_size", "an integer >= 8"),
-            (self.num_workers >= 0, "num_workers", "a non-negative integer"),
+            (self.num_workers >= -1, "num_workers", "a non-negative integer or -1 (automatic: from the CPU count)"),
+            (self.sync_every >= 0, "sync_every", "a non-negative integer (0 = automatic)"),
             (self.val_examples >= 1, "val_examples", "a positive integer"),
             (self.val_size > 0, "val_size", "a fraction in (0, 1) or a number of samples >= 1"),
             (self.val_size < 1 or isinstance(self.val_size, int), "val_size", "a fraction in (0, 1) or a whole number of samples"),
@@ -281,7 +283,7 @@ DIGEST_NEUTRAL: dict[str, Any] = {"base": "at", "trades_beta": 6.0, "mart_beta":
                                   "cfa_begin": 10, "fawa_decay": 0.85, "fawa_threshold": 0.2, "fawa_begin": 50,
                                   "sglr_momentum": 0.9, "sglr_clean_weight": 0.2, "sglr_start": None,
                                   "fsr_lambda_sep": 1.0, "fsr_lambda_rec": 1.0, "fsr_tau": 0.1,
-                                  "fsr_begin": 0, "part_eps_low": None}
+                                  "fsr_begin": 0, "part_eps_low": None, "sync_every": 0}
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -407,7 +409,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "epochs": 100, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
         "milestones": [80, 90], "gamma": 0.1, "eps": 8.0, "step_size": 2.0, "attack_steps": 10,
         "inv_eps": 4.0, "inv_step_size": 2.0, "inv_steps": 10, "lambda1": 1.0, "lambda2": 1.0,
-        "floe_form": "code", "val_size": 1000, "val_examples": 1000, "amp": True,
+        "floe_form": "code", "val_size": 1000, "val_examples": 1000, "amp": True, "num_workers": -1,
     },
 }
 

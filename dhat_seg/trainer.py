@@ -7,7 +7,8 @@ own state, such as rebuilding self-attention masks, is a :class:`Callback`.
 
 Per batch: (image, label, index[, cached mask]) -> foreground mask of the clean image
 -> the training method's loss (with ``awp``: at perturbed weights, restored after the
-backward pass) -> one host sync for all statistics -> step. With
+backward pass) -> statistics queued on the device (read in one transfer every
+``sync_every`` batches: :mod:`dhat_seg.train_loop`) -> step. With
 ``mask_source: cache`` each sample's mask travels with its image through the same
 random crop and flip; with ``mask_source: online`` the attention function runs on
 every augmented batch.
@@ -39,7 +40,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dhat_seg import __version__, attacks, evaluate
@@ -50,8 +50,9 @@ from dhat_seg.checkpoint import (STATE, TRAIN_WEIGHTS, WEIGHTS, atomic_write_tex
                                  replaced_atomically, save_checkpoint)
 from dhat_seg.config import TrainConfig, save_config
 from dhat_seg.errors import DivergenceError, Interrupted, UserError, write_error
-from dhat_seg.runtime import (deterministic_kernels, directory_lock, graceful_stop, ignore_stop_signals, resolve_amp_dtype,
-                              seed_everything, select_device, signal_name, stop_requested)
+from dhat_seg.runtime import (deterministic_kernels, directory_lock, graceful_stop, resolve_amp_dtype, seed_everything,
+                              select_device, signal_name, stop_requested)
+from dhat_seg.train_loop import DeviceStats, EpochLoader, sync_interval, worker_count
 
 CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "summary.json"
 
@@ -109,6 +110,8 @@ class Trainer:
         self.amp_dtype = resolve_amp_dtype(self.cfg, self.device)
         # loss scaling only for float16; bfloat16 has fp32's range
         self.amp = self.amp_dtype == torch.float16
+        self._loaders = EpochLoader(batch_size=self.cfg.batch_size, num_workers=worker_count(self.cfg.num_workers, self.device),
+                                    seed=self.cfg.seed, pin_memory=self.device.type == "cuda")
 
     @staticmethod
     def prepare_out_dir(cfg: TrainConfig, out: Path, resume: bool) -> None:
@@ -122,7 +125,7 @@ class Trainer:
             saved = yaml.safe_load(config_path.read_text()) or {}
             current = cfg.to_dict()
             diff = [k for k in current if k in saved and saved[k] != current[k]
-                    and k not in ("device", "num_workers", "amp", "amp_dtype")]
+                    and k not in ("device", "num_workers", "sync_every", "amp", "amp_dtype")]
             if diff:
                 k = diff[0]
                 raise UserError(f"cannot resume {str(out)!r}: option {k}={current[k]!r} differs from the run's {saved[k]!r}")
@@ -278,14 +281,12 @@ class Trainer:
     # ------------------------------------------------------------------ pieces
     def _train_epoch(self, model, method, attention, dataset, optimizer, scaler, epoch) -> dict[str, float]:
         c = self.cfg
-        generator = torch.Generator().manual_seed(c.seed * 7919 + epoch)
-        loader = DataLoader(dataset, batch_size=c.batch_size, shuffle=True, drop_last=len(dataset) > c.batch_size,
-                            num_workers=c.num_workers, generator=generator, pin_memory=self.device.type == "cuda",
-                            worker_init_fn=ignore_stop_signals if c.num_workers else None)
+        loader = self._loaders.epoch(dataset, epoch)
         model.train()
         warmup = method.needs_attention and epoch < c.attention_burn_in
         autocast = lambda: torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
-        totals: dict[str, float] = {}
+        stats_buffer = DeviceStats(sync_interval(c.sync_every, self.device),
+                                   lambda values, batch: self._check_divergence(values, epoch, batch))
         n_batches = 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{c.epochs} [{c.method}]", leave=False, disable=not self.progress or None,
                    file=sys.stderr, dynamic_ncols=True)
@@ -306,22 +307,18 @@ class Trainer:
                     loss, stats = (method.warmup_loss(model, x, y, prepared) if warmup
                                    else method.loss(model, x, y, foreground, prepared))
                 stats["loss"] = loss.detach().float()
-                # one host sync per batch: every statistic in one transfer, checked before the step
-                names = list(stats)
-                values = dict(zip(names, torch.stack([stats[k].float() for k in names]).tolist()))
-                self._check_divergence(values, epoch, n_batches)
+                # statistics stay on the device; read (and checked) every sync_every batches in one
+                # transfer: on CPU every batch, before its step
+                if stats_buffer.add(stats):
+                    bar.set_postfix(loss=f"{stats_buffer.last['loss']:.3f}")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             method.after_step(model)
-            for k, v in values.items():
-                # logit sizes: the epoch's maximum; everything else: the epoch's mean
-                totals[k] = max(totals.get(k, v), v) if k.startswith("max_logit") else totals.get(k, 0.0) + v
             n_batches += 1
-            bar.set_postfix(loss=f"{values['loss']:.3f}")
             self._stop_if_asked(epoch, n_batches, self.out / "checkpoints")  # the safe point
-        return {f"train_{k}": round(v if k.startswith("max_logit") else v / max(n_batches, 1), 5) for k, v in totals.items()}
+        return stats_buffer.summary()
 
     def _check_divergence(self, values: dict[str, float], epoch: int, batch: int) -> None:
         """DivergenceError when the loss is not finite or a recorded logit (clean, x_B; x_adv for

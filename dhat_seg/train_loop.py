@@ -1,0 +1,164 @@
+"""Pieces of the training hot loop that keep the device busy: statistics read in one
+transfer every few batches, and a DataLoader built once per fit.
+
+- :class:`DeviceStats` keeps each batch's loss statistics on the device and reads them
+  to the host every ``every`` batches (one transfer for all of them). On CPU a read costs
+  nothing and ``every`` is 1, so a non-finite loss is caught before its step; on CUDA the
+  default of 50 lets the host queue work ahead, and a divergence is reported at the next
+  read (naming its batch) with the steps since then taken, the last epoch's checkpoint
+  intact.
+- :class:`EpochLoader` builds the DataLoader once (worker processes persist across
+  epochs) and reseeds it per epoch. With ``num_workers == 0`` the order and the
+  augmentation are exactly those of a fresh ``DataLoader(shuffle=True,
+  generator=Generator().manual_seed(s))`` per epoch (the figures of 0.1.0). With workers,
+  each sample's augmentation is seeded by (seed, epoch, sample index), so a run does not
+  depend on the number of workers and a resumed epoch is redone exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dhat_seg.runtime import ignore_stop_signals
+
+#: Batches between statistics reads on CUDA when ``sync_every`` is 0 (automatic).
+CUDA_SYNC_EVERY = 50
+#: Most DataLoader workers chosen automatically (``num_workers: -1``).
+MAX_AUTO_WORKERS = 8
+
+
+def sync_interval(sync_every: int, device: torch.device) -> int:
+    """Batches between host reads of the statistics: ``sync_every``, or when 0, 1 on
+    devices where a read costs nothing (CPU) and :data:`CUDA_SYNC_EVERY` elsewhere."""
+    if sync_every:
+        return sync_every
+    return 1 if device.type == "cpu" else CUDA_SYNC_EVERY
+
+
+def worker_count(num_workers: int, device: torch.device, cpus: int | None = None) -> int:
+    """``num_workers``, or when -1 (automatic): none on CPU (the loader would take cores
+    from training) and ``min(8, cpus - 1)`` on an accelerator."""
+    if num_workers >= 0:
+        return num_workers
+    if device.type == "cpu":
+        return 0
+    cpus = cpus if cpus is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return max(0, min(MAX_AUTO_WORKERS, cpus - 1))
+
+
+class DeviceStats:
+    """Per-batch statistics (0-d tensors) kept on the device, read every ``every`` batches.
+
+    ``check(values, batch)`` sees each batch's values (``batch``: its 0-based index in
+    the epoch) in order when they are read; it may raise. The epoch's figures: the mean
+    of every statistic over the batches, except ``max_logit*`` (the epoch's maximum)."""
+
+    def __init__(self, every: int, check: Callable[[dict[str, float], int], None]):
+        self.every = max(1, every)
+        self.check = check
+        self.pending: list[tuple[tuple[str, ...], torch.Tensor]] = []
+        self.totals: dict[str, float] = {}
+        self.read = 0  # batches read so far
+        self.last: dict[str, float] | None = None  # the last read batch's values
+
+    def add(self, stats: dict[str, torch.Tensor]) -> bool:
+        """Queue one batch's statistics; True when this call read them to the host."""
+        names = tuple(stats)
+        self.pending.append((names, torch.stack([stats[k].detach().float().reshape(()) for k in names])))
+        if len(self.pending) >= self.every:
+            self.flush()
+            return True
+        return False
+
+    def flush(self) -> None:
+        """Read every queued batch in one transfer, check and accumulate them in order."""
+        if not self.pending:
+            return
+        flat = torch.cat([v for _, v in self.pending]).tolist()
+        pending, self.pending, pos = self.pending, [], 0
+        for names, _ in pending:
+            values = dict(zip(names, flat[pos : pos + len(names)]))
+            pos += len(names)
+            self.check(values, self.read)
+            for k, v in values.items():
+                self.totals[k] = max(self.totals.get(k, v), v) if k.startswith("max_logit") else self.totals.get(k, 0.0) + v
+            self.read += 1
+            self.last = values
+
+    def summary(self) -> dict[str, float]:
+        """``train_<name>``: the epoch's means (maxima for ``max_logit*``), rounded to 5 digits."""
+        self.flush()
+        n = max(self.read, 1)
+        return {f"train_{k}": round(v if k.startswith("max_logit") else v / n, 5) for k, v in self.totals.items()}
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one sample in one epoch (workers only)."""
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (2**63 - 1)
+
+
+class _SeededSampler(Sampler):
+    """Yields ``(index, augmentation seed)`` in a permutation fixed by (seed, epoch)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        for i in torch.randperm(self.n, generator=g).tolist():
+            yield i, sample_seed(self.seed, self.epoch, i)
+
+
+class _SeededItems(Dataset):
+    """``dataset[index]`` drawn with torch's global generator seeded by the sample's seed
+    (in a worker process, whose generator nothing else uses)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        torch.manual_seed(seed)
+        return self.dataset[index]
+
+
+class EpochLoader:
+    """The training DataLoader of a fit, built once per dataset and reseeded per epoch."""
+
+    def __init__(self, *, batch_size: int, num_workers: int, seed: int, pin_memory: bool):
+        self.batch_size, self.num_workers, self.seed, self.pin_memory = batch_size, num_workers, seed, pin_memory
+        self._dataset: Any = None
+        self._loader: DataLoader | None = None
+        self._generator = torch.Generator()
+        self._sampler: _SeededSampler | None = None
+
+    def epoch(self, dataset, epoch: int) -> DataLoader:
+        """The loader over ``dataset`` for 0-based ``epoch`` (rebuilt when the dataset changed)."""
+        if dataset is not self._dataset:
+            self._dataset, self._loader = dataset, self._build(dataset)
+        if self._sampler is not None:
+            self._sampler.epoch = epoch
+        else:  # a fresh single-process iterator draws its base seed, then the permutation, from this
+            self._generator.manual_seed(self.seed * 7919 + epoch)
+        return self._loader
+
+    def _build(self, dataset) -> DataLoader:
+        drop_last = len(dataset) > self.batch_size
+        if not self.num_workers:
+            self._sampler = None
+            return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, drop_last=drop_last,
+                              generator=self._generator, pin_memory=self.pin_memory)
+        self._sampler = _SeededSampler(len(dataset), self.seed)
+        return DataLoader(_SeededItems(dataset), batch_size=self.batch_size, sampler=self._sampler, drop_last=drop_last,
+                          num_workers=self.num_workers, persistent_workers=True, pin_memory=self.pin_memory,
+                          worker_init_fn=ignore_stop_signals)
