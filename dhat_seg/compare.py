@@ -106,8 +106,8 @@ PAPER_LABELS = {"awp": "AWP"}
 #: The PART paper's Table 1 (ResNet-18 on CIFAR-10, L-inf eps 8/255, masks refreshed every
 #: epoch, s = 1): Natural, PGD-20 and AA accuracy (%), means of three runs. Source: Zhang
 #: et al., "Improving Accuracy-robustness Trade-off via Pixel Reweighted Adversarial
-#: Training", ICML 2024 (REFERENCE section 2). Keys: compare's row names. Not printed yet:
-#: another model, schedule and PGD than the DHAT numbers the table prints (no PGD-20 column).
+#: Training", ICML 2024 (REFERENCE section 2). Keys: compare's row names. Printed beside the
+#: rows of ``--preset part-paper`` (the PART paper's schedule), with a PGD-20 column.
 PAPER_PART_RESULTS: dict[str, dict[str, float]] = {
     "at": {"clean": 82.58, "pgd20": 43.69, "aa": 41.63},
     "part": {"clean": 83.42, "pgd20": 43.65, "aa": 41.74},
@@ -120,6 +120,13 @@ PAPER_PART_RESULTS: dict[str, dict[str, float]] = {
 #: The comparison's columns: the ablation's without the attention IoU (in the CSV/JSON).
 COMPARE_COLUMNS = tuple((k, h) for k, h in COLUMNS if k != "iou")
 COMPARE_EXTRA_COLUMNS = EXTRA_COLUMNS + (("iou", "IoU"),)
+#: Under ``--preset part-paper``: PGD-20 after PGD-10 (the PART paper reports PGD-20).
+PART_COLUMNS = COMPARE_COLUMNS[:2] + (("pgd20", "PGD-20"),) + COMPARE_COLUMNS[2:]
+#: What the comparison shows under ``--preset part-paper``: the PART paper's Table 1.
+PART_PAPER_STUDY = {"columns": PART_COLUMNS, "paper": PAPER_PART_RESULTS, "paper_labels": {},
+                    "paper_caption": "the PART paper's Table 1 (ResNet-18, CIFAR-10, eps 8/255, masks refreshed every "
+                                     "epoch; Natural, PGD-20, AA; means of 3 runs)",
+                    "paper_heading": "PART paper Table 1", "paper_key": "paper_part_results"}
 
 #: The presets are the ablation's (same training and evaluation); their descriptions here.
 COMPARE_DESCRIPTIONS = {
@@ -296,7 +303,7 @@ def method_study(attention: str, options: Mapping[str, Mapping[str, Any]] | None
         describe=lambda name: _describe(name, attention), describe_keys=("method", "base", "awp", "attention"),
         readiness=ready, columns=COMPARE_COLUMNS, extra_columns=COMPARE_EXTRA_COLUMNS, paper=PAPER_MAIN_RESULTS,
         paper_labels=PAPER_LABELS, paper_caption="the DHAT paper's main results (WRN-28-10, CIFAR-10, eps 8/255)",
-        paper_heading="Paper main results", paper_key="paper_main_results")
+        paper_heading="Paper main results", paper_key="paper_main_results", per_preset={"part-paper": PART_PAPER_STUDY})
 
 
 def run_comparison(methods: list[str], base: TrainConfig, eval_options, out: Path, *, attention: str | None = None,

@@ -151,7 +151,7 @@ def fake_eval(calls):
         name, seed = run_dir.name, options.seed
         calls.append((name, seed))
         checks = [{"name": "iterative beats single-step", "passed": True, "detail": "", "values": {}}]
-        report = {"accuracy": {"clean": CLEAN[name] + seed, "pgd10": 40.0, "cw": 35.0, "aa": 30.0 + seed},
+        report = {"accuracy": {"clean": CLEAN[name] + seed, "pgd10": 40.0, "pgd20": 39.0, "cw": 35.0, "aa": 30.0 + seed},
                   "examples": {"clean": 24}, "robust_gap": {"gap": 4.0, "train_accuracy": 44.0, "n_train": 24},
                   "bg_gap": {"clean": {"gap": 5.0}, "pgd10": {"gap": 1.0}},
                   "attention_iou": {"mean_iou": 0.3} if name.startswith("dhat") else None,
@@ -165,11 +165,13 @@ def fake_eval(calls):
 
 
 def fake_compare(tmp_path, monkeypatch, calls, methods=("at", "dhat-trades", "cfa", "sglr"), seeds=None, failing=(),
-                 show_paper=False):
+                 show_paper=False, preset_name="quick"):
+    """compare on the quick preset's data and evaluation; ``preset_name`` names it (the
+    paper table and columns shown are that preset's)."""
     monkeypatch.setattr(ablate.run, "run_eval", fake_eval(calls))
     monkeypatch.setattr(FakeTrainer, "failing", tuple(failing))
     monkeypatch.setattr(FakeTrainer, "runs", [])
-    preset = dataclasses.replace(ablate.ABLATE_PRESETS["quick"], show_paper=show_paper)
+    preset = dataclasses.replace(ablate.ABLATE_PRESETS["quick"], show_paper=show_paper, name=preset_name)
     options = dataclasses.replace(EvalOptions(), **preset.eval, device="cpu").validate()
     return compare.run_comparison(list(methods), quick_base(), options, tmp_path / "out", seeds=seeds,
                                   cache_dir=tmp_path / "cache", preset=preset, log=lambda m: None, progress=False,
@@ -262,6 +264,26 @@ def test_seeds_and_the_paper_numbers(tmp_path, monkeypatch):
     assert paper["dhat-cfa"] == {"clean": 84.49, "pgd10": 62.67, "cw": 55.95, "aa": 54.05, "robust_gap": 6.33}
     assert "## Paper main results" in md and "| AWP | 82.67 | 57.80 | 54.82 | 51.90 | 6.90 |" in md
     assert "| DHAT-CFA | 84.49 | 62.67 | 55.95 | 54.05 | 6.33 |" in md and "| SGLR | 85.76 |" in md
+
+
+def test_the_part_paper_preset_prints_the_part_papers_table_with_pgd20(tmp_path, monkeypatch):
+    assert ablate.ABLATE_PRESETS["part-paper"].show_paper
+    result = fake_compare(tmp_path, monkeypatch, [], methods=("at", "part", "dhat"), show_paper=True,
+                          preset_name="part-paper")
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    assert "| method | Clean | PGD-10 | PGD-20 | C&W | AA | Robust Gap | BG-gap | status |" in md
+    assert "| AT | 70.00 (82.58) | 40.00 | 39.00 (43.69) | 35.00 | 30.00 (41.63) |" in md
+    assert "| DHAT | 74.00 | 40.00 | 39.00 |" in md  # no PART-paper number for DHAT, nor the DHAT paper's here
+    assert "## PART paper Table 1" in md and "| PART-T | 79.36 | 48.90 | 45.97 |" in md
+    assert "Paper main results" not in md and "Clean, PGD-10, PGD-20, C&W" in md
+    assert result["paper_part_results"]["part-m"] == {"clean": 78.67, "pgd20": 50.26, "aa": 45.19}
+    assert "paper_main_results" not in result
+
+
+def test_the_ablation_shows_no_table10_numbers_under_the_part_paper_preset():
+    study = ablate.ATTENTION_STUDY
+    assert study.for_preset("paper").paper["gradcam"]["aa"] == 53.10
+    assert study.for_preset("part-paper").paper == {} and study.for_preset(None) is study
 
 
 def test_the_plot_is_a_bar_chart_with_error_bars(tmp_path):

@@ -263,7 +263,8 @@ def write_outputs(out: Path, rows: list, meta: Mapping[str, Any], preset: Ablate
                    "seeds where both rows have a value, (n). `*`: the mean is more than two standard errors from zero "
                    "(a rough screen; with n = 3 a t-test at p < 0.05 needs about 4.3). "
                    f"Every seed's difference: {study.stem}.json, `paired_differences`.", "", paired, ""]
-    md += ["Clean, PGD-10, C&W (PGD-20 on the C&W margin loss), AA (AutoAttack standard): test accuracy in %, eps 8/255. "
+    md += ["Clean, PGD-10, " + ("PGD-20, " if "pgd20" in columns else "")
+           + "C&W (PGD-20 on the C&W margin loss), AA (AutoAttack standard): test accuracy in %, eps 8/255. "
            f"Robust Gap: {settings.get('gap_attack', 'pgd10')} accuracy on training samples minus on test samples "
            "(points; smaller is better). "
            + ("BG-gap: clean accuracy on `test` (training-like backgrounds) minus `test-mixed-rand` (random backgrounds), "

@@ -102,6 +102,7 @@ ABLATE_PRESETS: dict[str, AblatePreset] = {
             PART_PAPER_TRAIN,
             {"attacks": "clean,pgd10,pgd20,cw,aa", "n_examples": None, "aa_examples": None, "gap_attack": "pgd10",
              "gap_examples": 10000, "iou_examples": 500, "bg_gap": True, "sanity_examples": 1000},
+            show_paper=True,  # compare: the PART paper's Table 1 (compare.PAPER_PART_RESULTS)
         ),
     )
 }
@@ -402,7 +403,8 @@ def attention_study(checkpoints: Mapping[str, str] | None = None,
         describe=lambda name: {"attention": None if name == UIAT else name, "method": "uiat" if name == UIAT else "dhat"},
         describe_keys=("attention", "method"), readiness=_attention_readiness, paper=PAPER_TABLE10,
         paper_caption="the paper's Table 10 (WRN-28-10, CIFAR-10)", paper_heading="Paper Table 10",
-        paper_key="paper_table10", iou_panels=True, reference_row="-")
+        paper_key="paper_table10", iou_panels=True, reference_row="-",
+        per_preset={"part-paper": {"paper": {}}})  # Table 10 is not the PART paper's setting
 
 
 #: The ablation's study without checkpoints or options (labels, run directories, output).

@@ -50,7 +50,8 @@ def metrics_from_report(report: Mapping[str, Any]) -> dict[str, Any]:
     acc, ex = report.get("accuracy", {}), report.get("examples", {})
     gap, bg, iou = report.get("robust_gap"), report.get("bg_gap"), report.get("attention_iou")
     return {
-        "clean": acc.get("clean"), "pgd10": acc.get("pgd10"), "cw": acc.get("cw"), "aa": acc.get("aa"),
+        "clean": acc.get("clean"), "pgd10": acc.get("pgd10"), "pgd20": acc.get("pgd20"), "cw": acc.get("cw"),
+        "aa": acc.get("aa"),
         "worst_case": acc.get("worst_case"),
         "robust_gap": gap["gap"] if gap else None,
         "robust_gap_train": gap["train_accuracy"] if gap else None,
@@ -152,6 +153,7 @@ def run_study(
     from dhat_seg.experiment import Experiment
 
     trainer_factory = trainer_factory or Experiment
+    study = study.for_preset(preset.name if preset else None)
     command = study.command
     seeds = list(seeds) if seeds else [base.seed]
     if len(set(seeds)) != len(seeds) or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):

@@ -11,6 +11,7 @@ reuse, resume, sanity checks, failed and skipped rows) are shared.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -69,6 +70,14 @@ class Study:
     #: the row every other row is compared with seed by seed (e.g. "-", UIAT, in the
     #: ablation); None: no paired differences
     reference_row: str | None = None
+    #: preset name -> fields that differ under that preset (e.g. another paper's table and
+    #: columns: the PART paper under ``part-paper``)
+    per_preset: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def for_preset(self, preset_name: str | None) -> "Study":
+        """The study as it runs under the preset ``preset_name`` (itself when nothing differs)."""
+        changes = self.per_preset.get(preset_name or "", {})
+        return dataclasses.replace(self, **changes) if changes else self
 
     def paper_label(self, name: str) -> str:
         return self.paper_labels.get(name) or self.label(name)
