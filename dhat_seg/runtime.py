@@ -219,3 +219,18 @@ def _holder(fd: int) -> str:
         return os.pread(fd, 32, 0).decode().strip() or "unknown"
     except (OSError, UnicodeDecodeError):
         return "unknown"
+
+
+#: Most DataLoader workers chosen automatically (``num_workers: -1``).
+MAX_AUTO_WORKERS = 8
+
+
+def worker_count(num_workers: int, device: torch.device, cpus: int | None = None) -> int:
+    """``num_workers``, or when -1 (automatic): none on CPU (the loader would take cores
+    from training) and ``min(8, cpus - 1)`` on an accelerator."""
+    if num_workers >= 0:
+        return num_workers
+    if device.type == "cpu":
+        return 0
+    cpus = cpus if cpus is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return max(0, min(MAX_AUTO_WORKERS, cpus - 1))

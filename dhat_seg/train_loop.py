@@ -17,7 +17,6 @@ transfer every few batches, and a DataLoader built once per fit.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Iterator
 
 import torch
@@ -27,8 +26,6 @@ from dhat_seg.runtime import ignore_stop_signals
 
 #: Batches between statistics reads on CUDA when ``sync_every`` is 0 (automatic).
 CUDA_SYNC_EVERY = 50
-#: Most DataLoader workers chosen automatically (``num_workers: -1``).
-MAX_AUTO_WORKERS = 8
 
 
 def sync_interval(sync_every: int, device: torch.device) -> int:
@@ -39,15 +36,10 @@ def sync_interval(sync_every: int, device: torch.device) -> int:
     return 1 if device.type == "cpu" else CUDA_SYNC_EVERY
 
 
-def worker_count(num_workers: int, device: torch.device, cpus: int | None = None) -> int:
-    """``num_workers``, or when -1 (automatic): none on CPU (the loader would take cores
-    from training) and ``min(8, cpus - 1)`` on an accelerator."""
-    if num_workers >= 0:
-        return num_workers
-    if device.type == "cpu":
-        return 0
-    cpus = cpus if cpus is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    return max(0, min(MAX_AUTO_WORKERS, cpus - 1))
+def batches_per_epoch(num_samples: int, batch_size: int) -> int:
+    """The batches :class:`EpochLoader` yields per epoch: a last incomplete batch is dropped
+    unless the whole split fits in one batch."""
+    return num_samples // batch_size if num_samples > batch_size else 1
 
 
 class DeviceStats:

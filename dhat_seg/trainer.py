@@ -51,8 +51,8 @@ from dhat_seg.checkpoint import (STATE, TRAIN_WEIGHTS, WEIGHTS, atomic_write_tex
 from dhat_seg.config import TrainConfig, save_config
 from dhat_seg.errors import DivergenceError, Interrupted, UserError, write_error
 from dhat_seg.runtime import (deterministic_kernels, directory_lock, graceful_stop, resolve_amp_dtype, seed_everything,
-                              select_device, signal_name, stop_requested)
-from dhat_seg.train_loop import DeviceStats, EpochLoader, sync_interval, worker_count
+                              select_device, signal_name, stop_requested, worker_count)
+from dhat_seg.train_loop import DeviceStats, EpochLoader, sync_interval
 
 CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "summary.json"
 

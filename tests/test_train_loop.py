@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader, Dataset
 from dhat_seg.config import load_config
 from dhat_seg.errors import DivergenceError
 from dhat_seg.experiment import Experiment
-from dhat_seg.train_loop import DeviceStats, EpochLoader, sync_interval, worker_count
+from dhat_seg.runtime import worker_count
+from dhat_seg.train_loop import DeviceStats, EpochLoader, sync_interval
 
 
 class Noisy(Dataset):

@@ -31,7 +31,6 @@ from dhat_seg.runtime import directory_lock, graceful_stop, ignore_stop_signals,
 from dhat_seg.cache.key import _jsonable, sha256_file
 from dhat_seg.cache.key import CHUNK_SIZE, FORMAT, META, check_key, key_hash
 from dhat_seg.cache.store import MaskCache, _chunk_name, _chunk_ok, read_meta
-
 # ---------------------------------------------------------------------------------
 # Building a cache
 # ---------------------------------------------------------------------------------
@@ -123,7 +122,8 @@ def build_masks(
     not recomputed; a stale temporary file of an interrupted write is discarded. Each
     chunk runs under its own seed (forked RNG, the caller's generators untouched).
     ``rebuild`` discards whatever the directory holds first; without it a directory
-    holding a cache of another key is an error.
+    holding a cache of another key is an error. Several processes building one cache
+    together (the ranks of a torchrun job): :func:`dhat_seg.cache.sharded.build_sharded`.
     """
     directory = Path(directory)
     device = torch.device(device)
@@ -147,11 +147,8 @@ def build_masks(
         n = len(dataset)
         if n == 0:
             raise UserError("cannot build a mask cache of an empty dataset")
-        h, w = dataset.image_size
         if meta is None:
-            meta = {"format": FORMAT, "key": _jsonable(key), "key_hash": key_hash(key), "n": n, "height": int(h),
-                    "width": int(w), "storage": None, "chunk_size": int(chunk_size), "chunks": {}, "complete": False,
-                    "build_seconds": 0.0, **_jsonable(dict(extra_meta or {}))}
+            meta = _new_meta(key, dataset, chunk_size, extra_meta)
         chunk_size = int(meta["chunk_size"])
         n_chunks = math.ceil(n / chunk_size)
         todo = [k for k in range(n_chunks) if not _chunk_ok(directory, _chunk_name(k), meta["chunks"].get(_chunk_name(k)))]
@@ -177,15 +174,27 @@ def build_masks(
                     atomic_write_text(directory / META, json.dumps(meta, indent=1, sort_keys=True))
         finally:
             bar.close()
-        cache = MaskCache(directory, meta)
-        meta["complete"] = True
-        meta["built_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        meta["bytes_per_sample"] = round(cache.bytes_per_sample, 2)
-        meta["coverage"] = {"value": round(cache.coverage(threshold.policy, threshold.omega, threshold.quantile), 6),
-                            "policy": threshold.policy, "omega": threshold.omega, "quantile": threshold.quantile}
-        with _kept_on_failure(directory / META, meta, n_chunks):
-            atomic_write_text(directory / META, json.dumps(meta, indent=1, sort_keys=True))
+        _complete(directory, meta, threshold, n_chunks)
     return MaskCache.open(directory, key)
+
+
+def _new_meta(key: Mapping[str, Any], dataset, chunk_size: int, extra_meta: Mapping[str, Any] | None) -> dict:
+    h, w = dataset.image_size
+    return {"format": FORMAT, "key": _jsonable(key), "key_hash": key_hash(key), "n": len(dataset), "height": int(h),
+            "width": int(w), "storage": None, "chunk_size": int(chunk_size), "chunks": {}, "complete": False,
+            "build_seconds": 0.0, **_jsonable(dict(extra_meta or {}))}
+
+
+def _complete(directory: Path, meta: dict, threshold: Threshold, n_chunks: int) -> None:
+    """Mark the cache whose chunks are all recorded in ``meta`` complete (with its coverage)."""
+    cache = MaskCache(directory, meta)
+    meta["complete"] = True
+    meta["built_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    meta["bytes_per_sample"] = round(cache.bytes_per_sample, 2)
+    meta["coverage"] = {"value": round(cache.coverage(threshold.policy, threshold.omega, threshold.quantile), 6),
+                        "policy": threshold.policy, "omega": threshold.omega, "quantile": threshold.quantile}
+    with _kept_on_failure(directory / META, meta, n_chunks):
+        atomic_write_text(directory / META, json.dumps(meta, indent=1, sort_keys=True))
 
 
 def _finished(meta: dict) -> int:

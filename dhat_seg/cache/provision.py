@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,11 +14,11 @@ from dhat_seg.attention import AttentionSpec
 from dhat_seg.data import split_args, split_for
 from dhat_seg.errors import UserError
 from dhat_seg.models import module_mode
-from dhat_seg.runtime import directory_lock
+from dhat_seg.runtime import directory_lock, worker_count
 from dhat_seg.cache.build import Threshold, build_masks
+from dhat_seg.cache.sharded import Shard, build_sharded
 from dhat_seg.cache.key import CHUNK_SIZE, REBUILD_HINT, cache_dir_for, cache_name, check_key, mask_key, sha256_file, sha256_state
 from dhat_seg.cache.store import MaskCache, read_meta
-
 # ---------------------------------------------------------------------------------
 # From a run configuration
 # ---------------------------------------------------------------------------------
@@ -61,11 +62,13 @@ def ensure_mask_cache(
     batch_size: int | None = None,
     hint: str = REBUILD_HINT,
     chunk_size: int = CHUNK_SIZE,
+    shard: Shard | None = None,
 ) -> MaskCache:
     """Reuse, finish or build the frozen-attention mask cache of ``dataset`` for the
     attention settings of ``cfg`` and the attention model at ``classifier_path`` (None
     for methods that read no classifier); says which in ``log``. The attention model
-    is provisioned by the caller (:func:`dhat_seg.experiment.frozen_masks`)."""
+    is provisioned by the caller (:func:`dhat_seg.experiment.frozen_masks`). ``shard``: this
+    process's part of a build shared by the ranks of a torchrun job (every rank calls this)."""
     from dhat_seg.attention_model import build_attention
 
     root = Path(root)
@@ -73,6 +76,26 @@ def ensure_mask_cache(
     if key is None:
         raise UserError(f"attention method {spec.name!r} reads a classifier and none was given")
     directory = cache_dir_for(root, key)
+    path = classifier_path if spec.needs_classifier(options) else None
+    threshold = Threshold(cfg.threshold_policy, cfg.omega, cfg.quantile)
+    extra = {"dataset_args": split_args(cfg, dataset.split), "attention_model": str(path) if path else None}
+    workers = worker_count(cfg.num_workers, torch.device(device))
+    if shard is not None and shard.world > 1:
+        # every rank enters the build (its barriers decide together whether anything is left to
+        # do); rank 0 holds the cache's lock against other jobs; the attention is built lazily
+        built: list = []
+
+        def attention(images, labels):
+            if not built:
+                built.append(build_attention(cfg, num_classes=dataset.num_classes, device=device, classifier_path=path))
+            return built[0](images, labels)
+
+        lock = directory_lock(directory, wait=True, busy="mask cache directory") if shard.rank == 0 else nullcontext()
+        with lock:
+            return build_sharded(attention, dataset, directory, key, shard, device=device,
+                                 batch_size=batch_size or cfg.batch_size, chunk_size=chunk_size, num_workers=workers,
+                                 threshold=threshold, rebuild=rebuild, log=log, progress=progress, method_name=spec.name,
+                                 extra_meta=extra)
     meta = None if rebuild else read_meta(directory)
     if meta is not None and meta.get("complete"):  # no lock needed (nor a writable cache) to reuse a complete cache
         cache = MaskCache.open(directory, key, hint=hint)
@@ -96,12 +119,9 @@ def ensure_mask_cache(
             log(f"mask cache: resuming the interrupted build of {directory} ({done} chunks done)")
         else:
             log(f"mask cache: building {directory} ({len(dataset)} masks with {spec.name}; runs once, later runs reuse it)")
-        path = classifier_path if spec.needs_classifier(options) else None
         attention = build_attention(cfg, num_classes=dataset.num_classes, device=device, classifier_path=path)
-        threshold = Threshold(cfg.threshold_policy, cfg.omega, cfg.quantile)
-        extra = {"dataset_args": split_args(cfg, dataset.split), "attention_model": str(path) if path else None}
         return build_masks(attention, dataset, directory, key, device=device, batch_size=batch_size or cfg.batch_size,
-                           chunk_size=chunk_size, num_workers=cfg.num_workers, threshold=threshold, rebuild=rebuild, log=log,
+                           chunk_size=chunk_size, num_workers=workers, threshold=threshold, rebuild=rebuild, log=log,
                            progress=progress, method_name=spec.name, extra_meta=extra)
 
 
@@ -142,7 +162,8 @@ def self_mask_cache(
             return attention(images, labels)
 
     threshold = Threshold(cfg.threshold_policy, cfg.omega, cfg.quantile)
-    return build_masks(fn, dataset, directory, key, device=device, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+    workers = worker_count(cfg.num_workers, torch.device(device))
+    return build_masks(fn, dataset, directory, key, device=device, batch_size=cfg.batch_size, num_workers=workers,
                        threshold=threshold, log=log, progress=progress, method_name=spec.name,
                        extra_meta={"dataset_args": split_args(cfg, dataset.split)})
 
