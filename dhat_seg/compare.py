@@ -10,7 +10,8 @@ training method, plain (``standard, at, trades, mart, uiat, dhat, cfa, sglr``) o
 ``dhat-mart``, ``dhat-cfa`` = DHAT on CFA's loss, calibration and weight average; ``fsr``,
 ``fsr-trades``, ``fsr-mart`` = FSR on AT, TRADES, MART, trained and evaluated on the shared
 model with the FSR module, ``<model>_fsr``; ``part``, ``part-t``, ``part-m`` = PART on AT, TRADES,
-MART, with :func:`part_settings`: ``--attention`` picks their masks too). A row
+MART, with :func:`part_settings`: ``--attention`` picks their masks too; ``again`` = AT with
+AGAIN's batches, :mod:`dhat_seg.training_methods.again`). A row
 whose method is None would be reported as ``skipped: not implemented in this version``,
 without numbers (none is, in this version).
 
@@ -80,9 +81,10 @@ METHOD_ROWS: dict[str, MethodRow] = {
         MethodRow("part", "PART", "part"),
         MethodRow("part-t", "PART-T", "part", base="trades"),
         MethodRow("part-m", "PART-M", "part", base="mart"),
+        MethodRow("again", "AT+AGAIN", "again"),
     )
 }
-ALIASES = {"at-awp": "awp", "at-fsr": "fsr", "trades-fsr": "fsr-trades", "mart-fsr": "fsr-mart",
+ALIASES = {"at-awp": "awp", "at-again": "again", "at-fsr": "fsr", "trades-fsr": "fsr-trades", "mart-fsr": "fsr-mart",
            "fsr-t": "fsr-trades", "fsr-m": "fsr-mart",
            "part-at": "part", "part-trades": "part-t", "part-mart": "part-m"}
 DEFAULT_METHODS = "at,trades,mart,awp,uiat,dhat"

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from dhat_seg.presets import PRESETS  # noqa: F401  (config.PRESETS: load_config's names)
 from dhat_seg.errors import UserError
 
 
@@ -127,6 +128,9 @@ class TrainConfig:
     # attack's budget is eps on the pixels the foreground mask marks important, part_eps_low elsewhere (units of
     # 1/255; null = eps - 1, the paper's); paper masks: threshold_policy mean_std, attention_source self
     part_eps_low: float | None = None
+    again_alpha: float = 0.6  # AGAIN (method again, training_methods/again.py): y's share of the mixed logit (paper: 0.6)
+    again_fake_label: str = "random"  # AGAIN's fake label y': a "random" wrong class, or the "highest"-scoring one
+    again_hff: bool = True  # AGAIN's hybrid feature fusion (first-stage statistics mixed across the batch); false: W/O HFF
     # attacks used for training
     eps: float = 8.0
     step_size: float = 2.0
@@ -166,8 +170,13 @@ class TrainConfig:
     # loss scaling needed), else float16 with a GradScaler
     amp: bool = False
     amp_dtype: str = "auto"
+    # speed only, results equal up to float rounding (dhat_seg/speed.py): channels-last model and
+    # inputs; torch.compile of the model's forward (opt-in: the first batches compile)
+    channels_last: bool = False
+    compile: bool = False
     num_workers: int = 0  # DataLoader workers; -1 = none on CPU, min(8, CPUs - 1) on CUDA
     sync_every: int = 0  # batches between reads of the loss statistics (0: 1 on CPU, 50 on CUDA)
+    sync_bn: bool = False  # torchrun: BatchNorm statistics over the global batch (SyncBatchNorm; CUDA only)
     # divergence guard: training stops with an error (the last good checkpoint kept) when
     # the loss is not finite or a clean or x_B logit exceeds this in absolute value (0 = off)
     max_abs_logit: float = 1e4
@@ -239,6 +248,7 @@ class TrainConfig:
             (self.part_eps_low is None or 0 <= self.part_eps_low <= self.eps, "part_eps_low",
              f"a number in [0, eps={self.eps:g}] (units of 1/255) or null (eps - 1)"),
             (self.method != "part" or self.base in ("at", "trades", "mart"), "base", "at, trades or mart with method part"),
+            (0 <= self.again_alpha <= 1, "again_alpha", "a number in [0, 1] (the true label's share of the mixed logit)"),
             (self.sglr_start is None or self.sglr_start >= 0, "sglr_start",
              "a non-negative integer (0-based epoch) or null (10 epochs before the first milestone)"),
         ]
@@ -283,7 +293,9 @@ DIGEST_NEUTRAL: dict[str, Any] = {"base": "at", "trades_beta": 6.0, "mart_beta":
                                   "cfa_begin": 10, "fawa_decay": 0.85, "fawa_threshold": 0.2, "fawa_begin": 50,
                                   "sglr_momentum": 0.9, "sglr_clean_weight": 0.2, "sglr_start": None,
                                   "fsr_lambda_sep": 1.0, "fsr_lambda_rec": 1.0, "fsr_tau": 0.1,
-                                  "fsr_begin": 0, "part_eps_low": None, "sync_every": 0}
+                                  "fsr_begin": 0, "part_eps_low": None, "again_alpha": 0.6, "again_fake_label": "random",
+                                  "again_hff": True, "sync_every": 0, "sync_bn": False, "channels_last": False, "compile": False}
+
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -331,7 +343,7 @@ def _choices(cfg: TrainConfig) -> dict[str, tuple]:
     from dhat_seg.attention import THRESHOLD_POLICIES
     from dhat_seg.data import DATASETS
     from dhat_seg.losses import DHLR_FORMS, FLOE_FORMS
-    from dhat_seg.training_methods import BASE_METHODS, TRAINING_METHODS
+    from dhat_seg.training_methods import AGAIN_FAKE_LABELS, BASE_METHODS, TRAINING_METHODS
     from dhat_seg.training_methods.cfa import CFA_BASES
     from dhat_seg.models import MODELS
 
@@ -340,7 +352,7 @@ def _choices(cfg: TrainConfig) -> dict[str, tuple]:
         "dhlr_form": DHLR_FORMS, "floe_form": FLOE_FORMS, "threshold_policy": THRESHOLD_POLICIES,
         "attack_mode": ("train", "eval"), "attack_precision": PRECISIONS, "mask_source": ("cache", "online"),
         "attention_source": ("frozen", "self"), "amp_dtype": AMP_DTYPES, "base": tuple(BASE_METHODS),
-        "cfa_base": CFA_BASES,
+        "cfa_base": CFA_BASES, "again_fake_label": AGAIN_FAKE_LABELS,
     }
     if _needs_attention(cfg.method):
         from dhat_seg.plugin_manager import get_attention_spec
@@ -377,41 +389,6 @@ def paper_differences(cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
         if not same:
             out.append((key, value, " or ".join(paper) if isinstance(paper, tuple) else paper))
     return out
-
-
-#: Built-in presets; ``configs/<name>.yaml`` mirror them (a test keeps them equal).
-PRESETS: dict[str, dict[str, Any]] = {
-    # DHAT on the built-in data with a small CNN: about 5-6 minutes on 2 CPU cores.
-    # Deviations from the paper, for speed and stability on CPU: small CNN (also as the
-    # Grad-CAM model), mini-batches of 32 (more SGD steps for the compute), 3-step
-    # attacks (step 3/255; inverse 3 x 2/255), 6 epochs, and FLOE in dhat-seg's
-    # scale-free "relative" form: the paper form -||r||_p is unbounded below and drove
-    # the logits to 1e15 within 5 epochs here; the authors' code form shrinks the logits
-    # and the model stayed at chance (see README, "DHAT, as implemented").
-    "quick": {
-        "method": "dhat", "attention": "gradcam", "data": "synthetic", "model": "small_cnn",
-        "train_size": 3000, "test_size": 1000, "val_size": 0.1,
-        "attention_model_arch": "small_cnn", "attention_model_epochs": 4,
-        "epochs": 6, "batch_size": 32, "lr": 0.05, "milestones": [5],
-        "attack_steps": 3, "step_size": 3.0, "inv_steps": 3, "floe_form": "relative",
-        "val_examples": 300, "val_attack_steps": 5,
-    },
-    # The paper's CIFAR-10 WRN-28-10 setup (REFERENCE section 1; DHAT supplementary 6.1), with
-    # three departures, each printed by `dhat-seg train`: FLOE in the authors' code form (the
-    # paper's form drove the logits past 1e4 within 4 epochs at batch 128 / lr 0.1; the code
-    # and the bounded "relative" forms both trained for 10 epochs there, and the code form is
-    # what produced the paper's numbers: benchmarks/study_floe_forms.py, README); masks cached
-    # per sample; attack and x_B forwards not updating BN statistics (attack_bn_update).
-    # AMP = bfloat16 autocast for the training passes where supported; attacks stay fp32.
-    "paper": {
-        "method": "dhat", "attention": "gradcam", "data": "cifar10", "model": "wrn28_10",
-        "attention_model_arch": "resnet18", "attention_model_epochs": 100,
-        "epochs": 100, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
-        "milestones": [80, 90], "gamma": 0.1, "eps": 8.0, "step_size": 2.0, "attack_steps": 10,
-        "inv_eps": 4.0, "inv_step_size": 2.0, "inv_steps": 10, "lambda1": 1.0, "lambda2": 1.0,
-        "floe_form": "code", "val_size": 1000, "val_examples": 1000, "amp": True, "num_workers": -1,
-    },
-}
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:

@@ -22,6 +22,7 @@ and a mask cache is built by one (the others wait on the cache's lock).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -37,12 +38,16 @@ from dhat_seg.attention_model import (
 from dhat_seg.cache import provision
 from dhat_seg.cache.key import REBUILD_HINT
 from dhat_seg.checkpoint import resolve_weights
+from dhat_seg.cache.sharded import Shard
 from dhat_seg.config import TrainConfig
+from dhat_seg.distributed import SINGLE, Dist, check_distributable
 from dhat_seg.data import channel_stats, split_for
 from dhat_seg.errors import Interrupted, UserError
 from dhat_seg.models import CIFAR_MEAN, CIFAR_STD, create_model, module_mode
 from dhat_seg.runtime import (deterministic_kernels, directory_lock, graceful_stop, resolve_amp_dtype, seed_everything,
                               select_device)
+from dhat_seg.train_loop import batches_per_epoch
+from dhat_seg.speed import check_speed_options
 from dhat_seg.trainer import RunParts, Trainer
 from dhat_seg.training_methods import create_training_method
 
@@ -128,8 +133,9 @@ def _in_eval_mode(attention, model):
 
 
 def build_parts(cfg: TrainConfig, out: Path, *, device, root: Path, log: Log = _stderr, progress: bool = True,
-                rebuild_masks: bool = False) -> RunParts:
-    """Resolve ``cfg`` into the datasets, model, training method and attention of a run."""
+                rebuild_masks: bool = False, dist: Dist = SINGLE) -> RunParts:
+    """Resolve ``cfg`` into the datasets, model, training method and attention of a run
+    (``dist``: the ranks of a torchrun job build the mask cache together)."""
     from dhat_seg.callbacks import SelfAttentionMasks
 
     c = cfg
@@ -138,6 +144,7 @@ def build_parts(cfg: TrainConfig, out: Path, *, device, root: Path, log: Log = _
     mean, std = (CIFAR_MEAN, CIFAR_STD) if c.data.startswith("cifar") else channel_stats(train_ds)
     model = create_model(c.model, train_ds.num_classes, mean, std).to(device)
     method = create_training_method(c)
+    method.on_train_data(len(train_ds), batches_per_epoch(len(train_ds), c.batch_size))
     parts = RunParts(train_ds, val_ds, test_ds, model, method)
     if not method.needs_attention:
         return parts
@@ -158,7 +165,9 @@ def build_parts(cfg: TrainConfig, out: Path, *, device, root: Path, log: Log = _
         path = classifier_path(c, train_ds.fingerprint(), root, log, progress=progress)
         parts.attention = build_attention(c, num_classes=train_ds.num_classes, device=device, classifier_path=path)
     else:
-        parts.masks = frozen_masks(c, train_ds, device=device, root=root, log=log, rebuild=rebuild_masks, progress=progress)
+        shard = Shard(dist.rank, dist.world, dist.barrier) if dist.enabled else None
+        parts.masks = frozen_masks(c, train_ds, device=device, root=root, log=log, rebuild=rebuild_masks, progress=progress,
+                                   shard=shard)
     return parts
 
 
@@ -170,13 +179,17 @@ class Experiment:
     ``on_epoch``: called with each epoch's metrics record (default: a JSON line on stdout)."""
 
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, *, log: Log | None = None, cache_dir: str | Path | None = None,
-                 progress: bool = True, rebuild_masks: bool = False, on_epoch: Callable[[dict], None] | None = None):
+                 progress: bool = True, rebuild_masks: bool = False, on_epoch: Callable[[dict], None] | None = None,
+                 dist: Dist = SINGLE):
         self.cfg = cfg.validate()
         self.out = Path(out_dir)
         self.log = log or _stderr
         self.cache_root = cache_root(cache_dir)
         self.progress, self.rebuild_masks, self.on_epoch = progress, rebuild_masks, on_epoch
+        self.dist = dist
+        check_distributable(self.cfg, dist)
         resolve_amp_dtype(self.cfg, select_device(self.cfg.device))  # refuse an impossible precision before any work
+        check_speed_options(self.cfg, select_device(self.cfg.device))  # and a compile that cannot work here
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Build the parts and fit them, holding the run directory's lock, with
@@ -185,10 +198,15 @@ class Experiment:
         device = select_device(self.cfg.device)
         if create_training_method(self.cfg).needs_attention:
             resolve_attention_method(self.cfg)  # options and checkpoint refused before the run directory is made
-        lock = directory_lock(self.out, wait=False, busy="run directory", hint="choose another --out")
+        main = self.dist.main  # torchrun: rank 0 alone holds and writes the run directory
+        lock = (directory_lock(self.out, wait=False, busy="run directory", hint="choose another --out") if main
+                else contextlib.nullcontext())
         with lock, graceful_stop(), deterministic_kernels(device):
-            Trainer.prepare_out_dir(self.cfg, self.out, resume)  # under the lock: no other process writes here now
+            if main:
+                Trainer.prepare_out_dir(self.cfg, self.out, resume)  # under the lock: no other process writes here now
+            self.dist.barrier()
             parts = build_parts(self.cfg, self.out, device=device, root=self.cache_root, log=self.log,
-                                progress=self.progress, rebuild_masks=self.rebuild_masks)
-            trainer = Trainer(self.cfg, self.out, parts, log=self.log, progress=self.progress, on_epoch=self.on_epoch)
+                                progress=self.progress, rebuild_masks=self.rebuild_masks, dist=self.dist)
+            trainer = Trainer(self.cfg, self.out, parts, log=self.log, progress=self.progress, on_epoch=self.on_epoch,
+                              dist=self.dist)
             return trainer.fit(resume=resume)

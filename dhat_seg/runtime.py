@@ -69,9 +69,19 @@ def deterministic_kernels(device: torch.device) -> Iterator[None]:
     deterministic CUDA kernel warns, naming itself, and runs anyway) and cuBLAS's fixed
     workspace (``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless set; it takes effect for the
     cuBLAS handles created after it, so before a process's first CUDA matmul).
-    ``DHAT_SEG_DETERMINISTIC=0`` keeps torch's faster, nondeterministic defaults."""
-    if device.type != "cuda" or os.environ.get("DHAT_SEG_DETERMINISTIC", "1") == "0":
+    ``DHAT_SEG_DETERMINISTIC=0`` chooses speed instead: cuDNN autotuning on
+    (``cudnn.benchmark``: the fastest convolution algorithms for each input shape, picked on
+    the first batches), nondeterministic kernels allowed."""
+    if device.type != "cuda":
         yield
+        return
+    if os.environ.get("DHAT_SEG_DETERMINISTIC", "1") == "0":
+        before_benchmark = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.benchmark = before_benchmark
         return
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     cudnn = torch.backends.cudnn

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from dhat_seg.runtime import ignore_stop_signals
 
@@ -49,9 +49,11 @@ class DeviceStats:
     the epoch) in order when they are read; it may raise. The epoch's figures: the mean
     of every statistic over the batches, except ``max_logit*`` (the epoch's maximum)."""
 
-    def __init__(self, every: int, check: Callable[[dict[str, float], int], None]):
+    def __init__(self, every: int, check: Callable[[dict[str, float], int], None],
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.every = max(1, every)
         self.check = check
+        self.reduce = reduce  # e.g. the mean over the ranks of a torchrun job (same statistics every batch)
         self.pending: list[tuple[tuple[str, ...], torch.Tensor]] = []
         self.totals: dict[str, float] = {}
         self.read = 0  # batches read so far
@@ -70,7 +72,8 @@ class DeviceStats:
         """Read every queued batch in one transfer, check and accumulate them in order."""
         if not self.pending:
             return
-        flat = torch.cat([v for _, v in self.pending]).tolist()
+        flat = torch.cat([v for _, v in self.pending])
+        flat = (self.reduce(flat) if self.reduce is not None else flat).tolist()
         pending, self.pending, pos = self.pending, [], 0
         for names, _ in pending:
             values = dict(zip(names, flat[pos : pos + len(names)]))
@@ -94,17 +97,21 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class _SeededSampler(Sampler):
-    """Yields ``(index, augmentation seed)`` in a permutation fixed by (seed, epoch)."""
+    """Yields ``(index, augmentation seed)`` in a permutation fixed by (seed, epoch); with
+    ``world`` > 1, this rank's share: elements ``rank, rank + world, ...`` of the permutation
+    (cut to a multiple of ``world``), so that the ranks' b-th batches of ``batch / world``
+    samples together are the b-th global batch of one process."""
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.seed, self.epoch, self.rank, self.world = n, seed, 0, rank, world
 
     def __len__(self) -> int:
-        return self.n
+        return self.n // self.world
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
-        for i in torch.randperm(self.n, generator=g).tolist():
+        perm = torch.randperm(self.n, generator=g)
+        for i in perm[: len(self) * self.world][self.rank :: self.world].tolist():
             yield i, sample_seed(self.seed, self.epoch, i)
 
 
@@ -120,15 +127,22 @@ class _SeededItems(Dataset):
 
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item
-        torch.manual_seed(seed)
-        return self.dataset[index]
+        if get_worker_info() is not None:
+            torch.manual_seed(seed)
+            return self.dataset[index]
+        with torch.random.fork_rng(devices=[]):  # in the training process: its generator untouched
+            torch.manual_seed(seed)
+            return self.dataset[index]
 
 
 class EpochLoader:
-    """The training DataLoader of a fit, built once per dataset and reseeded per epoch."""
+    """The training DataLoader of a fit, built once per dataset and reseeded per epoch. With
+    ``world`` > 1 (torchrun), this rank's ``batch_size / world`` share of every global batch,
+    each sample augmented under its own seed as with workers."""
 
-    def __init__(self, *, batch_size: int, num_workers: int, seed: int, pin_memory: bool):
-        self.batch_size, self.num_workers, self.seed, self.pin_memory = batch_size, num_workers, seed, pin_memory
+    def __init__(self, *, batch_size: int, num_workers: int, seed: int, pin_memory: bool, rank: int = 0, world: int = 1):
+        self.batch_size, self.num_workers, self.seed, self.pin_memory = batch_size // world, num_workers, seed, pin_memory
+        self.rank, self.world = rank, world
         self._dataset: Any = None
         self._loader: DataLoader | None = None
         self._generator = torch.Generator()
@@ -145,12 +159,12 @@ class EpochLoader:
         return self._loader
 
     def _build(self, dataset) -> DataLoader:
-        drop_last = len(dataset) > self.batch_size
-        if not self.num_workers:
+        if not self.num_workers and self.world == 1:
             self._sampler = None
-            return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, drop_last=drop_last,
+            return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, drop_last=len(dataset) > self.batch_size,
                               generator=self._generator, pin_memory=self.pin_memory)
-        self._sampler = _SeededSampler(len(dataset), self.seed)
+        self._sampler = _SeededSampler(len(dataset), self.seed, self.rank, self.world)
+        drop_last = len(self._sampler) > self.batch_size
         return DataLoader(_SeededItems(dataset), batch_size=self.batch_size, sampler=self._sampler, drop_last=drop_last,
-                          num_workers=self.num_workers, persistent_workers=True, pin_memory=self.pin_memory,
-                          worker_init_fn=ignore_stop_signals)
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=self.pin_memory, worker_init_fn=ignore_stop_signals if self.num_workers else None)

@@ -30,6 +30,7 @@ previous checkpoint and every complete metrics line in place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -49,9 +50,12 @@ from dhat_seg.cache.store import batch_foreground
 from dhat_seg.checkpoint import (STATE, TRAIN_WEIGHTS, WEIGHTS, atomic_write_text, load_state, load_weights, read_pointers,
                                  replaced_atomically, save_checkpoint)
 from dhat_seg.config import TrainConfig, save_config
+from dhat_seg.distributed import SINGLE, Dist, convert_sync_batchnorm
 from dhat_seg.errors import DivergenceError, Interrupted, UserError, write_error
 from dhat_seg.runtime import (deterministic_kernels, directory_lock, graceful_stop, resolve_amp_dtype, seed_everything,
                               select_device, signal_name, stop_requested, worker_count)
+from dhat_seg.speed import check_speed_options, prepare_model
+from dhat_seg.speed import describe as describe_speed
 from dhat_seg.train_loop import DeviceStats, EpochLoader, sync_interval
 
 CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "summary.json"
@@ -99,7 +103,7 @@ class Trainer:
     ``on_epoch``: called with every epoch's metrics record (default: one JSON line on stdout)."""
 
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, parts: RunParts, *, log: Callable[[str], None] | None = None,
-                 progress: bool = True, on_epoch: Callable[[dict], None] | None = None):
+                 progress: bool = True, on_epoch: Callable[[dict], None] | None = None, dist: Dist = SINGLE):
         self.cfg = cfg.validate()
         self.out = Path(out_dir)
         self.parts = parts
@@ -108,10 +112,13 @@ class Trainer:
         self.on_epoch = on_epoch or (lambda record: print(json.dumps(record), flush=True))
         self.device = select_device(cfg.device)
         self.amp_dtype = resolve_amp_dtype(self.cfg, self.device)
+        check_speed_options(self.cfg, self.device)
         # loss scaling only for float16; bfloat16 has fp32's range
         self.amp = self.amp_dtype == torch.float16
+        self.dist = dist  # torchrun: this process's rank; rank 0 alone writes the run directory
         self._loaders = EpochLoader(batch_size=self.cfg.batch_size, num_workers=worker_count(self.cfg.num_workers, self.device),
-                                    seed=self.cfg.seed, pin_memory=self.device.type == "cuda")
+                                    seed=self.cfg.seed, pin_memory=self.device.type == "cuda", rank=dist.rank,
+                                    world=dist.world)
 
     @staticmethod
     def prepare_out_dir(cfg: TrainConfig, out: Path, resume: bool) -> None:
@@ -125,7 +132,7 @@ class Trainer:
             saved = yaml.safe_load(config_path.read_text()) or {}
             current = cfg.to_dict()
             diff = [k for k in current if k in saved and saved[k] != current[k]
-                    and k not in ("device", "num_workers", "sync_every", "amp", "amp_dtype")]
+                    and k not in ("device", "num_workers", "sync_every", "amp", "amp_dtype", "channels_last", "compile")]
             if diff:
                 k = diff[0]
                 raise UserError(f"cannot resume {str(out)!r}: option {k}={current[k]!r} differs from the run's {saved[k]!r}")
@@ -141,16 +148,19 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train (or, with ``resume``, continue) the run; returns the summary. Holds the run
         directory's lock and stops at a safe point on SIGINT/SIGTERM (handlers restored after)."""
-        lock = directory_lock(self.out, wait=False, busy="run directory", hint="choose another --out")
+        lock = (directory_lock(self.out, wait=False, busy="run directory", hint="choose another --out") if self.dist.main
+                else contextlib.nullcontext())
         with lock, graceful_stop(), deterministic_kernels(self.device):
             return self._fit(resume)
 
     def _fit(self, resume: bool) -> dict[str, Any]:
         c, parts = self.cfg, self.parts
         model, method = parts.model, parts.training_method
-        if self.amp_dtype is not None:
-            self.log(f"mixed precision: {str(self.amp_dtype).replace('torch.', '')} autocast for the training passes; "
-                     f"attacks in {'the same' if c.attack_precision == 'autocast' else 'fp32'}")
+        if c.sync_bn and self.dist.enabled:  # BN statistics over the global batch (the model object stays the same)
+            convert_sync_batchnorm(model)
+        prepare_model(model, c)  # channels_last, compile (in place: same module, same state_dict keys)
+        if (speed := describe_speed(c, self.amp_dtype)) is not None:
+            self.log(speed)
         if method.needs_attention and c.attention_burn_in:
             self.log(f"attention burn-in: epochs 1-{c.attention_burn_in} train without the attention terms")
         optimizer = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
@@ -174,7 +184,9 @@ class Trainer:
             self.log(f"resuming {self.out} after epoch {start_epoch}/{c.epochs}")
         elif resume:
             self.log(f"nothing to resume in {self.out}: starting from scratch")
-        self._truncate_metrics(start_epoch)
+        if self.dist.main:
+            self._truncate_metrics(start_epoch)
+        self.dist.broadcast_state(model)  # every rank starts from rank 0's weights
         for cb in parts.callbacks:
             cb.on_fit_start(self, parts, start_epoch, state)
         method.on_fit_start(model, state.get("method") if state else None)
@@ -185,7 +197,7 @@ class Trainer:
             t0 = time.time()
             for cb in parts.callbacks:
                 cb.on_epoch_start(self, parts, epoch)
-            seed_everything(c.seed * 100_003 + epoch)
+            seed_everything(c.seed * 100_003 + epoch + 1_000_003 * self.dist.rank)  # rank 0: as one process
             method.on_epoch_start(model, epoch)
             data = MaskedDataset(parts.train, parts.masks) if parts.masks is not None else parts.train
             try:
@@ -196,6 +208,7 @@ class Trainer:
                 raise DivergenceError(f"{exc}; {kept}; lower --lr, or change the loss form (floe_form='relative' is "
                                       f"bounded), or raise max_abs_logit if such logits are expected") from None
             scheduler.step()
+            self.dist.broadcast_state(model, buffers_only=True)  # rank 0's BN statistics for validation and checkpoints
             train_stats.update(method.on_epoch_end(model, epoch, val_x, val_y, self.device))
             evaluated = method.evaluation_model(model)
             val = self._validate(evaluated, val_x, val_y, epoch)
@@ -204,6 +217,8 @@ class Trainer:
             best = max(best, score)
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **train_stats, **val,
                       "best": is_best, "seconds": round(time.time() - t0, 2)}
+            if not self.dist.main:
+                continue  # the others keep the same state; rank 0 writes it
             self._append_metrics(record, ckpt_dir)
             self.on_epoch(record)
             state = {"epoch": epoch + 1, "best": best, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
@@ -219,13 +234,16 @@ class Trainer:
                             train_model=model if evaluated is not model else None)
 
         self._stop_if_asked(c.epochs, None, ckpt_dir)
+        self.dist.barrier()
+        if not self.dist.main:
+            return {}  # rank 0 evaluates and writes the summary
         return self._finish(method.evaluation_model(model), parts.test, ckpt_dir, method.needs_attention)
 
     # ------------------------------------------------------------------ faults
     def _stop_if_asked(self, epoch: int, batches: int | None, ckpt_dir: Path) -> None:
         """Interrupted when SIGINT/SIGTERM asked to stop: ``batches`` done in 0-based
         ``epoch`` (whose work is discarded and redone on resume), or None between epochs."""
-        signum = stop_requested()
+        signum = self.dist.agreed_signal(stop_requested())  # every rank stops at the same batch
         if signum is None:
             return
         last = read_pointers(ckpt_dir).get("last")
@@ -286,9 +304,11 @@ class Trainer:
         warmup = method.needs_attention and epoch < c.attention_burn_in
         autocast = lambda: torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
         stats_buffer = DeviceStats(sync_interval(c.sync_every, self.device),
-                                   lambda values, batch: self._check_divergence(values, epoch, batch))
+                                   lambda values, batch: self._check_divergence(values, epoch, batch),
+                                   reduce=self.dist.mean if self.dist.enabled else None)
         n_batches = 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{c.epochs} [{c.method}]", leave=False, disable=not self.progress or None,
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{c.epochs} [{c.method}]", leave=False,
+                   disable=not (self.progress and self.dist.main) or None,
                    file=sys.stderr, dynamic_ncols=True)
         for batch in bar:
             x, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
@@ -313,6 +333,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{stats_buffer.last['loss']:.3f}")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+            self.dist.average_gradients(model)  # torchrun: the global batch's gradient on every rank
             scaler.step(optimizer)
             scaler.update()
             method.after_step(model)

@@ -85,8 +85,8 @@ def config_base(config: str | None, *, resume: bool, out: Path | None, has_setti
     """Where a run's settings start, before the options given on the command line.
 
     ``--config`` if given; for ``--resume``, the run's own saved config; ``dhat-seg
-    train`` with no settings at all (only --out, --seed, --device, --cache-dir), the
-    ``quick`` demo preset; otherwise the paper's recipe (the config defaults), so that
+    train`` with no settings at all (only --out, --seed, --device, --cache-dir, --channels-last,
+    --compile), the ``quick`` demo preset; otherwise the paper's recipe (the config defaults), so that
     settings given on the command line never mix silently with a preset made for
     something else.
     """

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -52,7 +54,7 @@ def register(root: typer.Typer) -> None:
     def train(
         # every name of training_methods.TRAINING_METHODS (a test keeps them equal; written out so
         # that --help does not import torch)
-        method: Optional[str] = typer.Option(None, help="standard | at | uiat | dhat | trades | mart | cfa | sglr | fsr | part; uiat and dhat "
+        method: Optional[str] = typer.Option(None, help="standard | at | uiat | dhat | trades | mart | cfa | sglr | fsr | part | again; uiat and dhat "
                                                         "add their terms to --set base=at|trades|mart|cfa|sglr; any method takes "
                                                         "--set awp=true; fsr needs a model <name>_fsr and takes "
                                                         "--set base=at|trades|mart, as does part (PART, PART-T, PART-M)"),
@@ -74,6 +76,10 @@ def register(root: typer.Typer) -> None:
         seed: Optional[int] = typer.Option(None, help="random seed"),
         device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
         amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="mixed precision on CUDA"),
+        channels_last: Optional[bool] = typer.Option(None, "--channels-last/--no-channels-last",
+                                                     help="channels-last (NHWC) model and inputs: faster convolutions on GPUs"),
+        compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                                help="torch.compile the model's forward (the first batches compile)"),
         cache_dir: Optional[Path] = typer.Option(None, help="cache for attention models and masks (default ~/.cache/dhat-seg)"),
         rebuild_masks: bool = typer.Option(False, "--rebuild-masks", help="recompute the cached attention masks of the training data"),
         set_: Optional[List[str]] = typer.Option(None, "--set", help="any config option KEY=VALUE (repeatable)"),
@@ -89,7 +95,9 @@ def register(root: typer.Typer) -> None:
                         attention_model=attention_model, data=data, data_root=data_root, download=download, model=model,
                         epochs=epochs, batch_size=batch_size, lr=lr, amp=amp)
         # a flag given explicitly wins over --set only if they agree; a flag not given changes nothing
-        for key, value in {**settings, "seed": seed, "device": device}.items():
+        # like --seed and --device, the speed flags alone keep the quick demo (they change how, not what, it trains)
+        for key, value in {**settings, "seed": seed, "device": device, "channels_last": channels_last,
+                           "compile": compile_}.items():
             if value is None:
                 continue
             if key in overrides and overrides[key] != value:
@@ -105,11 +113,14 @@ def register(root: typer.Typer) -> None:
         if resume and not (out / "config.yaml").is_file():
             raise UserError(f"--resume: {str(out)!r} holds no run to resume (no config.yaml); expected the --out folder "
                             "of an earlier `dhat-seg train`, or drop --resume to start a new run there")
+        if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1") and out is None:
+            raise UserError("under torchrun, --out is required: every process must name the same run directory")
+        rank0 = os.environ.get("RANK", "0") in ("", "0")  # torchrun: rank 0 alone prints
         base = config_base(config, resume=resume, out=out,
                            has_settings=bool(set_ or attention_opt or any(v is not None for v in settings.values())))
         cfg = load_config(base, overrides)
         differences = paper_differences(cfg)
-        if differences:
+        if differences and rank0:
             typer.echo("settings that differ from the DHAT paper's (REFERENCE section 1):", err=True)
             for key, value, paper in differences:
                 typer.echo(f"  {key} = {value!r}  (paper: {paper!r})", err=True)
@@ -119,17 +130,29 @@ def register(root: typer.Typer) -> None:
                 + (f"-{cfg.attention}" if cfg.method == "dhat" else "")
             out = Path("runs") / f"{label}-{cfg.data}-{time.strftime('%Y%m%d-%H%M%S')}"
         extra = (f" base={base_loss}" if base_loss else "") + (f" awp_gamma={cfg.awp_gamma:g}" if cfg.awp else "")
-        typer.echo(f"dhat-seg train: method={cfg.method}{extra} attention={cfg.attention if cfg.method == 'dhat' else '-'} "
-                   f"data={cfg.data} model={cfg.model} epochs={cfg.epochs} seed={cfg.seed} -> {out}", err=True)
+        if rank0:
+            typer.echo(f"dhat-seg train: method={cfg.method}{extra} attention={cfg.attention if cfg.method == 'dhat' else '-'} "
+                       f"data={cfg.data} model={cfg.model} epochs={cfg.epochs} seed={cfg.seed} -> {out}", err=True)
         on_epoch = (lambda record: typer.echo(json.dumps(record))) if json_lines else EpochPrinter(cfg)
+        from dhat_seg.distributed import init_from_env, shutdown
         from dhat_seg.experiment import Experiment  # torch and the rest: only once the settings are valid
 
+        dist, device = init_from_env(cfg.device)  # torchrun: join the process group (else a single process)
+        if dist.enabled:
+            cfg = dataclasses.replace(cfg, device=device)
+            typer.echo(f"torchrun: rank {dist.rank} of {dist.world} on {device}", err=True)
+        quiet = lambda *_: None  # noqa: E731  (ranks other than 0 print nothing but errors)
         try:
-            summary = Experiment(cfg, out, cache_dir=cache_dir, rebuild_masks=rebuild_masks, progress=show_progress(), log=log,
-                                 on_epoch=on_epoch).run(resume=resume)
+            summary = Experiment(cfg, out, cache_dir=cache_dir, rebuild_masks=rebuild_masks,
+                                 progress=show_progress() and dist.main, log=log if dist.main else quiet,
+                                 on_epoch=on_epoch if dist.main else quiet, dist=dist).run(resume=resume)
         except Interrupted as exc:  # SIGINT/SIGTERM: stopped at a safe point; say how to go on
             exc.resume = resume_command(out, cache_dir)
             raise
+        finally:
+            shutdown()
+        if not dist.main:
+            return
         typer.echo("")
         print_table([summary | {"run": str(out)}], [("method", "method"), ("attention", "attention"), ("data", "data"),
                     ("model", "model"), ("epochs", "epochs"), ("best_epoch", "best epoch"), ("clean_acc", "clean %"),

@@ -56,6 +56,10 @@ class TrainingMethod:
     # ---------------------------------------------------------- trainer hooks (all optional)
     # Methods with state across steps (CFA's class-wise calibration and weight average,
     # SGLR's self-distilled teacher) override these; the trainer calls them in this order.
+    def on_train_data(self, num_samples: int, batches_per_epoch: int) -> None:
+        """Once, when the run is built (before :meth:`on_fit_start`): the training split's size and
+        the batches of each epoch (for schedules over iterations: AGAIN's i / N)."""
+
     def on_fit_start(self, model: nn.Module, state: dict[str, Any] | None) -> None:
         """Before the first epoch; ``state``: this method's :meth:`state_dict` from the resumed checkpoint."""
 
@@ -123,6 +127,9 @@ class OnBase(TrainingMethod):
     Subclasses that need a hook themselves extend it and call ``super()``."""
 
     base: TrainingMethod
+
+    def on_train_data(self, num_samples, batches_per_epoch):
+        self.base.on_train_data(num_samples, batches_per_epoch)
 
     def on_fit_start(self, model, state):
         self.base.on_fit_start(model, state)
