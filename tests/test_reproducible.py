@@ -170,4 +170,5 @@ def test_deterministic_kernels_on_cuda_are_set_then_restored(monkeypatch):
     assert settings() == before
     monkeypatch.setenv("DHAT_SEG_DETERMINISTIC", "0")
     with deterministic_kernels(torch.device("cuda")):
-        assert settings() == before
+        assert settings() == (True,) + before[1:]  # speed instead: cuDNN autotuning on
+    assert settings() == before
