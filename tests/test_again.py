@@ -30,12 +30,7 @@ from dhat_seg.training_methods.again import (AGAIN, again_loss, again_probabilit
 from method_helpers import Tiny
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cfg_of(**overrides) -> TrainConfig:

@@ -54,12 +54,7 @@ def tiny_args(**overrides) -> list[str]:
 TINY_ARGS = tiny_args()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(out: Path, resume: bool = False, **overrides) -> dict:

@@ -24,12 +24,7 @@ from dhat_seg.models import MODELS, create_model, module_mode
 from dhat_seg.training_methods.fsr import FSR, fsr_loss, highest_wrong_class
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cfg_of(**overrides) -> TrainConfig:

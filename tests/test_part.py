@@ -28,12 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EPS, LOW = 8 / 255, 7 / 255
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def batch(n=32, seed=1):

@@ -29,14 +29,7 @@ SMALL_GRIDS = (8, 6, 4, 3, 2)  # SOLO reads its grids from the weights: small on
 R18_FPN_IN = (64, 128, 256, 512)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and OpenMP threads on a busy
-    2-CPU machine make each forward pass up to 100x slower: use one, then restore."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------
