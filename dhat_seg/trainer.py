@@ -59,6 +59,8 @@ from dhat_seg.speed import describe as describe_speed
 from dhat_seg.train_loop import DeviceStats, EpochLoader, sync_interval
 
 CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "summary.json"
+#: Methods whose loss is built on ``base`` (at, trades, mart, cfa, sglr).
+BASE_READERS = ("uiat", "dhat", "part", "fsr")
 
 
 @dataclass
@@ -381,6 +383,8 @@ class Trainer:
         best_state = load_state(ckpt_dir / pointers["best"] / "state.pt")
         summary = {
             "method": c.method,
+            "base": c.base if c.method in BASE_READERS else None,  # the loss UIAT/DHAT/PART/FSR add their terms to
+            "awp": c.awp,
             "attention": c.attention if uses_attention else None,
             "model": c.model,
             "data": c.data,
