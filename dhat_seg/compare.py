@@ -33,7 +33,9 @@ from typing import Any, Mapping
 from dhat_seg.ablate.rows import AblatePreset, readiness
 from dhat_seg.ablate.study import COLUMNS, EXTRA_COLUMNS, Study
 from dhat_seg.config import TrainConfig
+from dhat_seg import method_defaults
 from dhat_seg.errors import UserError
+from dhat_seg.method_defaults import scaled_warmup
 
 NOT_IMPLEMENTED = "not implemented in this version"
 
@@ -201,12 +203,6 @@ def parse_methods(value: str, attention: str, installed: Mapping[str, Any]) -> t
 CFA_BEGIN, FAWA_BEGIN = 10, 50
 
 
-def scaled_warmup(paper_warmup: int, epochs: int, paper_epochs: int = 100) -> int:
-    """An AWP warm-up of ``paper_warmup`` epochs out of the paper's 100, scaled to
-    ``epochs`` (rounded half up, below ``epochs``): 10 -> 10 of 100, 1 of 6, 0 of 1-4."""
-    return max(0, min(epochs - 1, int(paper_warmup * epochs / paper_epochs + 0.5)))
-
-
 def method_config(base: TrainConfig, name: str, attention: str,
                   options: Mapping[str, Mapping[str, Any]] | None = None) -> TrainConfig:
     """The training config of a row: the shared base with the row's method, base and AWP
@@ -237,38 +233,13 @@ def method_config(base: TrainConfig, name: str, attention: str,
     return dataclasses.replace(base, **values).validate()
 
 
-#: PART's burn-in: 20 of its 80 epochs (paper section 4.1), scaled to a row's epochs like AWP's warm-up.
-PART_BURN_IN, PART_EPOCHS = 20, 80
-
-
 def part_settings(base: TrainConfig, attention: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """A PART row's mask settings. With an attention method that reads a classifier (Grad-CAM,
-    IG, SAM prompted at Grad-CAM peaks): the paper's, masks of the model being trained
-    (``attention_source: self``) for its predicted class (option ``target: pred`` unless given),
-    refreshed every epoch (s = 1) and important above the image's mean + std (``mean_std``, PART's
-    standardised CAM > 1). Any other method's masks (u2net, SAM, the oracle) do not depend on the
-    model: frozen, from the mask cache, thresholded by the base config's policy (foreground masks,
-    not importance maps: mean + std marks nothing on a near-binary map whose object covers more
-    than half the image). Burn-in: 20 of 80 epochs, scaled to ``base.epochs``, for every PART row.
-    Refresh, policy and burn-in are set only where ``base`` holds the default (``--set`` wins)."""
+    """A PART row's mask settings (:func:`dhat_seg.method_defaults.part_settings`): set only
+    where ``base`` holds the default (``--set`` wins)."""
     from dhat_seg.config import FIELDS
-    from dhat_seg.plugin_manager import get_attention_spec
 
-    spec = get_attention_spec(attention)
-    reads_model = spec.needs_classifier(spec.resolve_options(options))
-    unset = lambda key: getattr(base, key) == FIELDS[key].default  # noqa: E731
-    values: dict[str, Any] = {"attention_source": "self" if reads_model else "frozen"}
-    if unset("attention_burn_in"):
-        values["attention_burn_in"] = scaled_warmup(PART_BURN_IN, base.epochs, PART_EPOCHS)
-    if not reads_model:
-        return values | {"mask_refresh_every": 0}  # frozen masks are never rebuilt
-    if unset("mask_refresh_every"):
-        values["mask_refresh_every"] = 1
-    if unset("threshold_policy"):
-        values["threshold_policy"] = "mean_std"
-    if "target" in spec.default_options:
-        values["attention_options"] = {"target": "pred", **options}
-    return values
+    return method_defaults.part_settings(base.epochs, attention, options,
+                                         lambda key: getattr(base, key) != FIELDS[key].default)
 
 
 def _describe(name: str, attention: str) -> dict[str, Any]:

@@ -392,7 +392,9 @@ def paper_differences(cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults <- preset name or YAML file <- overrides (None values are ignored)."""
+    """Defaults <- preset name or YAML file <- overrides (None values are ignored); for
+    ``method: part``, PART's mask settings where neither gives them
+    (:func:`dhat_seg.method_defaults.part_settings`)."""
     values: dict[str, Any] = {}
     if path is not None and str(path) in PRESETS:
         values.update(PRESETS[str(path)])
@@ -411,6 +413,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise UserError(f"config option {unknown[0]!r} is unknown; known options: {', '.join(FIELDS)}")
+    if values.get("method") == "part":  # PART's mask settings where neither the file nor an override gives them
+        from dhat_seg.method_defaults import part_settings
+
+        cfg = TrainConfig(**values)
+        values.update(part_settings(cfg.epochs, cfg.attention, cfg.attention_options or {}, values.__contains__))
     return TrainConfig(**values).validate()
 
 

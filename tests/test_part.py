@@ -21,6 +21,7 @@ from dhat_seg.config import DIGEST_NEUTRAL, TrainConfig, load_config
 from dhat_seg.errors import UserError
 from dhat_seg.evaluation_report import EvalOptions
 from dhat_seg.experiment import Experiment
+from dhat_seg.method_defaults import describe_part_masks
 from dhat_seg.training_methods.part import PART, PART_BASES, eps_low_of, pixel_budget
 from method_helpers import Tiny
 
@@ -244,6 +245,26 @@ def test_the_config_file_holds_the_paper_schedule_of_the_compare_preset():
     assert cfg.attention_options == {"target": "pred"} and eps_low_of(cfg) == LOW
     paper = ablate.base_config(ablate.ABLATE_PRESETS["part-paper"], {})
     assert (paper.model, paper.epochs, paper.lr, paper.milestones, paper.attack_mode) == ("resnet18", 80, 0.01, [60], "eval")
+
+
+def test_method_part_alone_takes_the_paper_masks_and_the_user_s_settings_win():
+    # `dhat-seg train --method part`: the paper's masks, not DHAT's frozen Grad-CAM defaults
+    cfg = load_config(None, {"method": "part"})
+    assert (cfg.attention, cfg.attention_source, cfg.attention_options, cfg.threshold_policy, cfg.mask_refresh_every,
+            cfg.attention_burn_in) == ("gradcam", "self", {"target": "pred"}, "mean_std", 1, 25)  # 20/80 of 100 epochs
+    quick = load_config("quick", {"method": "part", "base": "trades"})
+    assert (quick.attention_source, quick.attention_burn_in, quick.threshold_policy) == ("self", 2, "mean_std")
+    given = load_config("quick", {"method": "part", "threshold_policy": "otsu", "attention_burn_in": 3,
+                                  "mask_refresh_every": 2, "attention_options": {"target": "label"}})
+    assert (given.threshold_policy, given.attention_burn_in, given.mask_refresh_every, given.attention_options) == (
+        "otsu", 3, 2, {"target": "label"})
+    oracle = load_config("quick", {"method": "part", "attention": "oracle"})
+    assert (oracle.attention_source, oracle.mask_refresh_every, oracle.threshold_policy, oracle.attention_burn_in) == (
+        "frozen", 0, "fixed", 2)
+    assert load_config("quick", {"method": "dhat"}).attention_source == "frozen"  # other methods: untouched
+    line = describe_part_masks(quick)
+    assert "gradcam of the model being trained" in line and "mean_std" in line and "2 burn-in epoch(s) of plain TRADES" in line
+    assert "frozen, from the mask cache" in describe_part_masks(oracle)
 
 
 # ------------------------------------------------------------------ compare rows

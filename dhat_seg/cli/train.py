@@ -124,6 +124,10 @@ def register(root: typer.Typer) -> None:
             typer.echo("settings that differ from the DHAT paper's (REFERENCE section 1):", err=True)
             for key, value, paper in differences:
                 typer.echo(f"  {key} = {value!r}  (paper: {paper!r})", err=True)
+        if cfg.method == "part" and rank0:
+            from dhat_seg.method_defaults import describe_part_masks
+
+            typer.echo(describe_part_masks(cfg), err=True)
         base_loss = cfg.base if cfg.method in ("uiat", "dhat") and cfg.base != "at" else None  # the paper's "at": not named
         if out is None:
             label = cfg.method + (f"-{base_loss}" if base_loss else "") + ("-awp" if cfg.awp else "") \

@@ -1,0 +1,67 @@
+"""Settings a training method brings with it when the user leaves them out (no torch here).
+
+One place for them, used by ``dhat-seg train`` (through :func:`dhat_seg.config.load_config`) and
+by ``dhat-seg compare``'s rows (:func:`dhat_seg.compare.method_config`):
+
+* :func:`scaled_warmup`: a warm-up of a paper's schedule scaled to a shorter run.
+* :func:`part_settings`: PART's masks, as the PART paper takes them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+#: PART's burn-in: 20 of its 80 epochs (paper section 4.1), scaled to a run's epochs like AWP's warm-up.
+PART_BURN_IN, PART_EPOCHS = 20, 80
+
+
+def scaled_warmup(paper_warmup: int, epochs: int, paper_epochs: int = 100) -> int:
+    """A warm-up of ``paper_warmup`` epochs out of the paper's ``paper_epochs``, scaled to
+    ``epochs`` (rounded half up, below ``epochs``): 10 -> 10 of 100, 1 of 6, 0 of 1-4."""
+    return max(0, min(epochs - 1, int(paper_warmup * epochs / paper_epochs + 0.5)))
+
+
+def part_settings(epochs: int, attention: str, options: Mapping[str, Any],
+                  is_set: Callable[[str], bool]) -> dict[str, Any]:
+    """PART's mask settings for a run of ``epochs`` epochs whose masks come from ``attention``
+    (with ``options``); a key for which ``is_set(key)`` is true is left as the user set it.
+
+    With an attention method that reads a classifier (Grad-CAM, IG, SAM prompted at Grad-CAM
+    peaks): the paper's, masks of the model being trained (``attention_source: self``) for its
+    predicted class (option ``target: pred`` unless given), refreshed every epoch (s = 1) and
+    important above the image's mean + std (``mean_std``, PART's standardised CAM > 1). Any other
+    method's masks (u2net, SAM, the oracle) do not depend on the model: frozen, from the mask
+    cache, thresholded by the run's policy (foreground masks, not importance maps: mean + std
+    marks nothing on a near-binary map whose object covers more than half the image). Burn-in:
+    20 of 80 epochs, scaled to ``epochs``, whatever the attention method."""
+    from dhat_seg.plugin_manager import get_attention_spec
+
+    spec = get_attention_spec(attention)
+    reads_model = spec.needs_classifier(spec.resolve_options(options))
+    values: dict[str, Any] = {}
+    if not is_set("attention_source"):
+        values["attention_source"] = "self" if reads_model else "frozen"
+    if not is_set("attention_burn_in"):
+        values["attention_burn_in"] = scaled_warmup(PART_BURN_IN, epochs, PART_EPOCHS)
+    if not reads_model:
+        return values | ({} if is_set("mask_refresh_every") else {"mask_refresh_every": 0})  # frozen: never rebuilt
+    if not is_set("mask_refresh_every"):
+        values["mask_refresh_every"] = 1
+    if not is_set("threshold_policy"):
+        values["threshold_policy"] = "mean_std"
+    if "target" in spec.default_options:
+        values["attention_options"] = {"target": "pred", **options}
+    return values
+
+
+def describe_part_masks(cfg: Any) -> str:
+    """One line on where a PART run's masks come from (printed by ``dhat-seg train``)."""
+    if cfg.attention_source == "self":
+        source = (f"{cfg.attention} of the model being trained (options {dict(cfg.attention_options)}), rebuilt every "
+                  f"{cfg.mask_refresh_every} epoch(s)" if cfg.mask_refresh_every else
+                  f"{cfg.attention} of the model being trained, taken once")
+    else:
+        source = f"{cfg.attention} (frozen, from the mask cache)"
+    return (f"PART masks: {source}; important pixels by threshold_policy={cfg.threshold_policy}; "
+            f"{cfg.attention_burn_in} burn-in epoch(s) of plain {cfg.base.upper()} first "
+            "(the PART paper: Grad-CAM of the trained model, predicted class, mean+std, every epoch, 20 of 80 epochs)")
