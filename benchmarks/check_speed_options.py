@@ -2,7 +2,9 @@
 with and without each option, against the spread between seeds.
 
 For every seed, one run without any speed option (``fp32``) and one run with each option
-(``bf16`` = ``amp: true, amp_dtype: bfloat16``; ``channels_last``; ``compile``), all
+(``bf16`` = ``amp: true, amp_dtype: bfloat16``; ``channels_last``; ``compile``;
+``data_on_device``, the training set on the device, whose crop and flip draws differ from
+the DataLoader's, so it is a different sample of the same run, not a rounding change), all
 otherwise identical (real ``dhat-seg train`` runs through :class:`Experiment`, final
 test evaluation included). The options change float rounding only, so an option passes
 when its PGD-10 accuracy differs from the fp32 run of the same seed by less than the
@@ -32,6 +34,7 @@ OPTIONS = {
     "bf16": {"amp": True, "amp_dtype": "bfloat16"},
     "channels_last": {"channels_last": True},
     "compile": {"compile": True},
+    "data_on_device": {"data_on_device": True},  # other random crop/flip draws: a different run, same distribution
 }
 SHORT = {"epochs": 3, "milestones": [2], "train_size": 1000, "test_size": 500, "val_examples": 200}
 

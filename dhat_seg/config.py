@@ -176,6 +176,9 @@ class TrainConfig:
     compile: bool = False
     num_workers: int = 0  # DataLoader workers; -1 = none on CPU, min(8, CPUs - 1) on CUDA
     sync_every: int = 0  # batches between reads of the loss statistics (0: 1 on CPU, 50 on CUDA)
+    # the training set on the device, cropped and flipped there a batch at a time (dhat_seg/device_data.py):
+    # null = on CUDA for in-memory data (synthetic, CIFAR), true = on any device, false = the DataLoader
+    data_on_device: bool | None = None
     sync_bn: bool = False  # torchrun: BatchNorm statistics over the global batch (SyncBatchNorm; CUDA only)
     # divergence guard: training stops with an error (the last good checkpoint kept) when
     # the loss is not finite or a clean or x_B logit exceeds this in absolute value (0 = off)
@@ -294,7 +297,8 @@ DIGEST_NEUTRAL: dict[str, Any] = {"base": "at", "trades_beta": 6.0, "mart_beta":
                                   "sglr_momentum": 0.9, "sglr_clean_weight": 0.2, "sglr_start": None,
                                   "fsr_lambda_sep": 1.0, "fsr_lambda_rec": 1.0, "fsr_tau": 0.1,
                                   "fsr_begin": 0, "part_eps_low": None, "again_alpha": 0.6, "again_fake_label": "random",
-                                  "again_hff": True, "sync_every": 0, "sync_bn": False, "channels_last": False, "compile": False}
+                                  "again_hff": True, "sync_every": 0, "sync_bn": False, "data_on_device": None, "channels_last": False,
+                                  "compile": False}
 
 
 

@@ -12,12 +12,14 @@ transfer every few batches, and a DataLoader built once per fit.
   augmentation are exactly those of a fresh ``DataLoader(shuffle=True,
   generator=Generator().manual_seed(s))`` per epoch (the figures of 0.1.0). With workers,
   each sample's augmentation is seeded by (seed, epoch, sample index), so a run does not
-  depend on the number of workers and a resumed epoch is redone exactly.
+  depend on the number of workers and a resumed epoch is redone exactly. With
+  ``data_on_device`` it hands out :class:`dhat_seg.device_data.DeviceResident`'s batches
+  instead (in-memory data on the device, cropped and flipped there a batch at a time).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
@@ -140,25 +142,38 @@ class EpochLoader:
     ``world`` > 1 (torchrun), this rank's ``batch_size / world`` share of every global batch,
     each sample augmented under its own seed as with workers."""
 
-    def __init__(self, *, batch_size: int, num_workers: int, seed: int, pin_memory: bool, rank: int = 0, world: int = 1):
+    def __init__(self, *, batch_size: int, num_workers: int, seed: int, pin_memory: bool, rank: int = 0, world: int = 1,
+                 on_device: bool | None = False, device: torch.device | None = None):
         self.batch_size, self.num_workers, self.seed, self.pin_memory = batch_size // world, num_workers, seed, pin_memory
         self.rank, self.world = rank, world
+        # data_on_device: True = required, None = where the data allow it on CUDA, False = the DataLoader
+        self.on_device, self.device = on_device, device or torch.device("cpu")
+        self.resident = False  # whether the current dataset lives on the device
         self._dataset: Any = None
         self._loader: DataLoader | None = None
         self._generator = torch.Generator()
         self._sampler: _SeededSampler | None = None
 
-    def epoch(self, dataset, epoch: int) -> DataLoader:
+    def epoch(self, dataset, epoch: int) -> Iterable:
         """The loader over ``dataset`` for 0-based ``epoch`` (rebuilt when the dataset changed)."""
         if dataset is not self._dataset:
             self._dataset, self._loader = dataset, self._build(dataset)
+        if self.resident:
+            return self._loader.epoch(epoch)
         if self._sampler is not None:
             self._sampler.epoch = epoch
         else:  # a fresh single-process iterator draws its base seed, then the permutation, from this
             self._generator.manual_seed(self.seed * 7919 + epoch)
         return self._loader
 
-    def _build(self, dataset) -> DataLoader:
+    def _build(self, dataset) -> Any:
+        from dhat_seg.device_data import DeviceResident, why_not_resident
+
+        self.resident = bool(self.on_device) or (self.on_device is None and self.device.type == "cuda"
+                                                  and why_not_resident(dataset) is None)
+        if self.resident:  # images, labels and masks on the device, augmented a batch at a time there
+            return DeviceResident(dataset, self.device, batch_size=self.batch_size, seed=self.seed, rank=self.rank,
+                                  world=self.world)
         if not self.num_workers and self.world == 1:
             self._sampler = None
             return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, drop_last=len(dataset) > self.batch_size,

@@ -120,7 +120,7 @@ class Trainer:
         self.dist = dist  # torchrun: this process's rank; rank 0 alone writes the run directory
         self._loaders = EpochLoader(batch_size=self.cfg.batch_size, num_workers=worker_count(self.cfg.num_workers, self.device),
                                     seed=self.cfg.seed, pin_memory=self.device.type == "cuda", rank=dist.rank,
-                                    world=dist.world)
+                                    world=dist.world, on_device=self.cfg.data_on_device, device=self.device)
 
     @staticmethod
     def prepare_out_dir(cfg: TrainConfig, out: Path, resume: bool) -> None:
