@@ -368,3 +368,12 @@ def test_report_only_writes_the_finished_rows_and_runs_nothing(tmp_path, monkeyp
     assert not (tmp_path / "out" / "seed-1").exists()
     md = (tmp_path / "out" / "ablation.md").read_text()
     assert "Paired by seed" in md  # seed 0 pairs Grad-CAM with UIAT
+
+
+def test_table_cells_keep_the_precision_of_their_column():
+    from dhat_seg.ablate.output import _fmt, _fmt_std
+
+    # a Robust Gap of 0.6 points is printed like every other point value, not as a fraction
+    assert (_fmt(0.6, "robust_gap"), _fmt(63.2, "bg_gap"), _fmt(0.0, "clean")) == ("0.60", "63.20", "0.00")
+    assert (_fmt(0.51234, "iou"), _fmt_std(0.0321, "iou"), _fmt_std(2.5, "aa")) == ("0.5123", "0.0321", "2.50")
+    assert (_fmt(None, "aa"), _fmt(3, "n")) == ("n/a", "3")

@@ -22,17 +22,21 @@ from dhat_seg.ablate.study import Study
 # ---------------------------------------------------------------------------------
 
 
-def _fmt(value: Any) -> str:
+#: columns that hold fractions in [0, 1] (printed with 4 decimals; the others are % or points: 2)
+FRACTION_COLUMNS = frozenset({"iou"})
+
+
+def _fmt(value: Any, key: str = "") -> str:
     if value is None:
         return "n/a"
     if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1 and value != 0 else f"{value:.2f}"
+        return f"{value:.4f}" if key in FRACTION_COLUMNS else f"{value:.2f}"
     return str(value)
 
 
-def _fmt_std(mean: float, std: float) -> str:
-    """The std with the precision of its mean."""
-    return f"{std:.4f}" if abs(mean) < 1 and mean != 0 else f"{std:.2f}"
+def _fmt_std(std: float, key: str = "") -> str:
+    """The std with the precision of its column."""
+    return _fmt(float(std), key)
 
 
 def _paper(row, key: str, with_paper: bool) -> str:
@@ -48,7 +52,7 @@ def _study(rows: list, study: Study | None) -> Study:
 def _cell(row: Row, key: str, with_paper: bool) -> str:
     if not row.has_results:
         return "-"
-    return _fmt(row.metrics.get(key)) + _paper(row, key, with_paper)
+    return _fmt(row.metrics.get(key), key) + _paper(row, key, with_paper)
 
 
 def _stat_cell(entry: "SeedRows", key: str, with_paper: bool) -> str:
@@ -58,7 +62,7 @@ def _stat_cell(entry: "SeedRows", key: str, with_paper: bool) -> str:
     mean, std, n = entry.stat(key)
     if mean is None:
         return "n/a"
-    text = _fmt(mean) + ("" if std is None else f" ± {_fmt_std(mean, std)}")
+    text = _fmt(mean, key) + ("" if std is None else f" ± {_fmt_std(std, key)}")
     if n != len(entry.done):
         text += f" (n={n})"
     return text + _paper(entry, key, with_paper)
@@ -97,7 +101,7 @@ def paper_table(study: Study | None = None) -> str:
     cols = [(k, h) for k, h in study.columns if any(k in values for values in study.paper.values())]
     lines = [f"| {study.row_header} | " + " | ".join(h for _, h in cols) + " |", "|---|" + "|".join("---" for _ in cols) + "|"]
     for name, values in study.paper.items():
-        lines.append(f"| {study.paper_label(name)} | " + " | ".join(_fmt(values.get(k)) for k, _ in cols) + " |")
+        lines.append(f"| {study.paper_label(name)} | " + " | ".join(_fmt(values.get(k), k) for k, _ in cols) + " |")
     return "\n".join(lines)
 
 
