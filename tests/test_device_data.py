@@ -154,3 +154,14 @@ def test_dhat_trains_from_the_device_and_resumes_exactly(tmp_path):
     assert timeless(resumed) == timeless(straight)
     assert (resumed / "checkpoints" / "epoch_0002" / "model.safetensors").read_bytes() == \
         (straight / "checkpoints" / "epoch_0002" / "model.safetensors").read_bytes()
+
+
+def test_the_train_flag_is_the_setting(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli_helpers import assert_one_line_error
+    from dhat_seg.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--data-on-device", "--set", "data_on_device=false", "--out",
+                                      str(tmp_path / "r")])
+    assert_one_line_error(result, "data_on_device is set twice, to True (--data-on-device) and False (--set)")

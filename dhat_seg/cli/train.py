@@ -80,6 +80,9 @@ def register(root: typer.Typer) -> None:
                                                      help="channels-last (NHWC) model and inputs: faster convolutions on GPUs"),
         compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile",
                                                 help="torch.compile the model's forward (the first batches compile)"),
+        data_on_device: Optional[bool] = typer.Option(None, "--data-on-device/--no-data-on-device",
+                                                      help="hold in-memory training data and masks on the device, crop and "
+                                                           "flip there (default: on for CUDA where the data allow it)"),
         cache_dir: Optional[Path] = typer.Option(None, help="cache for attention models and masks (default ~/.cache/dhat-seg)"),
         rebuild_masks: bool = typer.Option(False, "--rebuild-masks", help="recompute the cached attention masks of the training data"),
         set_: Optional[List[str]] = typer.Option(None, "--set", help="any config option KEY=VALUE (repeatable)"),
@@ -97,7 +100,7 @@ def register(root: typer.Typer) -> None:
         # a flag given explicitly wins over --set only if they agree; a flag not given changes nothing
         # like --seed and --device, the speed flags alone keep the quick demo (they change how, not what, it trains)
         for key, value in {**settings, "seed": seed, "device": device, "channels_last": channels_last,
-                           "compile": compile_}.items():
+                           "compile": compile_, "data_on_device": data_on_device}.items():
             if value is None:
                 continue
             if key in overrides and overrides[key] != value:
