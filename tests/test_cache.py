@@ -85,16 +85,12 @@ def transforms_matching(original: torch.Tensor, augmented: torch.Tensor) -> list
             if np.array_equal(by_hand(src, t, l, f), dst)]
 
 
-@pytest.mark.parametrize("storage, num_workers", [("bits", 0), ("bits", 2), ("uint8", 0)])
-def test_mask_follows_the_random_crop_and_flip_of_its_image(tmp_path, storage, num_workers):
-    ds = tiny(augment=True)
-    fn, _ = gt_attention(ds, soft=storage == "uint8")
-    cache = build(fn, ds, tmp_path / "c")
-    assert cache.storage == storage and len(cache) == len(ds) == 64
-    loader = DataLoader(C.MaskedDataset(ds, cache), batch_size=16, shuffle=True, num_workers=num_workers,
-                        generator=torch.Generator().manual_seed(1))
+def check_masked_batches(batches, ds, storage: str) -> tuple[set, int, int, int]:
+    """Every (image, label, index, mask) of ``batches`` is a crop/flip of sample ``index`` of ``ds``,
+    with its ground-truth mask cropped and flipped alike. Returns the samples seen and how many
+    were flipped, shifted and had their mask changed."""
     seen, flipped, shifted, changed = set(), 0, 0, 0
-    for images, labels, index, masks in loader:
+    for images, labels, index, masks in batches:
         assert masks.dtype == (torch.bool if storage == "bits" else torch.uint8)
         assert masks.shape == (images.shape[0], 1, 32, 32)
         for image, label, i, mask in zip(images, labels, index.tolist(), masks):
@@ -111,6 +107,18 @@ def test_mask_follows_the_random_crop_and_flip_of_its_image(tmp_path, storage, n
             flipped += flip
             shifted += (top, left) != (PAD, PAD)
             changed += not np.array_equal(mask.numpy(), gt)
+    return seen, flipped, shifted, changed
+
+
+@pytest.mark.parametrize("storage, num_workers", [("bits", 0), ("bits", 2), ("uint8", 0)])
+def test_mask_follows_the_random_crop_and_flip_of_its_image(tmp_path, storage, num_workers):
+    ds = tiny(augment=True)
+    fn, _ = gt_attention(ds, soft=storage == "uint8")
+    cache = build(fn, ds, tmp_path / "c")
+    assert cache.storage == storage and len(cache) == len(ds) == 64
+    loader = DataLoader(C.MaskedDataset(ds, cache), batch_size=16, shuffle=True, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(1))
+    seen, flipped, shifted, changed = check_masked_batches(loader, ds, storage)
     assert seen == set(range(len(ds)))
     # the augmentation really happened, so a mask that ignored it would have failed
     assert flipped > 5 and shifted > 30 and changed > 30

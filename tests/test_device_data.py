@@ -6,9 +6,7 @@ same code path as on CUDA."""
 from __future__ import annotations
 
 import json
-import shutil
 
-import numpy as np
 import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
@@ -20,7 +18,8 @@ from dhat_seg.device_data import DeviceResident, crop_flip, draw_augmentation, e
 from dhat_seg.errors import UserError
 from dhat_seg.experiment import Experiment
 from dhat_seg.train_loop import EpochLoader, _SeededSampler
-from test_cache import PAD, build, by_hand, gt_attention, tiny, transforms_matching
+from run_helpers import killed_after_first_epoch, metrics
+from test_cache import build, check_masked_batches, gt_attention, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,23 +59,10 @@ def test_masks_follow_their_images_on_the_device(tmp_path, storage):
     ds = tiny(augment=True)
     cache = build(gt_attention(ds, soft=storage == "uint8")[0], ds, tmp_path / "c")
     data = DeviceResident(C.MaskedDataset(ds, cache), torch.device("cpu"), batch_size=16, seed=1)
-    seen, flipped, shifted = set(), 0, 0
     batches = data.epoch(0)
-    assert len(batches) == 4
-    for images, labels, index, masks in batches:
-        assert masks.dtype == (torch.bool if storage == "bits" else torch.uint8) and masks.shape == (16, 1, 32, 32)
-        for image, label, i, mask in zip(images, labels, index.tolist(), masks):
-            seen.add(i)
-            assert label == ds.labels[i]
-            found = transforms_matching(ds.load_image(i), image)
-            assert found, f"sample {i}: the image is no crop/flip of sample {i}"
-            gt = ds.gt_masks[i][None].numpy()
-            if storage == "uint8":
-                gt = np.where(gt, round(0.9 * 255), round(0.1 * 255)).astype(np.uint8)
-            assert any(np.array_equal(mask.numpy(), by_hand(gt, t, l, f)) for t, l, f in found), i
-            flipped += found[0][2]
-            shifted += found[0][:2] != (PAD, PAD)
-    assert seen == set(range(len(ds))) and flipped > 5 and shifted > 30
+    assert len(batches) == 4 and all(len(b[0]) == 16 for b in batches)
+    seen, flipped, shifted, changed = check_masked_batches(batches, ds, storage)
+    assert seen == set(range(len(ds))) and flipped > 5 and shifted > 30 and changed > 30
 
 
 def plain_batches(data: DeviceResident, epoch: int) -> list[tuple[list[int], torch.Tensor]]:
@@ -139,19 +125,10 @@ def test_dhat_trains_from_the_device_and_resumes_exactly(tmp_path):
     assert summary["epochs"] == 2
     records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert 0 < records[1]["train_fg_frac"] < 1  # the masks came along
-    # a job killed after epoch 1: its second checkpoint, metrics line and summary never written
     resumed = tmp_path / "resumed"
-    shutil.copytree(straight, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "epoch_0002")
-    pointers = json.loads((resumed / "checkpoints" / "pointers.json").read_text())
-    (resumed / "checkpoints" / "pointers.json").write_text(json.dumps({k: "epoch_0001" for k in pointers}))
-    (resumed / "metrics.jsonl").write_text((straight / "metrics.jsonl").read_text().splitlines(keepends=True)[0])
-    (resumed / "summary.json").unlink()
+    killed_after_first_epoch(straight, resumed)
     again = Experiment(cfg, resumed, cache_dir=tmp_path / "c", progress=False, on_epoch=lambda r: None).run(resume=True)
-    assert again == summary
-    timeless = lambda run: [{k: v for k, v in json.loads(line).items() if k != "seconds"}  # noqa: E731
-                            for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert timeless(resumed) == timeless(straight)
+    assert again == summary and metrics(resumed) == metrics(straight)
     assert (resumed / "checkpoints" / "epoch_0002" / "model.safetensors").read_bytes() == \
         (straight / "checkpoints" / "epoch_0002" / "model.safetensors").read_bytes()
 

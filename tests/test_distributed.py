@@ -19,6 +19,7 @@ from dhat_seg.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_fixtures import TEST_SPEC, grad_inputs, noisy_attention, tiny_data, tiny_linear_model  # noqa: E402
+from run_helpers import killed_after_first_epoch, metrics  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -81,29 +82,17 @@ TRAIN = ["-m", "dhat_seg", "train", "--config", "quick", "--method", "dhat", "--
          "--set", "milestones=[1]"]
 
 
-def metrics(run: Path) -> list[dict]:
-    import json
-
-    return [{k: v for k, v in json.loads(l).items() if k != "seconds"} for l in (run / "metrics.jsonl").read_text().splitlines()]
-
 
 def test_torchrun_trains_with_a_sharded_cache_and_resumes_exactly(tmp_path):
     import json
-    import shutil
 
     cache, straight = tmp_path / "cache", tmp_path / "straight"
     out = torchrun(*TRAIN, "--out", str(straight), "--cache-dir", str(cache))
     assert "with 2 processes" in out.stderr and out.stdout.count("run dir") == 1  # rank 0 alone prints the result
     summary = json.loads((straight / "summary.json").read_text())
     assert summary["epochs"] == 2 and [m["epoch"] for m in metrics(straight)] == [1, 2]  # one writer
-    # a job killed after epoch 1: its second checkpoint, metrics line and summary never written
     resumed = tmp_path / "resumed"
-    shutil.copytree(straight, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "epoch_0002")
-    pointers = json.loads((resumed / "checkpoints" / "pointers.json").read_text())
-    (resumed / "checkpoints" / "pointers.json").write_text(json.dumps({k: "epoch_0001" for k in pointers}))
-    (resumed / "metrics.jsonl").write_text((straight / "metrics.jsonl").read_text().splitlines(keepends=True)[0])
-    (resumed / "summary.json").unlink()
+    killed_after_first_epoch(straight, resumed)
     torchrun(*TRAIN, "--out", str(resumed), "--cache-dir", str(cache), "--resume")
     assert metrics(resumed) == metrics(straight)
     assert json.loads((resumed / "summary.json").read_text()) == summary
