@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 from dhat_seg.ablate.rows import AblatePreset, readiness
 from dhat_seg.ablate.study import COLUMNS, EXTRA_COLUMNS, Study
-from dhat_seg.config import TrainConfig
+from dhat_seg.config import TrainConfig, needs_attention
 from dhat_seg import method_defaults
 from dhat_seg.errors import UserError
 from dhat_seg.method_defaults import scaled_warmup
@@ -157,12 +157,6 @@ def check_overrides(overrides: Mapping[str, Any]) -> None:
             raise UserError(f"--set {key}=... is not allowed: every row sets its own {key}; use {option}")
 
 
-def _reads_attention(method: str | None) -> bool:
-    from dhat_seg.training_methods import TRAINING_METHODS
-
-    return method in TRAINING_METHODS and TRAINING_METHODS[method].cls.needs_attention
-
-
 def parse_methods(value: str, attention: str, installed: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
     """``--methods`` -> (row names, {name: skip reason}).
 
@@ -191,7 +185,7 @@ def parse_methods(value: str, attention: str, installed: Mapping[str, Any]) -> t
         row = METHOD_ROWS[name]
         if row.method is None:
             unavailable[name] = NOT_IMPLEMENTED
-        elif _reads_attention(row.method) and attention not in installed:
+        elif needs_attention(row.method) and attention not in installed:
             if attention not in BUILTIN_PLUGINS:
                 raise UserError(f"--attention {attention!r} is unknown; expected one of {', '.join(installed)}")
             unavailable[name] = (f"the built-in attention method {attention!r} is unavailable (an optional dependency "
@@ -225,7 +219,7 @@ def method_config(base: TrainConfig, name: str, attention: str,
         from dhat_seg.fsr_module import fsr_model_name
 
         values["model"] = fsr_model_name(base.model)
-    if _reads_attention(row.method):
+    if needs_attention(row.method):
         values.update(attention=attention, attention_options={**(options or {}).get(attention, {}),
                                                               **(base.attention_options or {})})
     if row.method == "part":
@@ -247,7 +241,7 @@ def _describe(name: str, attention: str) -> dict[str, Any]:
     if row.method is None:
         return {"method": None, "base": None, "awp": None, "attention": None}
     return {"method": row.method, "base": row.base if row.method in ("uiat", "dhat", "fsr", "part") else None, "awp": row.awp,
-            "attention": attention if _reads_attention(row.method) else None}
+            "attention": attention if needs_attention(row.method) else None}
 
 
 def method_study(attention: str, options: Mapping[str, Mapping[str, Any]] | None = None) -> Study:
@@ -261,7 +255,7 @@ def method_study(attention: str, options: Mapping[str, Mapping[str, Any]] | None
     def ready(name: str, cfg: TrainConfig) -> str | None:
         from dhat_seg.plugin_manager import attention_methods
 
-        if not _reads_attention(cfg.method):
+        if not needs_attention(cfg.method):
             return None
         methods = attention_methods()
         if cfg.attention not in methods:

@@ -266,7 +266,7 @@ class TrainConfig:
             from dhat_seg.training_methods.fsr import check_config
 
             check_config(self)
-        if self.attention_source == "self" and self.attention_burn_in == 0 and _needs_attention(self.method):
+        if self.attention_source == "self" and self.attention_burn_in == 0 and needs_attention(self.method):
             raise UserError("config option attention_burn_in=0 is invalid with attention_source='self': the first masks "
                             "would come from the randomly initialised model; expected attention_burn_in >= 1 epochs "
                             "(PART uses 20 epochs of plain AT), or attention_source='frozen'")
@@ -335,7 +335,8 @@ def _typed(name: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def _needs_attention(method: str) -> bool:
+def needs_attention(method: str | None) -> bool:
+    """Whether a training method reads attention masks (dhat, part; not uiat, at, ...)."""
     from dhat_seg.training_methods import TRAINING_METHODS
 
     return method in TRAINING_METHODS and TRAINING_METHODS[method].cls.needs_attention
@@ -358,7 +359,7 @@ def _choices(cfg: TrainConfig) -> dict[str, tuple]:
         "attention_source": ("frozen", "self"), "amp_dtype": AMP_DTYPES, "base": tuple(BASE_METHODS),
         "cfa_base": CFA_BASES, "again_fake_label": AGAIN_FAKE_LABELS,
     }
-    if _needs_attention(cfg.method):
+    if needs_attention(cfg.method):
         from dhat_seg.plugin_manager import get_attention_spec
 
         spec = get_attention_spec(cfg.attention)  # a UserError naming the installed methods
@@ -387,7 +388,7 @@ def paper_differences(cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
     out = []
     for key, paper in PAPER_SETTINGS.items():
         value = getattr(cfg, key)
-        if key == "attention" and not _needs_attention(cfg.method):
+        if key == "attention" and not needs_attention(cfg.method):
             continue
         same = value in paper if isinstance(paper, tuple) else value == paper
         if not same:

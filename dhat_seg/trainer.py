@@ -164,7 +164,8 @@ class Trainer:
         if (speed := describe_speed(c, self.amp_dtype)) is not None:
             self.log(speed)
         if method.needs_attention and c.attention_burn_in:
-            self.log(f"attention burn-in: epochs 1-{c.attention_burn_in} train without the attention terms")
+            span = "epoch 1 trains" if c.attention_burn_in == 1 else f"epochs 1-{c.attention_burn_in} train"
+            self.log(f"attention burn-in: {span} without the attention terms")
         optimizer = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
         # MultiStepLR multiplies by gamma once per milestone (the authors' code compounds every epoch)
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(c.milestones), gamma=c.gamma)

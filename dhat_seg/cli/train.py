@@ -91,7 +91,7 @@ def register(root: typer.Typer) -> None:
     ):
         """Train a model. With no options: the quick demo (DHAT with Grad-CAM on the built-in dataset, about
         5 minutes on CPU); with settings: the paper's recipe with those settings (or --config's preset)."""
-        from dhat_seg.config import load_config, paper_differences
+        from dhat_seg.config import load_config, needs_attention, paper_differences
 
         overrides = parse_overrides(set_)
         settings = dict(method=method, attention=attention, attention_checkpoint=attention_checkpoint,
@@ -134,11 +134,11 @@ def register(root: typer.Typer) -> None:
         base_loss = cfg.base if cfg.method in ("uiat", "dhat") and cfg.base != "at" else None  # the paper's "at": not named
         if out is None:
             label = cfg.method + (f"-{base_loss}" if base_loss else "") + ("-awp" if cfg.awp else "") \
-                + (f"-{cfg.attention}" if cfg.method == "dhat" else "")
+                + (f"-{cfg.attention}" if needs_attention(cfg.method) else "")
             out = Path("runs") / f"{label}-{cfg.data}-{time.strftime('%Y%m%d-%H%M%S')}"
         extra = (f" base={base_loss}" if base_loss else "") + (f" awp_gamma={cfg.awp_gamma:g}" if cfg.awp else "")
         if rank0:
-            typer.echo(f"dhat-seg train: method={cfg.method}{extra} attention={cfg.attention if cfg.method == 'dhat' else '-'} "
+            typer.echo(f"dhat-seg train: method={cfg.method}{extra} attention={cfg.attention if needs_attention(cfg.method) else '-'} "
                        f"data={cfg.data} model={cfg.model} epochs={cfg.epochs} seed={cfg.seed} -> {out}", err=True)
         on_epoch = (lambda record: typer.echo(json.dumps(record))) if json_lines else EpochPrinter(cfg)
         from dhat_seg.distributed import init_from_env, shutdown
