@@ -12,6 +12,21 @@ from typing import Any, Callable, List, Mapping, Optional
 
 import typer
 
+# Options that ``ablate`` and ``compare`` share (typer accepts one Option object in several commands).
+EPOCHS = typer.Option(None, help="training epochs of every row")
+SEED = typer.Option(None, help="random seed (data, training and attacks)")
+SEEDS = typer.Option(None, metavar="S1,S2,...", help="run every row once per seed, e.g. 0,1,2 "
+                     "(seed s in OUT/seed-<s>/<row>/), and report mean ± std (ddof=1) with n "
+                     "(default: one run per row with --seed, or the preset's seed, in OUT/<row>/)")
+DEVICE = typer.Option(None, help="auto | cpu | cuda | cuda:N")
+N_EXAMPLES = typer.Option(None, metavar="N", help="test examples evaluated (default: the preset's)")
+AA_EXAMPLES = typer.Option(None, metavar="N", help="AutoAttack examples (default: the preset's)")
+GAP_EXAMPLES = typer.Option(None, metavar="N", help="training examples of the Robust Gap (default: the preset's)")
+SANITY_EXAMPLES = typer.Option(None, metavar="N", help="test examples of each row's gradient-masking "
+                               "sanity checks (default: the preset's)")
+REPORT_ONLY = typer.Option(False, "--report-only", help="train and evaluate nothing: write the table of the "
+                           "rows finished so far (the others pending)")
+
 
 def study_settings(command: str, preset: str, *, epochs: int | None, seed: int | None, seeds: str | None,
                    device: str | None, set_: list[str] | None, counts: Mapping[str, str | None],
@@ -80,20 +95,16 @@ def register(root: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(None, help="output folder, one run directory per row (default runs/ablate-<preset>)"),
         attention_checkpoint: Optional[List[str]] = typer.Option(None, help="NAME=PATH weights of a method, e.g. sam=sam_vit_b.pth (repeatable)"),
         attention_opt: Optional[List[str]] = typer.Option(None, help="NAME:KEY=VALUE option of one method, e.g. ig:n_steps=16 (repeatable)"),
-        epochs: Optional[int] = typer.Option(None, help="training epochs of every row"),
-        seed: Optional[int] = typer.Option(None, help="random seed (data, training and attacks)"),
-        seeds: Optional[str] = typer.Option(None, metavar="S1,S2,...", help="run every row once per seed, e.g. 0,1,2 "
-                                            "(seed s in OUT/seed-<s>/<row>/), and report mean ± std (ddof=1) with n "
-                                            "(default: one run per row with --seed, or the preset's seed, in OUT/<row>/)"),
-        device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
+        epochs: Optional[int] = EPOCHS,
+        seed: Optional[int] = SEED,
+        seeds: Optional[str] = SEEDS,
+        device: Optional[str] = DEVICE,
         cache_dir: Optional[Path] = typer.Option(None, help="cache for the shared attention model and masks (default ~/.cache/dhat-seg)"),
-        n_examples: Optional[str] = typer.Option(None, metavar="N", help="test examples evaluated (default: the preset's)"),
-        aa_examples: Optional[str] = typer.Option(None, metavar="N", help="AutoAttack examples (default: the preset's)"),
-        gap_examples: Optional[str] = typer.Option(None, metavar="N", help="training examples of the Robust Gap (default: the preset's)"),
-        sanity_examples: Optional[str] = typer.Option(None, metavar="N", help="test examples of each row's gradient-masking "
-                                                                                "sanity checks (default: the preset's)"),
-        report_only: bool = typer.Option(False, "--report-only", help="train and evaluate nothing: write the table of the "
-                                                                      "rows finished so far (the others pending)"),
+        n_examples: Optional[str] = N_EXAMPLES,
+        aa_examples: Optional[str] = AA_EXAMPLES,
+        gap_examples: Optional[str] = GAP_EXAMPLES,
+        sanity_examples: Optional[str] = SANITY_EXAMPLES,
+        report_only: bool = REPORT_ONLY,
         set_: Optional[List[str]] = typer.Option(None, "--set", help="any training config option KEY=VALUE (repeatable)"),
     ):
         """Train and evaluate one run per attention method with identical settings: the paper's Table 10

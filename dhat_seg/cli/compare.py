@@ -11,7 +11,8 @@ import typer
 
 def register(root: typer.Typer) -> None:
     """Adds the ``compare`` command to the root app."""
-    from dhat_seg.cli.ablate import print_study, study_settings
+    from dhat_seg.cli.ablate import (AA_EXAMPLES, DEVICE, EPOCHS, GAP_EXAMPLES, N_EXAMPLES, REPORT_ONLY, SANITY_EXAMPLES,
+                                     SEED, SEEDS, print_study, study_settings)
     from dhat_seg.cli.common import log, show_progress, user_errors
 
     @root.command()
@@ -27,20 +28,16 @@ def register(root: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(None, help="output folder, one run directory per row (default runs/compare-<preset>)"),
         attention: Optional[str] = typer.Option(None, help="attention method of the DHAT and PART rows (default: the "
                                                 "preset's, gradcam; PART rows take Grad-CAM from the model being trained)"),
-        epochs: Optional[int] = typer.Option(None, help="training epochs of every row"),
-        seed: Optional[int] = typer.Option(None, help="random seed (data, training and attacks)"),
-        seeds: Optional[str] = typer.Option(None, metavar="S1,S2,...", help="run every row once per seed, e.g. 0,1,2 "
-                                            "(seed s in OUT/seed-<s>/<row>/), and report mean ± std (ddof=1) with n "
-                                            "(default: one run per row with --seed, or the preset's seed, in OUT/<row>/)"),
-        device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
+        epochs: Optional[int] = EPOCHS,
+        seed: Optional[int] = SEED,
+        seeds: Optional[str] = SEEDS,
+        device: Optional[str] = DEVICE,
         cache_dir: Optional[Path] = typer.Option(None, help="cache for the DHAT rows' attention model and masks (default ~/.cache/dhat-seg)"),
-        n_examples: Optional[str] = typer.Option(None, metavar="N", help="test examples evaluated (default: the preset's)"),
-        aa_examples: Optional[str] = typer.Option(None, metavar="N", help="AutoAttack examples (default: the preset's)"),
-        gap_examples: Optional[str] = typer.Option(None, metavar="N", help="training examples of the Robust Gap (default: the preset's)"),
-        sanity_examples: Optional[str] = typer.Option(None, metavar="N", help="test examples of each row's gradient-masking "
-                                                                                "sanity checks (default: the preset's)"),
-        report_only: bool = typer.Option(False, "--report-only", help="train and evaluate nothing: write the table of the "
-                                                                      "rows finished so far (the others pending)"),
+        n_examples: Optional[str] = N_EXAMPLES,
+        aa_examples: Optional[str] = AA_EXAMPLES,
+        gap_examples: Optional[str] = GAP_EXAMPLES,
+        sanity_examples: Optional[str] = SANITY_EXAMPLES,
+        report_only: bool = REPORT_ONLY,
         set_: Optional[List[str]] = typer.Option(None, "--set", help="a training config option KEY=VALUE shared by every row "
                                                  "(repeatable; not method, base, awp*, attention: the rows set those)"),
     ):
