@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -115,9 +116,14 @@ def _report(acc, seeds, seconds) -> dict:
     spread = max(base.values()) - min(base.values())
     rows = []
     for variant, by_seed in acc.items():
-        diffs = [abs(by_seed[s] - base[s]) for s in seeds if s in by_seed and s in base]
+        signed = [by_seed[s] - base[s] for s in seeds if s in by_seed and s in base]
+        diffs = [abs(d) for d in signed]
+        paired = None
+        if len(signed) >= 2 and variant != "fp32":  # a systematic shift shows here, beside the per-seed noise
+            paired = {"mean": round(statistics.mean(signed), 2), "std": round(statistics.stdev(signed), 2), "n": len(signed)}
         rows.append({"variant": variant, "pgd10": {str(s): by_seed.get(s) for s in seeds},
                      "max_abs_diff_vs_fp32": round(max(diffs), 2) if diffs and variant != "fp32" else None,
+                     "paired_diff_vs_fp32": paired,
                      "within_seed_spread": (max(diffs) < spread or max(diffs) == 0) if diffs and variant != "fp32" else None,
                      "train_seconds": {str(s): t for s, t in seconds.get(variant, {}).items()}})
     return {"seed_spread_fp32": round(spread, 2), "rows": rows}
@@ -127,12 +133,14 @@ def _print(report, seeds) -> None:
     cols = "".join(f"{'seed ' + str(s):>9}" for s in seeds)
     print(f"\nPGD-10 accuracy (%) after the same run, by seed; seed spread of fp32 (max - min): "
           f"{report['seed_spread_fp32']:.2f}")
-    print(f"{'variant':<14}{cols} {'max |diff| vs fp32':>19} {'< spread':>9}")
+    print(f"{'variant':<14}{cols} {'max |diff| vs fp32':>19} {'< spread':>9} {'diff vs fp32, mean ± std (n)':>29}")
     for r in report["rows"]:
         vals = "".join(f"{r['pgd10'][str(s)]:9.2f}" if r["pgd10"][str(s)] is not None else f"{'-':>9}" for s in seeds)
         diff = f"{r['max_abs_diff_vs_fp32']:19.2f}" if r["max_abs_diff_vs_fp32"] is not None else f"{'-':>19}"
         ok = {True: "yes", False: "NO", None: "-"}[r["within_seed_spread"]]
-        print(f"{r['variant']:<14}{vals} {diff} {ok:>9}")
+        p = r["paired_diff_vs_fp32"]
+        paired = f"{p['mean']:+.2f} ± {p['std']:.2f} ({p['n']})" if p else "-"
+        print(f"{r['variant']:<14}{vals} {diff} {ok:>9} {paired:>29}")
 
 
 if __name__ == "__main__":
