@@ -15,7 +15,7 @@ an interrupted check continues where it stopped. ``data_seed`` is fixed, so ever
 shares one attention model and mask cache (as ``dhat-seg ablate --seeds`` does).
 Defaults: the quick preset unchanged (DHAT + Grad-CAM, 6 epochs on 3000 images, PGD-10 on
 1000 test images) and seeds 0, 1, 2: 15 runs of 2.2-3.3 minutes each on 2 idle CPU cores
-(about 40 minutes). A shorter run is no check: 3 epochs on 1000 images (0.2.0's default)
+(about 40 minutes). A shorter run is no check: 3 epochs on 1000 images (this script's earlier default)
 ended near chance for every variant, with a seed spread of 0. Two seeds are the least
 (``--seeds 0,1``); the spread, max - min, is a rough yardstick with so few:
 
