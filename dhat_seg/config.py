@@ -43,6 +43,8 @@ class TrainConfig:
     test_size: int | None = None
     val_size: int | float = 0.1  # a fraction in (0, 1) or a number of samples
     rho: float = 0.9
+    # built-in data: the generator's foreground salience (0 = version-1 colours)
+    salience: float = 0.5
     augment: bool = True
     # attention (DHAT)
     attention: str = "gradcam"
@@ -202,6 +204,7 @@ class TrainConfig:
             (all(m >= 1 for m in self.milestones) and list(self.milestones) == sorted(set(self.milestones)),
              "milestones", "a strictly increasing list of positive epochs"),
             (0 <= self.rho <= 1, "rho", "a number in [0, 1]"),
+            (0 <= self.salience < 1, "salience", "a number in [0, 1) (0 = the version-1 colours)"),
             (self.eps >= 0, "eps", "a non-negative number (units of 1/255)"),
             (self.step_size >= 0, "step_size", "a non-negative number (units of 1/255)"),
             (self.inv_eps >= 0, "inv_eps", "a non-negative number (units of 1/255)"),
@@ -286,6 +289,9 @@ class TrainConfig:
         out while they hold the value that reproduces the earlier behaviour
         (``DIGEST_NEUTRAL``), so runs finished before they existed stay reusable."""
         values = {k: v for k, v in self.to_dict().items() if k not in DIGEST_NEUTRAL or v != DIGEST_NEUTRAL[k]}
+        generator = _generator_version(self.data)
+        if generator is not None:  # built-in data: runs on an older generator's images are never reused
+            values["data_generator"] = generator
         blob = json.dumps(values, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -300,6 +306,14 @@ DIGEST_NEUTRAL: dict[str, Any] = {"base": "at", "trades_beta": 6.0, "mart_beta":
                                   "again_hff": True, "sync_every": 0, "sync_bn": False, "data_on_device": None, "channels_last": False,
                                   "compile": False}
 
+
+
+def _generator_version(data: str) -> str | None:
+    """The version of the generator of built-in data ``data`` (None for other data)."""
+    from dhat_seg.data.digits import DIGITS_VERSION
+    from dhat_seg.data.synthetic import GENERATOR_VERSION
+
+    return {"synthetic": GENERATOR_VERSION, "digits": f"{GENERATOR_VERSION}+digits-{DIGITS_VERSION}"}.get(data)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -396,11 +410,30 @@ def paper_differences(cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+def scaled_milestones(milestones: list[int], from_epochs: int, to_epochs: int) -> list[int]:
+    """A schedule's milestones moved to a run of ``to_epochs`` epochs: the same fractions
+    of the run (rounded down), keeping only those that take effect (1 to to_epochs - 1)."""
+    out: list[int] = []
+    for m in milestones:
+        scaled = int(m * to_epochs / from_epochs) if from_epochs > 0 else m
+        if 1 <= scaled < to_epochs and scaled not in out:
+            out.append(scaled)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
+                resumed: bool = False) -> TrainConfig:
     """Defaults <- preset name or YAML file <- overrides (None values are ignored); for
     ``method: part``, PART's mask settings where neither gives them
-    (:func:`dhat_seg.method_defaults.part_settings`)."""
+    (:func:`dhat_seg.method_defaults.part_settings`).
+
+    The learning-rate milestones follow the epochs: when ``overrides`` change ``epochs``
+    but give no ``milestones``, the base's milestones are scaled to the new length
+    (:func:`scaled_milestones`; not for ``resumed`` runs, whose schedule is their own).
+    Milestones given explicitly (overrides or a YAML file) must take effect: one at or
+    past the last epoch is refused."""
     values: dict[str, Any] = {}
+    explicit_milestones = False
     if path is not None and str(path) in PRESETS:
         values.update(PRESETS[str(path)])
     elif path is not None:
@@ -414,16 +447,30 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not isinstance(loaded, dict):
             raise UserError(f"config file {str(path)!r} must hold a mapping of option: value")
         values.update(loaded)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        explicit_milestones = "milestones" in loaded and not resumed
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    base_epochs = values.get("epochs", FIELDS["epochs"].default)
+    base_milestones = values.get("milestones", FIELDS["milestones"].default_factory())
+    values.update(given)
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise UserError(f"config option {unknown[0]!r} is unknown; known options: {', '.join(FIELDS)}")
+    explicit_milestones = explicit_milestones or "milestones" in given
+    epochs = values.get("epochs", base_epochs)
+    if ("epochs" in given and "milestones" not in given and not resumed and isinstance(epochs, int)
+            and not isinstance(epochs, bool) and epochs >= 1 and epochs != base_epochs):
+        values["milestones"] = scaled_milestones(list(base_milestones), base_epochs, epochs)
     if values.get("method") == "part":  # PART's mask settings where neither the file nor an override gives them
         from dhat_seg.method_defaults import part_settings
 
         cfg = TrainConfig(**values)
         values.update(part_settings(cfg.epochs, cfg.attention, cfg.attention_options or {}, values.__contains__))
-    return TrainConfig(**values).validate()
+    cfg = TrainConfig(**values).validate()
+    late = [m for m in cfg.milestones if m >= cfg.epochs]
+    if explicit_milestones and late:
+        raise UserError(f"milestones {cfg.milestones} include {late[0]}, at or past the last epoch ({cfg.epochs}): it would "
+                        f"never take effect; expected milestones from 1 to {cfg.epochs - 1} (a decay after that many epochs)")
+    return cfg
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

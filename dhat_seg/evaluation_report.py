@@ -6,9 +6,11 @@ What is measured (DHAT evaluation protocol, REFERENCE section 1):
   on the first ``n_examples`` samples of the test split, and the per-sample worst case;
 * the Robust Gap: the same attack (``gap_attack``, default PGD-10) on the first
   ``gap_examples`` samples of the *un-augmented training split* minus on the test set;
-* on datasets with a background-shifted test set (the built-in synthetic data): the
-  BG-gap, clean and PGD-10 accuracy on ``test`` (training-like backgrounds) minus
-  ``test-mixed-rand`` (random backgrounds), on the same objects;
+* on datasets with a background-shifted test set (the built-in data): the BG-gap,
+  clean and PGD-10 accuracy on ``test`` (training-like backgrounds) minus
+  ``test-mixed-rand`` (random backgrounds), on the same objects; and the
+  Backgrounds-Challenge accuracies ``background_challenge``: ``same``, ``mixed_rand``,
+  ``only_fg`` and ``no_fg_bg_class`` (percent, see :func:`_bg_gap`);
 * for runs trained with an attention method: the IoU of its foreground (after the run's
   threshold policy) with the ground-truth masks, where the dataset has them;
 * optionally (``sanity=True``) the gradient-masking checks of :mod:`dhat_seg.sanity`.
@@ -34,6 +36,7 @@ from dhat_seg import __version__, evaluate
 from dhat_seg.checkpoint import load_weights, resolve_weights
 from dhat_seg.config import FIELDS, TrainConfig
 from dhat_seg.data import DATASETS, split_for
+from dhat_seg.data.registry import BACKGROUND_CHALLENGE_SPLITS
 from dhat_seg.errors import UserError
 from dhat_seg.runtime import select_device
 
@@ -246,11 +249,13 @@ def run_eval(target: str | Path, options: EvalOptions | None = None, *, log: Cal
                                 "test_split": f"{opts.split}, first {len(test_flags)} samples"}
         seconds["robust_gap"] = round(time.time() - t0, 2)
 
-    # ---- BG-gap: training-like backgrounds minus random backgrounds (same objects)
+    # ---- BG-gap and the Backgrounds-Challenge accuracies (built-in data)
     report["bg_gap"] = None
+    report["background_challenge"] = None
     if opts.bg_gap and MIXED_RAND_SPLIT in info.splits:
         t0 = time.time()
-        report["bg_gap"] = _bg_gap(model, cfg, opts, flags if opts.split == "test" else {}, len(x), common)
+        report["bg_gap"], report["background_challenge"] = _bg_gap(
+            model, cfg, opts, flags if opts.split == "test" else {}, len(x), common)
         seconds["bg_gap"] = round(time.time() - t0, 2)
 
     # ---- attention quality
@@ -298,8 +303,16 @@ def run_eval(target: str | Path, options: EvalOptions | None = None, *, log: Cal
     return report
 
 
-def _bg_gap(model, cfg: TrainConfig, opts: EvalOptions, test_flags: dict, n: int, common: dict) -> dict[str, Any]:
-    """Clean and PGD-10 accuracy on ``test`` minus on ``test-mixed-rand`` (first n of each)."""
+def _bg_gap(model, cfg: TrainConfig, opts: EvalOptions, test_flags: dict, n: int,
+            common: dict) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(BG-gap, Backgrounds-Challenge accuracies) on the first n samples of each test split.
+
+    BG-gap: clean and PGD-10 accuracy on ``test`` minus on ``test-mixed-rand``. The
+    challenge (Xiao et al., ICLR 2021): clean accuracy in percent on ``same`` (test),
+    ``mixed_rand``, ``only_fg`` (objects on black) and ``no_fg_bg_class`` (objects
+    blacked out on random backgrounds, scored against the *background's* class: how much
+    the model reads the background), with PGD-10 accuracy on the first three.
+    """
     names = ("clean", "pgd10")
     same = {k: v for k, v in test_flags.items() if k in names and len(v) == n}
     missing = [k for k in names if k not in same]
@@ -308,7 +321,28 @@ def _bg_gap(model, cfg: TrainConfig, opts: EvalOptions, test_flags: dict, n: int
         same.update(evaluate.flags_for_attacks(model, xs, ys, missing, label="bg same ", **common))
     xm, ym = evaluate.collect(_dataset(cfg, MIXED_RAND_SPLIT), n)
     mixed = evaluate.flags_for_attacks(model, xm, ym, names, label="bg mixed-rand ", **common)
-    return {k: evaluate.background_gap(same[k], mixed[k]) for k in names} | {"n": min(n, len(ym))}
+    gap = {k: evaluate.background_gap(same[k], mixed[k]) for k in names} | {"n": min(n, len(ym))}
+    splits = DATASETS[cfg.data].splits
+    if not all(split in splits for split in BACKGROUND_CHALLENGE_SPLITS.values()):
+        return gap, None
+    xf, yf = evaluate.collect(_dataset(cfg, BACKGROUND_CHALLENGE_SPLITS["only_fg"]), n)
+    only_fg = evaluate.flags_for_attacks(model, xf, yf, names, label="bg only-fg ", **common)
+    no_fg_ds = _dataset(cfg, BACKGROUND_CHALLENGE_SPLITS["no_fg_bg_class"])
+    xn, _ = evaluate.collect(no_fg_ds, n)
+    bg_class = no_fg_ds.backgrounds[: len(xn)].clone()
+    no_fg = evaluate.flags_for_attacks(model, xn, bg_class, ["clean"], label="bg no-fg ", **common)["clean"]
+    challenge = {
+        "same": evaluate.percent(same["clean"]),
+        "mixed_rand": evaluate.percent(mixed["clean"]),
+        "only_fg": evaluate.percent(only_fg["clean"]),
+        "no_fg_bg_class": evaluate.percent(no_fg),
+        "pgd10": {"same": evaluate.percent(same["pgd10"]), "mixed_rand": evaluate.percent(mixed["pgd10"]),
+                  "only_fg": evaluate.percent(only_fg["pgd10"])},
+        "n": min(len(same["clean"]), len(ym), len(yf), len(xn)),
+        "splits": dict(BACKGROUND_CHALLENGE_SPLITS),
+        "chance": round(100.0 / DATASETS[cfg.data].num_classes, 2),
+    }
+    return gap, challenge
 
 
 def _attention_iou(cfg: TrainConfig, opts: EvalOptions, model, device, log) -> dict[str, Any]:

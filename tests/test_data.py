@@ -253,7 +253,7 @@ def test_fingerprint_stable_and_sensitive():
 
 def test_registry_lists_datasets():
     names = [info.name for info in list_datasets()]
-    assert names == ["synthetic", "cifar10", "cifar100", "folder"]
+    assert names == ["synthetic", "digits", "cifar10", "cifar100", "folder"]
     assert DATASETS["cifar10"].needs_download and not DATASETS["synthetic"].needs_download
     assert DATASETS["cifar100"].num_classes == 100
     with pytest.raises(Exception):
@@ -263,7 +263,9 @@ def test_registry_lists_datasets():
 @pytest.mark.parametrize(
     "args, kwargs, needle",
     [
-        (("imagenet", "train"), {}, "synthetic, cifar10"),
+        (("imagenet", "train"), {}, "synthetic, digits, cifar10"),
+        (("synthetic", "train"), {"salience": 1.0}, "salience"),
+        (("digits", "train"), {"salience": -0.5}, "salience"),
         (("synthetic", "dev"), {}, "test-mixed-rand"),
         (("cifar10", "test-mixed-rand"), {}, "expected one of"),
         (("synthetic", "train"), {"rho": 1.5}, "rho"),

@@ -219,13 +219,15 @@ def test_paper_preset_runs_end_to_end_on_a_tiny_cifar_directory(tmp_path, monkey
 
 
 # ------------------------------------------------------------------ 5. no silent mixing with a preset
-def test_settings_on_the_command_line_start_from_the_paper_recipe(tmp_path):
-    assert config_base(None, resume=False, out=None, has_settings=False) == "quick"
-    assert config_base(None, resume=False, out=None, has_settings=True) is None
-    assert config_base("quick", resume=False, out=None, has_settings=True) == "quick"
+def test_settings_start_from_the_data_s_own_recipe(tmp_path):
+    assert config_base(None, resume=False, out=None) == "quick"  # the built-in data by default
+    assert config_base(None, resume=False, out=None, data="digits") == "quick"
+    assert config_base(None, resume=False, out=None, data="cifar10") is None  # the paper's recipe
+    assert config_base(None, resume=False, out=None, data="folder") is None
+    assert config_base("paper", resume=False, out=None, data="synthetic") == "paper"
     (tmp_path / "config.yaml").write_text("method: uiat\n")
-    assert config_base(None, resume=True, out=tmp_path, has_settings=False) == tmp_path / "config.yaml"
-    cfg = load_config(config_base(None, resume=False, out=None, has_settings=True), {"data": "cifar10", "model": "wrn28_10"})
+    assert config_base(None, resume=True, out=tmp_path) == tmp_path / "config.yaml"
+    cfg = load_config(config_base(None, resume=False, out=None, data="cifar10"), {"data": "cifar10", "model": "wrn28_10"})
     assert (cfg.batch_size, cfg.milestones, cfg.attack_steps, cfg.step_size, cfg.floe_form) == (128, [80, 90], 10, 2.0, "paper")
     assert cfg.lr == 0.1 and cfg.epochs == 100
     quick = load_config("quick")
@@ -242,7 +244,7 @@ def test_differences_from_the_paper_are_listed():
 
 def test_train_prints_the_settings_that_differ_from_the_paper(tmp_path):
     args = ["train", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c"), "--model", "small_cnn",
-            "--epochs", "1", "--batch-size", "16"]
+            "--epochs", "1", "--batch-size", "16", "--lr", "0.1"]
     for key, value in dict(train_size=40, val_size=8, test_size=8, attack_steps=1, inv_steps=1, val_examples=8,
                            device="cpu", attention_model_arch="small_cnn", attention_model_epochs=1,
                            floe_form="relative").items():

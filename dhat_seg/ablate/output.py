@@ -88,9 +88,9 @@ def markdown_table(rows: list, with_paper: bool = False, study: Study | None = N
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in (rows if multi else single):
         if multi:
-            cells = [r.label] + [_stat_cell(r, k, with_paper) for k, _ in columns] + [str(len(r.done)), r.status]
+            cells = [r.label] + [_stat_cell(r, k, with_paper) for k, _ in columns] + [str(len(r.done)), r.shown_status]
         else:
-            cells = [r.label] + [_cell(r, k, with_paper) for k, _ in columns] + [r.status]
+            cells = [r.label] + [_cell(r, k, with_paper) for k, _ in columns] + [r.shown_status]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)
 
@@ -273,6 +273,9 @@ def write_outputs(out: Path, rows: list, meta: Mapping[str, Any], preset: Ablate
            "(points; smaller is better). "
            + ("BG-gap: clean accuracy on `test` (training-like backgrounds) minus `test-mixed-rand` (random backgrounds), "
               "points. " if "bg_gap" in columns else "")
+           + ("mixed-rand, only-FG: Backgrounds-Challenge clean accuracy (%) with random backgrounds and with the "
+              "objects on black; no-FG (in the CSV/JSON): the objects blacked out, scored against the background's "
+              "class. " if "mixed_rand" in columns else "")
            + ("IoU: attention foreground vs ground-truth masks (mean over test images). " if "iou" in columns else "")
            + "n/a = not measurable here.",
            f"Evaluation: {settings.get('n_examples') or 'all'} test examples, AutoAttack on {settings.get('aa_examples') or 'all'}, "

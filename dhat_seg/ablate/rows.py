@@ -143,11 +143,23 @@ class Row(_Named):
     seed: int | None = None
     study: Study | None = field(default=None, repr=False, compare=False)
     trains: str | None = None  # what the row's config trains, e.g. "dhat (base trades) + gradcam"
+    convergence: dict[str, Any] | None = None  # dhat_seg.convergence.Convergence.to_dict() of its run
 
     @property
     def suspect(self) -> bool:
         """It has results, but failed a gradient-masking sanity check."""
         return self.status.startswith("suspect:")
+
+    @property
+    def climbing(self) -> str | None:
+        """The convergence verdict when the run had not reached a plateau, else None."""
+        c = self.convergence
+        return c["verdict"] if c and c.get("converged") is False else None
+
+    @property
+    def shown_status(self) -> str:
+        """The status column: the status, plus the verdict of a run still climbing."""
+        return self.status + (f"; {self.climbing}" if self.climbing and self.has_results else "")
 
     @property
     def has_results(self) -> bool:
@@ -160,7 +172,8 @@ class Row(_Named):
 
     def to_dict(self) -> dict[str, Any]:
         return {"row": self.label, **self.spec.describe(self.name), "status": self.status, "run_dir": self.run_dir,
-                "seconds": self.seconds, **self.metrics, "sanity": self.sanity, "seed": self.seed, "trains": self.trains}
+                "seconds": self.seconds, **self.metrics, "sanity": self.sanity, "seed": self.seed, "trains": self.trains,
+                "convergence": self.convergence}
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None, int]:
@@ -222,6 +235,12 @@ class SeedRows(_Named):
         return combined_status(self.runs)
 
     @property
+    def shown_status(self) -> str:
+        """The status column: the seeds' status, plus the verdict of each seed still climbing."""
+        climbing = [f"seed {s}: {r.climbing}" for s, r in self.runs.items() if r.climbing and r.has_results]
+        return self.status + (f"; {'; '.join(climbing)}" if climbing else "")
+
+    @property
     def trains(self) -> str | None:
         return next((r.trains for r in self.runs.values() if r.trains), None)
 
@@ -248,6 +267,7 @@ class SeedRows(_Named):
         metric, and every seed's run under "per_seed"."""
         stats = {k: self.stat(k) for k in keys}
         return {"row": self.label, **self.spec.describe(self.name), "status": self.status, "seeds": self.seeds,
+                "not_converged": {s: r.climbing for s, r in self.runs.items() if r.climbing and r.has_results},
                 "n_seeds": len(self.done), "seconds": self.seconds, "trains": self.trains,
                 **{k: m for k, (m, _, _) in stats.items()},
                 "std": {k: sd for k, (_, sd, _) in stats.items()}, "n": {k: n for k, (_, _, n) in stats.items()},

@@ -13,6 +13,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from dhat_seg.convergence import DEFAULT_THRESHOLD, run_verdict
 from dhat_seg.config import TrainConfig
 from dhat_seg.errors import UserError
 from dhat_seg.evaluation_report import EVAL_FILE, EvalOptions, run_eval
@@ -49,6 +50,7 @@ def metrics_from_report(report: Mapping[str, Any]) -> dict[str, Any]:
     """Table values of one eval.json."""
     acc, ex = report.get("accuracy", {}), report.get("examples", {})
     gap, bg, iou = report.get("robust_gap"), report.get("bg_gap"), report.get("attention_iou")
+    bc = report.get("background_challenge") or {}
     return {
         "clean": acc.get("clean"), "pgd10": acc.get("pgd10"), "pgd20": acc.get("pgd20"), "cw": acc.get("cw"),
         "aa": acc.get("aa"),
@@ -57,6 +59,8 @@ def metrics_from_report(report: Mapping[str, Any]) -> dict[str, Any]:
         "robust_gap_train": gap["train_accuracy"] if gap else None,
         "bg_gap": bg["clean"]["gap"] if bg else None,
         "bg_gap_pgd10": bg["pgd10"]["gap"] if bg else None,
+        "mixed_rand": bc.get("mixed_rand"), "only_fg": bc.get("only_fg"), "no_fg_bg_class": bc.get("no_fg_bg_class"),
+        "mixed_rand_pgd10": bc.get("pgd10", {}).get("mixed_rand"), "only_fg_pgd10": bc.get("pgd10", {}).get("only_fg"),
         "iou": iou.get("mean_iou") if iou else None,
         "n_test": ex.get("clean"), "n_aa": ex.get("aa"), "n_gap_train": gap["n_train"] if gap else None,
     }
@@ -111,6 +115,7 @@ def run_ablation(
     progress: bool = True,
     trainer_factory: Callable[..., Any] | None = None,
     report_only: bool = False,
+    convergence_threshold: float = DEFAULT_THRESHOLD,
 ) -> dict[str, Any]:
     """The attention ablation: :func:`run_study` of the attention rows ("-" and method
     names) with the methods' checkpoints and options; returns ablation.json's content."""
@@ -119,7 +124,8 @@ def run_ablation(
         log(f"ablate: warning: --attention-checkpoint {name}=... is not used: no row {name!r} (rows: {', '.join(rows)})")
     return run_study(attention_study(checkpoints, attention_options), rows, base, eval_options, out, seeds=seeds,
                      cache_dir=cache_dir, unavailable=unavailable, preset=preset, overrides=overrides, log=log,
-                     progress=progress, trainer_factory=trainer_factory, report_only=report_only)
+                     progress=progress, trainer_factory=trainer_factory, report_only=report_only,
+                     convergence_threshold=convergence_threshold)
 
 
 def run_study(
@@ -138,12 +144,16 @@ def run_study(
     progress: bool = True,
     trainer_factory: Callable[..., Any] | None = None,
     report_only: bool = False,
+    convergence_threshold: float = DEFAULT_THRESHOLD,
 ) -> dict[str, Any]:
     """Train and evaluate every row (its config: ``study.config``) with the sanity checks
     once per seed (default: the base config's seed), write the table files
     (OUT/<study.stem>.*), return the JSON's content. Rows in ``unavailable`` and rows
     that ``study.readiness`` refuses are skipped with the reason. ``report_only``: train and
     evaluate nothing; write the table of the rows finished so far (the others "pending").
+    A row whose validation accuracy still moved by more than ``convergence_threshold``
+    points over its last 2 epochs is marked in the status column
+    (:mod:`dhat_seg.convergence`).
 
     Seed by seed: every row of the first seed, then of the next, so that a complete
     table of the first seed exists early. Training and evaluation of seed ``s`` run with
@@ -231,6 +241,9 @@ def run_study(
                     report = run_eval(run_dir, dataclasses.replace(seed_eval, cache_dir=str(root), output=None), log=log)
                 row.metrics, row.sanity = metrics_from_report(report), report["sanity"]
                 row.status = sanity_status(row.sanity, reused)
+                row.convergence = run_verdict(run_dir, threshold=convergence_threshold).to_dict()
+                if row.climbing:
+                    log(f"{command}: row {name}: {row.climbing} (validation accuracy; see {run_dir / 'metrics.jsonl'})")
                 if row.suspect:
                     log(f"{command}: row {name}: {row.status} (details in {run_dir / EVAL_FILE}, \"sanity\")")
             except KeyboardInterrupt:

@@ -17,9 +17,12 @@ from typing import Any, Callable, Mapping
 
 #: (key in a row's metrics, column header). BG-gap is the clean one; the PGD-10 BG-gap
 #: is in the CSV/JSON. IoU is the attention foreground IoU with the ground truth.
+#: mixed-rand and only-FG are the Backgrounds-Challenge clean accuracies (random
+#: backgrounds; objects on black); no-FG (background's class) is in the CSV/JSON.
 COLUMNS = (("clean", "Clean"), ("pgd10", "PGD-10"), ("cw", "C&W"), ("aa", "AA"), ("robust_gap", "Robust Gap"),
-           ("bg_gap", "BG-gap"), ("iou", "IoU"))
-EXTRA_COLUMNS = (("bg_gap_pgd10", "BG-gap PGD-10"),)
+           ("bg_gap", "BG-gap"), ("mixed_rand", "mixed-rand"), ("only_fg", "only-FG"), ("iou", "IoU"))
+EXTRA_COLUMNS = (("bg_gap_pgd10", "BG-gap PGD-10"), ("no_fg_bg_class", "no-FG (bg class)"),
+                 ("mixed_rand_pgd10", "mixed-rand PGD-10"), ("only_fg_pgd10", "only-FG PGD-10"))
 
 
 def _no_problem(name: str, cfg: Any) -> str | None:

@@ -24,6 +24,8 @@ AA_EXAMPLES = typer.Option(None, metavar="N", help="AutoAttack examples (default
 GAP_EXAMPLES = typer.Option(None, metavar="N", help="training examples of the Robust Gap (default: the preset's)")
 SANITY_EXAMPLES = typer.Option(None, metavar="N", help="test examples of each row's gradient-masking "
                                "sanity checks (default: the preset's)")
+CONVERGENCE = typer.Option(2.0, "--convergence-threshold", min=0.0, help="points: a row whose validation clean or PGD "
+                           "accuracy moved by more over its last 2 epochs is marked 'still climbing' in the status column")
 REPORT_ONLY = typer.Option(False, "--report-only", help="train and evaluate nothing: write the table of the "
                            "rows finished so far (the others pending)")
 
@@ -105,6 +107,7 @@ def register(root: typer.Typer) -> None:
         gap_examples: Optional[str] = GAP_EXAMPLES,
         sanity_examples: Optional[str] = SANITY_EXAMPLES,
         report_only: bool = REPORT_ONLY,
+        convergence_threshold: float = CONVERGENCE,
         set_: Optional[List[str]] = typer.Option(None, "--set", help="any training config option KEY=VALUE (repeatable)"),
     ):
         """Train and evaluate one run per attention method with identical settings: the paper's Table 10
@@ -134,5 +137,6 @@ def register(root: typer.Typer) -> None:
                    err=True)
         result = ab.run_ablation(rows, base, s.eval_options, out, seeds=s.seeds, cache_dir=cache_dir, checkpoints=checkpoints,
                                  attention_options=options, unavailable=unavailable, preset=s.preset, overrides=s.overrides,
-                                 log=log, progress=show_progress(), report_only=report_only)
+                                 log=log, progress=show_progress(), report_only=report_only,
+                                 convergence_threshold=convergence_threshold)
         print_study(result, study, s, rows, out)

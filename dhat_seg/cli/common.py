@@ -81,20 +81,40 @@ def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> N
     typer.echo(format_table(rows, columns))
 
 
-def config_base(config: str | None, *, resume: bool, out: Path | None, has_settings: bool) -> str | Path | None:
+def config_base(config: str | None, *, resume: bool, out: Path | None, data: str | None = None) -> str | Path | None:
     """Where a run's settings start, before the options given on the command line.
 
-    ``--config`` if given; for ``--resume``, the run's own saved config; ``dhat-seg
-    train`` with no settings at all (only --out, --seed, --device, --cache-dir, --channels-last,
-    --compile), the ``quick`` demo preset; otherwise the paper's recipe (the config defaults), so that
-    settings given on the command line never mix silently with a preset made for
-    something else.
+    ``--config`` if given; for ``--resume``, the run's own saved config; otherwise the
+    data's own recipe: the ``quick`` preset (calibrated for them) on the built-in data
+    (``data`` None means the default, ``synthetic``), the paper's recipe (the config
+    defaults) on CIFAR and image folders. So ``dhat-seg train --epochs 3`` on the
+    built-in data stays a small run, and ``--data cifar10`` gets the paper schedule.
     """
+    from dhat_seg.config import FIELDS
+    from dhat_seg.data import DATASETS
+
     if config is not None:
         return config
     if resume and out is not None and (out / "config.yaml").is_file():
         return out / "config.yaml"
-    return None if has_settings else "quick"
+    info = DATASETS.get(data or FIELDS["data"].default)
+    return "quick" if info is not None and info.built_in else None
+
+
+def describe_base(base: str | Path | None, given: list[str], data: str | None = None) -> str:
+    """The first line ``train`` prints: where the settings start and what the command line
+    adds, e.g. "settings: quick recipe of the built-in data, plus --epochs 3"."""
+    if base is None:
+        text = "the paper's recipe (CIFAR and image folders)"
+    elif str(base) == "quick" and not isinstance(base, Path):
+        text = "quick recipe of the built-in data"
+    elif str(base) == "paper" and not isinstance(base, Path):
+        text = "the paper preset"
+    elif isinstance(base, Path) and base.name == "config.yaml":
+        text = f"the run's own {base}"
+    else:
+        text = f"{'preset' if not Path(str(base)).suffix else 'config file'} {base}"
+    return f"settings: {text}" + (f", plus {' '.join(given)}" if given else "")
 
 
 def log(message: str) -> None:

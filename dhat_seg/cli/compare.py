@@ -11,7 +11,7 @@ import typer
 
 def register(root: typer.Typer) -> None:
     """Adds the ``compare`` command to the root app."""
-    from dhat_seg.cli.ablate import (AA_EXAMPLES, DEVICE, EPOCHS, GAP_EXAMPLES, N_EXAMPLES, REPORT_ONLY, SANITY_EXAMPLES,
+    from dhat_seg.cli.ablate import (AA_EXAMPLES, CONVERGENCE, DEVICE, EPOCHS, GAP_EXAMPLES, N_EXAMPLES, REPORT_ONLY, SANITY_EXAMPLES,
                                      SEED, SEEDS, print_study, study_settings)
     from dhat_seg.cli.common import log, show_progress, user_errors
 
@@ -38,6 +38,7 @@ def register(root: typer.Typer) -> None:
         gap_examples: Optional[str] = GAP_EXAMPLES,
         sanity_examples: Optional[str] = SANITY_EXAMPLES,
         report_only: bool = REPORT_ONLY,
+        convergence_threshold: float = CONVERGENCE,
         set_: Optional[List[str]] = typer.Option(None, "--set", help="a training config option KEY=VALUE shared by every row "
                                                  "(repeatable; not method, base, awp*, attention: the rows set those)"),
     ):
@@ -63,5 +64,6 @@ def register(root: typer.Typer) -> None:
                    f"{','.join(map(str, s.seeds))} -> {out}", err=True)
         result = cmp.run_comparison(rows, base, s.eval_options, out, attention=attention, seeds=s.seeds,
                                     cache_dir=cache_dir, unavailable=unavailable, preset=s.preset, overrides=s.overrides,
-                                    log=log, progress=show_progress(), report_only=report_only)
+                                    log=log, progress=show_progress(), report_only=report_only,
+                                    convergence_threshold=convergence_threshold)
         print_study(result, study, s, rows, out)

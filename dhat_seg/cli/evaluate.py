@@ -56,6 +56,11 @@ def register(root: typer.Typer) -> None:
                        f"test {gap['test_accuracy']:.2f}% (n={gap['n_test']}) = {gap['gap']:.2f} points")
         if bg:
             typer.echo(f"BG-gap (test - test-mixed-rand, n={bg['n']}): clean {bg['clean']['gap']:.2f}, PGD-10 {bg['pgd10']['gap']:.2f} points")
+        bc = report.get("background_challenge")
+        if bc:
+            typer.echo(f"Backgrounds Challenge (clean %, n={bc['n']}, chance {bc['chance']:.0f}): same {bc['same']:.2f}, "
+                       f"mixed-rand {bc['mixed_rand']:.2f}, only-FG {bc['only_fg']:.2f}, "
+                       f"no-FG scored as the background's class {bc['no_fg_bg_class']:.2f}")
         if iou:
             value = f"{iou['mean_iou']:.4f} (n={iou['n']})" if iou.get("mean_iou") is not None else f"n/a: {iou['note']}"
             typer.echo(f"attention IoU ({iou['method']}, {iou['threshold_policy']}): {value}")

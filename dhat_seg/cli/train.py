@@ -11,7 +11,7 @@ from typing import List, Optional
 
 import typer
 
-from dhat_seg.cli.common import config_base, log, parse_key_values, parse_overrides, print_table, show_progress, user_errors
+from dhat_seg.cli.common import config_base, describe_base, log, parse_key_values, parse_overrides, print_table, show_progress, user_errors
 from dhat_seg.errors import Interrupted, UserError
 
 
@@ -62,7 +62,7 @@ def register(root: typer.Typer) -> None:
         attention_checkpoint: Optional[str] = typer.Option(None, help="weights file of the attention method (SAM, SOLO)"),
         attention_opt: Optional[List[str]] = typer.Option(None, help="attention option KEY=VALUE (repeatable)"),
         attention_model: Optional[str] = typer.Option(None, help="normally trained classifier for Grad-CAM/IG (run dir or weights)"),
-        data: Optional[str] = typer.Option(None, help="synthetic | cifar10 | cifar100 | folder"),
+        data: Optional[str] = typer.Option(None, help="synthetic | digits | cifar10 | cifar100 | folder"),
         data_root: Optional[str] = typer.Option(None, help="where real datasets live"),
         download: Optional[bool] = typer.Option(None, "--download", help="allow downloading CIFAR"),
         model: Optional[str] = typer.Option(None, help="small_cnn | resnet18 | preact_resnet18 | wrn28_10 | wrn34_10; "
@@ -70,7 +70,7 @@ def register(root: typer.Typer) -> None:
         epochs: Optional[int] = typer.Option(None, help="number of epochs"),
         batch_size: Optional[int] = typer.Option(None, help="mini-batch size"),
         lr: Optional[float] = typer.Option(None, help="initial learning rate"),
-        config: Optional[str] = typer.Option(None, help="preset (quick, paper) or YAML file; default: see 'Settings' in the README"),
+        config: Optional[str] = typer.Option(None, help="preset (quick, paper) or YAML file; default: the data's recipe (quick on built-in data, paper otherwise)"),
         out: Optional[Path] = typer.Option(None, help="run directory (default runs/<method>-<attention>-<time>)"),
         resume: bool = typer.Option(False, "--resume", help="continue the run in --out where it stopped"),
         seed: Optional[int] = typer.Option(None, help="random seed"),
@@ -86,11 +86,14 @@ def register(root: typer.Typer) -> None:
         cache_dir: Optional[Path] = typer.Option(None, help="cache for attention models and masks (default ~/.cache/dhat-seg)"),
         rebuild_masks: bool = typer.Option(False, "--rebuild-masks", help="recompute the cached attention masks of the training data"),
         set_: Optional[List[str]] = typer.Option(None, "--set", help="any config option KEY=VALUE (repeatable)"),
+        convergence_threshold: float = typer.Option(2.0, min=0.0, help="points: the run is called converged when "
+                                                    "validation clean and PGD accuracy moved by no more over the last 2 epochs"),
         json_lines: bool = typer.Option(False, "--json", help="print each epoch's full metrics as a JSON line (as in metrics.jsonl) "
                                                               "instead of the table"),
     ):
-        """Train a model. With no options: the quick demo (DHAT with Grad-CAM on the built-in dataset, about
-        5 minutes on CPU); with settings: the paper's recipe with those settings (or --config's preset)."""
+        """Train a model. With no options: the quick demo (DHAT with Grad-CAM on the built-in dataset, a few
+        minutes on CPU). Settings start from the data's recipe: the quick one on the built-in data (synthetic,
+        digits), the paper's on CIFAR and folders (or --config's preset); milestones follow --epochs."""
         from dhat_seg.config import load_config, needs_attention, paper_differences
 
         overrides = parse_overrides(set_)
@@ -119,9 +122,12 @@ def register(root: typer.Typer) -> None:
         if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1") and out is None:
             raise UserError("under torchrun, --out is required: every process must name the same run directory")
         rank0 = os.environ.get("RANK", "0") in ("", "0")  # torchrun: rank 0 alone prints
-        base = config_base(config, resume=resume, out=out,
-                           has_settings=bool(set_ or attention_opt or any(v is not None for v in settings.values())))
-        cfg = load_config(base, overrides)
+        base = config_base(config, resume=resume, out=out, data=overrides.get("data"))
+        cfg = load_config(base, overrides, resumed=bool(resume and base == out / "config.yaml" if out else False))
+        if rank0:
+            given = [f"--{k.replace('_', '-')} {v}" for k, v in settings.items() if v is not None]
+            given += [f"--set {item}" for item in (set_ or [])] + [f"--attention-opt {item}" for item in (attention_opt or [])]
+            typer.echo(describe_base(base, given), err=True)
         differences = paper_differences(cfg)
         if differences and rank0:
             typer.echo("settings that differ from the DHAT paper's (REFERENCE section 1):", err=True)
@@ -164,5 +170,8 @@ def register(root: typer.Typer) -> None:
         print_table([summary | {"run": str(out)}], [("method", "method"), ("attention", "attention"), ("data", "data"),
                     ("model", "model"), ("epochs", "epochs"), ("best_epoch", "best epoch"), ("clean_acc", "clean %"),
                     ("pgd10_acc", "PGD-10 %"), ("n_test", "test n"), ("run", "run dir")])
+        from dhat_seg.convergence import run_verdict
+
+        typer.echo(f"validation accuracy: {run_verdict(out, threshold=convergence_threshold).describe()}")
 
 

@@ -28,7 +28,18 @@ from dhat_seg.data.base import (
     subset_indices,
     validation_count,
 )
-from dhat_seg.data.synthetic import BACKGROUNDS, GENERATOR_VERSION, SHAPES, SyntheticArrays, generate_synthetic
+from dhat_seg.data.digits import DIGIT_NAMES, DIGITS_VERSION, generate_digits, source_split
+from dhat_seg.data.synthetic import (
+    BACKGROUNDS,
+    DEFAULT_SALIENCE,
+    GENERATOR_VERSION,
+    SHAPES,
+    SyntheticArrays,
+    check_salience,
+    generate_synthetic,
+    only_foreground,
+    remove_foreground,
+)
 from dhat_seg.errors import UserError
 
 #: Where CIFAR is looked for (and downloaded to) when no root is given.
@@ -54,22 +65,42 @@ def _pool_split(split: str, pool: int, val_size: int | float, seed: int) -> Tens
 # ---------------------------------------------------------------------------------
 
 
+#: Test splits of the generated datasets: (background mode, what is done to the images).
+#: ``test`` and ``test-only-fg`` share one draw, ``test-mixed-rand`` and ``test-no-fg``
+#: the same objects with uniformly random backgrounds.
+GENERATED_TEST_SPLITS = {
+    "test": ("correlated", None),
+    "test-mixed-rand": ("random", None),
+    "test-only-fg": ("correlated", "only_fg"),
+    "test-no-fg": ("random", "no_fg"),
+}
+
+
 @functools.lru_cache(maxsize=2)
-def _generate_cached(n: int, seed: int, image_size: int, rho: float, mode: str) -> SyntheticArrays:
+def _generate_cached(name: str, n: int, seed: int, image_size: int, rho: float, mode: str, salience: float,
+                     source_seed: int, source_pool: str) -> SyntheticArrays:
     # train and val are carved from the same pool, usually built one after the other
-    return generate_synthetic(n, seed=seed, image_size=image_size, rho=rho, background=mode)
+    if name == "digits":
+        train_sources, test_sources = source_split(source_seed)
+        sources = test_sources if source_pool == "test" else train_sources
+        return generate_digits(n, seed=seed, sources=sources, image_size=image_size, rho=rho, background=mode,
+                               salience=salience)
+    return generate_synthetic(n, seed=seed, image_size=image_size, rho=rho, background=mode, salience=salience)
 
 
 class SyntheticDataset(TensorImageDataset):
-    """The built-in shapes-on-textures dataset (:mod:`dhat_seg.data.synthetic`).
+    """A generated dataset: shapes (``synthetic``) or handwritten digits (``digits``) on
+    textures (:mod:`dhat_seg.data.synthetic`, :mod:`dhat_seg.data.digits`).
 
-    Extra attributes: ``backgrounds`` (int64 N, texture index per sample),
-    ``background_names``; ``gt_masks`` holds the exact object masks.
+    Extra attributes: ``backgrounds`` (int64 N, texture index per sample: the class the
+    background stands for), ``background_names``, ``sources`` (digits: the source digit
+    of each sample, else None); ``gt_masks`` holds the exact object masks.
     """
 
-    def __init__(self, *args: Any, backgrounds: Tensor, **kwargs: Any):
+    def __init__(self, *args: Any, backgrounds: Tensor, sources: Tensor | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.backgrounds = backgrounds
+        self.sources = sources
         self.background_names = list(BACKGROUNDS[: self.num_classes])
 
 
@@ -82,42 +113,59 @@ def load_synthetic(
     rho: float,
     val_size: int | float,
     transform: JointTransform | None,
+    salience: float = DEFAULT_SALIENCE,
+    name: str = "synthetic",
 ) -> SyntheticDataset:
     """train/val: a pool of ``size`` (default 5000) correlated samples, val carved out;
     test: ``size`` (default 1000) samples correlated like training (the ``same``
-    variant); test-mixed-rand: the same objects with uniformly random backgrounds."""
+    variant); test-mixed-rand: the same objects with uniformly random backgrounds;
+    test-only-fg: ``test``'s objects on black; test-no-fg: ``test-mixed-rand`` with the
+    objects blacked out (score it against ``backgrounds``). ``name``: "synthetic" or
+    "digits" (its test splits draw from source digits that training never sees)."""
     is_test = split.startswith("test")
     n = size if size is not None else (SYNTHETIC_TEST_SIZE if is_test else SYNTHETIC_TRAIN_SIZE)
-    mode = "random" if split == "test-mixed-rand" else "correlated"
-    # both test variants share a seed: same objects, only the background draw differs
+    mode, edit = GENERATED_TEST_SPLITS[split] if is_test else ("correlated", None)
+    # the test variants share a seed: same objects, only the background draw differs
     gen_seed = derive_seed(seed, "synthetic", "test" if is_test else "train")
     if not is_test:
         validation_count(n, val_size)  # reject a bad val_size before generating
-    arrays = _generate_cached(n, gen_seed, image_size, rho, mode)
+    check_salience(salience)
+    arrays = _generate_cached(name, n, gen_seed, image_size, float(rho), mode, float(salience), seed,
+                              "test" if is_test else "train")
     params: dict[str, Any] = {
-        "generator": GENERATOR_VERSION,
+        "generator": GENERATOR_VERSION if name == "synthetic" else f"{GENERATOR_VERSION}+digits-{DIGITS_VERSION}",
         "seed": int(seed),
         "rho": float(rho),
+        "salience": float(salience),
         "background": mode,
         "pool": n,
     }
+    if edit:
+        params["edit"] = edit
     if is_test:
         idx = None
         take = slice(None)
     else:
         idx = take = _pool_split(split, n, val_size, seed)
         params["val_size"] = val_size
+    if edit == "only_fg":
+        images = only_foreground(arrays)
+    elif edit == "no_fg":
+        images = remove_foreground(arrays)
+    else:
+        images = arrays.images
     # indexing copies, so datasets never share storage with the generation cache
     return SyntheticDataset(
-        arrays.images[take].clone(),
+        images[take].clone(),
         arrays.labels[take].clone(),
         backgrounds=arrays.backgrounds[take].clone(),
+        sources=None if arrays.sources is None else arrays.sources[take].clone(),
         gt_masks=arrays.masks[take].clone(),
         params=params,
-        name="synthetic",
+        name=name,
         split=split,
         num_classes=len(SHAPES),
-        class_names=SHAPES,
+        class_names=SHAPES if name == "synthetic" else DIGIT_NAMES,
         source_indices=idx,
         transform=transform,
     )

@@ -6,7 +6,8 @@ import os
 from dataclasses import dataclass
 
 from dhat_seg.data.base import IndexedDataset
-from dhat_seg.data.datasets import load_cifar, load_folder, load_synthetic
+from dhat_seg.data.datasets import GENERATED_TEST_SPLITS, load_cifar, load_folder, load_synthetic
+from dhat_seg.data.synthetic import DEFAULT_SALIENCE
 from dhat_seg.data.transforms import JointAugment
 from dhat_seg.errors import UserError
 
@@ -22,6 +23,9 @@ class DatasetInfo:
         needs_download: True when the data must be fetched (``--download``) or supplied
             (``--data-root``) before use.
         splits: the split names :func:`build_dataset` accepts.
+        built_in: generated here (synthetic, digits): exact masks, the
+            Backgrounds-Challenge test splits, the quick recipe as the settings' base.
+        flip: horizontal flips keep the class (not for digits), used by augmentation.
     """
 
     name: str
@@ -29,6 +33,19 @@ class DatasetInfo:
     num_classes: int | None
     needs_download: bool
     splits: tuple[str, ...] = ("train", "val", "test")
+    built_in: bool = False
+    flip: bool = True
+
+
+#: Backgrounds-Challenge accuracies (Xiao et al., ICLR 2021) of the built-in data: key in
+#: ``eval.json``'s ``background_challenge`` -> test split. ``no_fg_bg_class`` is scored
+#: against the background's class, the others against the object's.
+BACKGROUND_CHALLENGE_SPLITS = {
+    "same": "test",
+    "mixed_rand": "test-mixed-rand",
+    "only_fg": "test-only-fg",
+    "no_fg_bg_class": "test-no-fg",
+}
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -40,7 +57,18 @@ DATASETS: dict[str, DatasetInfo] = {
             "matches the class with probability rho (spurious cue); no download",
             10,
             False,
-            ("train", "val", "test", "test-mixed-rand"),
+            ("train", "val", *GENERATED_TEST_SPLITS),
+            built_in=True,
+        ),
+        DatasetInfo(
+            "digits",
+            "built-in real handwritten digits (scikit-learn's 1797, upsampled) on the same textures, "
+            "10 classes, masks from the ink; train and test from disjoint source digits; no download",
+            10,
+            False,
+            ("train", "val", *GENERATED_TEST_SPLITS),
+            built_in=True,
+            flip=False,
         ),
         DatasetInfo("cifar10", "CIFAR-10 (torchvision), 32x32, 10 classes", 10, True),
         DatasetInfo("cifar100", "CIFAR-100 (torchvision), 32x32, 100 classes", 100, True),
@@ -75,13 +103,15 @@ def build_dataset(
     rho: float = 0.9,
     val_size: int | float = 0.1,
     augment: bool = False,
+    salience: float = DEFAULT_SALIENCE,
 ) -> IndexedDataset:
     """Build one split of a registered dataset.
 
     Args:
         name: a key of :data:`DATASETS`.
-        split: "train", "val", "test" (and for synthetic "test-mixed-rand"; "test" is
-            the ``same`` variant, correlated like training).
+        split: "train", "val", "test" (and for the built-in data "test-mixed-rand",
+            "test-only-fg", "test-no-fg"; "test" is the ``same`` variant, correlated like
+            training).
         root: data folder (CIFAR: default ``~/.cache/dhat-seg/data``; folder: required).
         download: CIFAR only: fetch the data into ``root`` if it is missing.
         seed: seeds generation (synthetic), the validation carve-out and ``size`` subsets.
@@ -91,7 +121,8 @@ def build_dataset(
             that val is carved from (so train + val = size); for test, of the test set.
             Synthetic defaults: pool 5000, test 1000; others: all samples (a
             deterministic random subset when given).
-        rho: synthetic only: P(background == class) in train and test ("same").
+        rho: built-in data only: P(background == class) in train and test ("same").
+        salience: built-in data only: foreground salience of the generator.
         val_size: fraction in [0, 1) or count of the training pool held out for val.
         augment: apply :class:`JointAugment` (random crop pad 4 + horizontal flip) to
             train images; ignored for the other splits.
@@ -110,10 +141,11 @@ def build_dataset(
         raise UserError(f"rho {rho!r} is invalid: expected a probability in [0, 1]")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise UserError(f"seed {seed!r} is invalid: expected an integer")
-    transform = JointAugment(padding=4, flip=True) if augment and split == "train" else None
-    if name == "synthetic":
+    transform = JointAugment(padding=4, flip=info.flip) if augment and split == "train" else None
+    if info.built_in:
         return load_synthetic(
-            split, seed=seed, image_size=image_size, size=size, rho=float(rho), val_size=val_size, transform=transform
+            split, seed=seed, image_size=image_size, size=size, rho=float(rho), val_size=val_size, transform=transform,
+            salience=salience, name=name,
         )
     if name in ("cifar10", "cifar100"):
         return load_cifar(
@@ -145,4 +177,4 @@ def split_args(cfg, split: str, *, augment: bool = False) -> dict:
     size = cfg.test_size if split.startswith("test") else cfg.train_size
     return dict(name=cfg.data, split=split, root=cfg.data_root, download=cfg.download, seed=cfg.dataset_seed,
                 image_size=cfg.image_size, size=size, rho=cfg.rho, val_size=cfg.val_size,
-                augment=bool(augment and split == "train"))
+                augment=bool(augment and split == "train"), salience=cfg.salience)

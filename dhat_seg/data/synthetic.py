@@ -13,6 +13,21 @@ Every sample carries its exact foreground mask: the object is painted with one f
 colour chosen far (in RGB) from every colour its background can take, so the mask is
 exactly the set of pixels of that colour.
 
+**Salience.** With colours drawn uniformly for both object and background (version 1
+of the generator, ``salience=0``), no model learns the shapes: texture edges are as
+strong as the object's outline and smooth textures look like the object locally. At
+salience ``s`` the object's colour channels are drawn in ``[s, 1]`` and the
+background's in ``[0, 1 - s/2]``: the object is brighter than its background on
+average, so its outline is the strongest edge, while the background's textures stay
+visible and class-correlated. The default (:data:`DEFAULT_SALIENCE`) is calibrated so
+that a classifier learns the shapes *and* still uses the background
+(``benchmarks/study_benchmark_regime.py``, README "Datasets"); the bands stop
+overlapping at ``s = 2/3``, where the background is ignored.
+
+**Backgrounds-Challenge variants** (Xiao et al., ICLR 2021): :func:`only_foreground`
+puts each object on a black background (``only_fg``); :func:`remove_foreground`
+blacks the object out (``no_fg``), to be scored against the *background's* class.
+
 Generation is vectorised in torch over coordinate grids (no per-pixel Python loops)
 and deterministic given ``seed``: all per-sample parameters are drawn up front from one
 ``torch.Generator``, per-pixel randomness (the noise and blotch textures) chunk by
@@ -61,7 +76,10 @@ BACKGROUNDS = (
 BACKGROUND_MODES = ("correlated", "random")
 
 #: Bump when the generated pixels change for the same parameters (part of fingerprints).
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
+
+#: Default foreground salience (see the module docstring); 0 = version 1's colours.
+DEFAULT_SALIENCE = 0.5
 
 #: Object side as a fraction of the image side (the bounding box of the shape).
 OBJECT_SIDE = (0.35, 0.70)
@@ -84,12 +102,15 @@ class SyntheticArrays:
         labels: int64 N, the object's shape (index into :data:`SHAPES`).
         masks: bool N x H x W, True exactly on the object's pixels.
         backgrounds: int64 N, the background texture (index into :data:`BACKGROUNDS`).
+        sources: int64 N, the source image of each sample's object where it has one
+            (the ``digits`` dataset), else None.
     """
 
     images: Tensor
     labels: Tensor
     masks: Tensor
     backgrounds: Tensor
+    sources: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -103,6 +124,7 @@ def generate_synthetic(
     rho: float = 0.9,
     background: str = "correlated",
     num_classes: int = 10,
+    salience: float = DEFAULT_SALIENCE,
 ) -> SyntheticArrays:
     """Generate ``n`` samples of the synthetic shapes-on-textures dataset.
 
@@ -114,39 +136,70 @@ def generate_synthetic(
         background: "correlated" (training and the ``same`` test variant) or "random"
             (the ``mixed-rand`` variant: background uniform over all textures).
         num_classes: 2 to 10; uses the first ``num_classes`` shapes and textures.
+        salience: in [0, 1): object colour channels in [salience, 1], background colour
+            channels in [0, 1 - salience / 2]; 0 gives version 1's colours exactly.
 
     The random draws do not depend on ``background`` except for the background index,
     so the two modes with the same seed give the same objects (paired test sets).
     """
-    _check_args(n, image_size, rho, background, num_classes)
+    _check_args(n, image_size, rho, background, num_classes, salience)
     g = torch.Generator().manual_seed(int(seed))
-    k = num_classes
 
     # ---- per-sample parameters, drawn in a fixed order -------------------------------
-    labels = torch.randint(0, k, (n,), generator=g)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    backgrounds = draw_backgrounds(labels, num_classes, rho, background, g)
+    centre, half = draw_placement(n, OBJECT_SIDE, g)
+
+    def masks_of(sl: slice) -> Tensor:
+        return _render_shapes(labels[sl], centre[sl], half[sl], xs, ys)
+
+    ys, xs = _pixel_grid(image_size)
+    images, masks = paint(masks_of, backgrounds, image_size, salience, g)
+    return SyntheticArrays(images=images, labels=labels, masks=masks, backgrounds=backgrounds)
+
+
+def draw_backgrounds(labels: Tensor, k: int, rho: float, background: str, g: torch.Generator) -> Tensor:
+    """Each sample's texture index: the label with probability ``rho``, else a uniformly
+    random other texture ("correlated"), or uniform over all textures ("random"). The
+    draws are the same in both modes (paired test sets)."""
+    n = labels.shape[0]
     same = torch.rand(n, generator=g) < rho
     # a uniformly random *other* texture: label + offset in 1..k-1 (mod k)
     other = (labels + torch.randint(1, k, (n,), generator=g)) % k
     uniform_bg = torch.randint(0, k, (n,), generator=g)
-    if background == "correlated":
-        backgrounds = torch.where(same, labels, other)
-    else:
-        backgrounds = uniform_bg
+    return torch.where(same, labels, other) if background == "correlated" else uniform_bg
 
-    side = OBJECT_SIDE[0] + (OBJECT_SIDE[1] - OBJECT_SIDE[0]) * torch.rand(n, generator=g)
-    half = side / 2  # in units of the image side
-    centre = half[:, None] + (1 - 2 * half[:, None]) * torch.rand(n, 2, generator=g)  # keeps it inside
+
+def draw_placement(n: int, side_range: tuple[float, float], g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Object centres (N x 2, x then y) and half sides (N), in units of the image side;
+    the object's box always lies inside the image."""
+    side = side_range[0] + (side_range[1] - side_range[0]) * torch.rand(n, generator=g)
+    half = side / 2
+    centre = half[:, None] + (1 - 2 * half[:, None]) * torch.rand(n, 2, generator=g)
+    return centre, half
+
+
+def paint(masks_of, backgrounds: Tensor, image_size: int, salience: float,
+          g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Images (uint8 N x 3 x H x W) and masks (bool N x H x W): each sample's texture in
+    two background colours with its object on top in one flat colour far from both.
+
+    ``masks_of(slice)`` gives the object masks of a chunk of samples. The texture
+    parameters and colours are drawn here, then the per-pixel randomness chunk by chunk.
+    """
+    n = backgrounds.shape[0]
     texture_params = torch.rand(n, 6, generator=g)  # frequencies, phases, directions
-    colour_a = torch.rand(n, 3, generator=g)
-    colour_b = _far_colours(colour_a, TEXTURE_CONTRAST, g)
-    colour_obj = _far_colours_from_segment(colour_a, colour_b, OBJECT_CONTRAST, g)
+    bg_band, obj_band = salience_bands(salience)
+    colour_a = _in_band(torch.rand(n, 3, generator=g), bg_band)
+    colour_b = _far_colours(colour_a, TEXTURE_CONTRAST, g, bg_band)
+    colour_obj = _far_colours_from_segment(colour_a, colour_b, OBJECT_CONTRAST, g, obj_band)
 
     images = torch.empty(n, 3, image_size, image_size, dtype=torch.uint8)
     masks = torch.empty(n, image_size, image_size, dtype=torch.bool)
     ys, xs = _pixel_grid(image_size)
     for start in range(0, n, _CHUNK):
         sl = slice(start, min(n, start + _CHUNK))
-        mask = _render_shapes(labels[sl], centre[sl], half[sl], xs, ys)
+        mask = masks_of(sl)
         pattern = _render_textures(backgrounds[sl], texture_params[sl], xs, ys, g)
         # background = mix of its two colours; every background pixel lies on the
         # segment [colour_a, colour_b], far from the object colour.
@@ -156,10 +209,26 @@ def generate_synthetic(
         # colours and mixtures lie in [0, 1], so no clamp is needed
         images[sl] = img.mul_(255).round_().to(torch.uint8)
         masks[sl] = mask
-    return SyntheticArrays(images=images, labels=labels, masks=masks, backgrounds=backgrounds)
+    return images, masks
 
 
-def _check_args(n, image_size, rho, background, num_classes) -> None:
+def salience_bands(salience: float) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(background band, object band): the ranges of the colour channels at a salience."""
+    s = float(salience)
+    return (0.0, 1.0 - s / 2), (s, 1.0)
+
+
+def only_foreground(arrays: SyntheticArrays) -> Tensor:
+    """Images with every background pixel black (Backgrounds Challenge ``only_fg``)."""
+    return torch.where(arrays.masks[:, None], arrays.images, torch.zeros((), dtype=arrays.images.dtype))
+
+
+def remove_foreground(arrays: SyntheticArrays) -> Tensor:
+    """Images with the object's pixels black, as Xiao et al. fill the hole of ``no_fg``."""
+    return torch.where(arrays.masks[:, None], torch.zeros((), dtype=arrays.images.dtype), arrays.images)
+
+
+def _check_args(n, image_size, rho, background, num_classes, salience=0.0) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise UserError(f"number of samples {n!r} is invalid: expected a positive integer")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or not 8 <= image_size <= 512:
@@ -170,6 +239,12 @@ def _check_args(n, image_size, rho, background, num_classes) -> None:
         raise UserError(f"background mode {background!r} is unknown; expected one of {', '.join(BACKGROUND_MODES)}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 2 <= num_classes <= len(SHAPES):
         raise UserError(f"num_classes {num_classes!r} is invalid: expected an integer from 2 to {len(SHAPES)}")
+    check_salience(salience)
+
+
+def check_salience(salience) -> None:
+    if isinstance(salience, bool) or not isinstance(salience, (int, float)) or not 0.0 <= float(salience) < 1.0:
+        raise UserError(f"salience {salience!r} is invalid: expected a number in [0, 1) (0 = the version-1 colours)")
 
 
 def _pixel_grid(size: int) -> tuple[Tensor, Tensor]:
@@ -199,24 +274,35 @@ def _pick_first_far(candidates: Tensor, dist: Tensor, min_dist: float) -> Tensor
     return candidates[torch.arange(candidates.shape[0]), best]
 
 
-def _far_colours(anchor: Tensor, min_dist: float, g: torch.Generator) -> Tensor:
-    """A random colour per sample at RGB distance >= min_dist from ``anchor`` (N x 3)
-    (or the farthest of the candidates in the rare case none is far enough)."""
+def _in_band(unit: Tensor, band: tuple[float, float]) -> Tensor:
+    """Values in [0, 1] mapped affinely onto ``band`` (the identity for (0, 1))."""
+    lo, hi = band
+    return unit if (lo, hi) == (0.0, 1.0) else lo + (hi - lo) * unit
+
+
+def _far_colours(anchor: Tensor, min_dist: float, g: torch.Generator, band=(0.0, 1.0)) -> Tensor:
+    """A random colour per sample, channels in ``band``, at RGB distance >= min_dist from
+    ``anchor`` (N x 3) (or the farthest of the candidates in the rare case none is far
+    enough)."""
     n = anchor.shape[0]
-    cand = torch.rand(n, _CANDIDATES, 3, generator=g)
+    cand = _in_band(torch.rand(n, _CANDIDATES, 3, generator=g), band)
     return _pick_first_far(cand, (cand - anchor[:, None]).norm(dim=-1), min_dist)
 
 
-def _far_colours_from_segment(a: Tensor, b: Tensor, min_dist: float, g: torch.Generator) -> Tensor:
-    """A random colour per sample far from every point of the RGB segment [a, b].
+def _far_colours_from_segment(a: Tensor, b: Tensor, min_dist: float, g: torch.Generator,
+                              band=(0.0, 1.0)) -> Tensor:
+    """A random colour per sample, channels in ``band``, far from every point of the RGB
+    segment [a, b].
 
     Background pixels are convex mixtures of a and b, so this bounds the contrast
-    between the object and *every* background pixel. The 8 cube corners are extra
-    candidates (used only when no random one is far enough; some corner always is).
+    between the object and *every* background pixel. The 8 corners of the band's cube
+    are extra candidates (used only when no random one is far enough; with the full
+    band some corner always is; in the rare case none is, the farthest candidate is
+    used: its distance is still positive, so the object's pixels stay distinct).
     """
     n = a.shape[0]
-    corners = torch.tensor([[i >> 2 & 1, i >> 1 & 1, i & 1] for i in range(8)], dtype=torch.float32)
-    cand = torch.cat([torch.rand(n, _CANDIDATES, 3, generator=g), corners.expand(n, 8, 3)], dim=1)
+    corners = _in_band(torch.tensor([[i >> 2 & 1, i >> 1 & 1, i & 1] for i in range(8)], dtype=torch.float32), band)
+    cand = torch.cat([_in_band(torch.rand(n, _CANDIDATES, 3, generator=g), band), corners.expand(n, 8, 3)], dim=1)
     return _pick_first_far(cand, _segment_distance(cand, a[:, None], b[:, None]), min_dist)
 
 
