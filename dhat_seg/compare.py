@@ -134,9 +134,9 @@ PART_PAPER_STUDY = {"columns": PART_COLUMNS, "paper": PAPER_PART_RESULTS, "paper
 
 #: The presets are the ablation's (same training and evaluation); their descriptions here.
 COMPARE_DESCRIPTIONS = {
-    "quick": "built-in synthetic data (32x32), small CNN, the `quick` training preset unchanged (batches of 32, "
-             "3-step attacks, 6 epochs; DHAT rows with FLOE in the bounded 'relative' form), AWP warm-ups scaled to "
-             "the 6 epochs; evaluation on the first 500 test samples, AutoAttack on the first 100, Robust Gap on 500 "
+    "quick": "built-in data (32x32; synthetic unless --set data=digits), small CNN, the `quick` training preset unchanged (batches of 32, "
+             "3-step attacks, 15 epochs decayed at 10; DHAT rows with FLOE in the bounded 'relative' form), AWP warm-ups scaled to "
+             "the 15 epochs; evaluation on the first 500 test samples, AutoAttack on the first 100, Robust Gap on 500 "
              "training samples, gradient-masking sanity checks on the first 100 test samples",
     "paper": "the paper's setting (REFERENCE section 1): CIFAR-10, WRN-28-10, 100 epochs, lr 0.1 decayed at 80/90, "
              "10-step attacks in training; DHAT rows with Grad-CAM from a normally trained ResNet-18. Evaluation on "

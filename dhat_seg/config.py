@@ -44,7 +44,7 @@ class TrainConfig:
     val_size: int | float = 0.1  # a fraction in (0, 1) or a number of samples
     rho: float = 0.9
     # built-in data: the generator's foreground salience (0 = version-1 colours)
-    salience: float = 0.5
+    salience: float = 0.4  # = dhat_seg.data.synthetic.DEFAULT_SALIENCE (a test keeps them equal)
     augment: bool = True
     # attention (DHAT)
     attention: str = "gradcam"

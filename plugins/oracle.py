@@ -4,7 +4,7 @@ degraded in a controlled way.
 An upper bound for DHAT's background extraction, and, with the degradations, a knob
 for a sweep of attention quality: how do clean and robust accuracy change as the mask
 gets worse (dilated, eroded, shifted, noisy)? Only data with exact foreground masks can
-be used; of the built-in datasets that is ``synthetic`` (every sample carries the
+be used; of the built-in datasets those are ``synthetic`` and ``digits`` (every sample carries the
 exact mask of its object, :mod:`dhat_seg.data.synthetic`).
 
 Which sample is an image? The attention contract hands a method images and labels,
@@ -58,7 +58,7 @@ DEFAULT_OPTIONS = {
     "seed": 0,
 }
 
-NO_MASKS_HINT = "only the built-in synthetic data has them: --data synthetic"
+NO_MASKS_HINT = "only the built-in data have them: --data synthetic or --data digits"
 
 
 def check_options(options: Mapping[str, Any]) -> None:
@@ -261,7 +261,7 @@ def register_attention_methods(register):
     register(
         AttentionSpec(
             name="oracle",
-            description="the dataset's ground-truth masks (synthetic data), optionally dilated/eroded/shifted/noisy",
+            description="the dataset's ground-truth masks (built-in data), optionally dilated/eroded/shifted/noisy",
             factory=_build,
             version="1",
             kind="image",

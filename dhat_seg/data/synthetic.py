@@ -79,7 +79,7 @@ BACKGROUND_MODES = ("correlated", "random")
 GENERATOR_VERSION = "2"
 
 #: Default foreground salience (see the module docstring); 0 = version 1's colours.
-DEFAULT_SALIENCE = 0.5
+DEFAULT_SALIENCE = 0.4
 
 #: Object side as a fraction of the image side (the bounding box of the shape).
 OBJECT_SIDE = (0.35, 0.70)
