@@ -137,7 +137,8 @@ COMPARE_DESCRIPTIONS = {
     "quick": "built-in data (32x32; synthetic unless --set data=digits), small CNN, the `quick` training preset unchanged (batches of 32, "
              "3-step attacks, 15 epochs decayed at 10; DHAT rows with FLOE in the bounded 'relative' form), AWP warm-ups scaled to "
              "the 15 epochs; evaluation on the first 500 test samples, AutoAttack on the first 100, Robust Gap on 500 "
-             "training samples, gradient-masking sanity checks on the first 100 test samples",
+             "training samples, gradient-masking sanity checks on the first 1000 test samples (the whole quick test "
+             "split: power 0.8 to detect noise breaking 5% of the PGD-robust samples)",
     "paper": "the paper's setting (REFERENCE section 1): CIFAR-10, WRN-28-10, 100 epochs, lr 0.1 decayed at 80/90, "
              "10-step attacks in training; DHAT rows with Grad-CAM from a normally trained ResNet-18. Evaluation on "
              "the full test set (AutoAttack standard on all 10000), Robust Gap on the first 10000 training samples, "

@@ -102,7 +102,8 @@ class EvalOptions:
         bg_gap: measure the BG-gap where the dataset has a ``test-mixed-rand`` split.
         iou_examples: attention IoU on the first N test images (0: off).
         sanity: run the gradient-masking checks.
-        sanity_examples: the sanity checks use the first N evaluated samples.
+        sanity_examples: the sanity checks use the first N samples of ``split``, more than
+            ``n_examples`` if asked (the noise check's power needs enough PGD-robust samples).
         eps: L_inf budget in 1/255 units.
     """
 
@@ -272,13 +273,18 @@ def run_eval(target: str | Path, options: EvalOptions | None = None, *, log: Cal
         from dhat_seg import sanity
 
         t0 = time.time()
-        n_s = min(opts.sanity_examples or len(x), len(x))
+        n_s = opts.sanity_examples or len(x)
+        if n_s > len(x) and opts.n_examples is not None:  # more samples than the attacks': collect them
+            xs, ys = evaluate.collect(test_ds, n_s)
+        else:
+            xs, ys = x[:n_s], y[:n_s]
         surrogate, surrogate_desc = sanity.surrogate_for(cfg, model, dev, cache_dir=opts.cache_dir, log=log)
-        results = sanity.run_checks(model, x[:n_s], y[:n_s], surrogate=surrogate, num_classes=test_ds.num_classes,
+        results = sanity.run_checks(model, xs, ys, surrogate=surrogate, num_classes=test_ds.num_classes,
                                     eps=opts.eps / 255, batch_size=opts.batch_size, device=dev, seed=opts.seed,
                                     show_progress=opts.show_progress)
-        report["sanity"] = {"n": n_s, "surrogate": surrogate_desc, "passed": all(r.passed for r in results),
-                            "checks": [r.to_dict() for r in results]}
+        # alpha marks results of the statistical rules: `ablate` evaluates older ones again
+        report["sanity"] = {"n": len(ys), "surrogate": surrogate_desc, "passed": all(r.passed for r in results),
+                            "alpha": sanity.ALPHA, "rule": sanity.RULE, "checks": [r.to_dict() for r in results]}
         seconds["sanity"] = round(time.time() - t0, 2)
 
     report.update({

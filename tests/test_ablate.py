@@ -188,7 +188,8 @@ def fake_eval(calls, failing=("gradcam",)):
                   "bg_gap": {"clean": {"gap": 5.0 + seed + (0 if uiat else 2)}, "pgd10": {"gap": 1.0}},
                   "attention_iou": None if uiat else {"mean_iou": 0.1 * (seed + 1)}, "config_digest": digest,
                   "eval_settings": options.result_settings(),
-                  "sanity": {"n": 24, "surrogate": "test", "passed": all(c["passed"] for c in checks), "checks": checks}}
+                  "sanity": {"n": 24, "surrogate": "test", "passed": all(c["passed"] for c in checks), "alpha": 0.01,
+                             "checks": checks}}
         (run_dir / "eval.json").write_text(json.dumps(report))
         return report
 
@@ -241,6 +242,13 @@ def test_reuse_of_finished_rows_is_aware_of_sanity(tmp_path, monkeypatch):
     (tmp_path / "out" / "uiat" / "eval.json").write_text(json.dumps(report))
     rows = {r["row"]: r for r in fake_ablation(tmp_path, monkeypatch, calls)["rows"]}
     assert [name for name, _ in calls] == ["uiat"] and rows["- (UIAT)"]["status"] == "ok"
+    # so is a row checked by the old rules (no tests, no p-values: no alpha in its sanity block)
+    calls.clear()
+    report = json.loads((tmp_path / "out" / "gradcam" / "eval.json").read_text())
+    del report["sanity"]["alpha"]
+    (tmp_path / "out" / "gradcam" / "eval.json").write_text(json.dumps(report))
+    rows = {r["row"]: r for r in fake_ablation(tmp_path, monkeypatch, calls)["rows"]}
+    assert [name for name, _ in calls] == ["gradcam"] and rows["- (UIAT)"]["status"] == "reused"
 
 
 # ---------------------------------------------------------------------------------

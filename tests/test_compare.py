@@ -157,7 +157,7 @@ def fake_eval(calls):
                   "attention_iou": {"mean_iou": 0.3} if name.startswith("dhat") else None,
                   "config_digest": json.loads((run_dir / "summary.json").read_text())["config_digest"],
                   "eval_settings": options.result_settings(),
-                  "sanity": {"n": 24, "surrogate": "test", "passed": True, "checks": checks}}
+                  "sanity": {"n": 24, "surrogate": "test", "passed": True, "alpha": 0.01, "checks": checks}}
         (run_dir / "eval.json").write_text(json.dumps(report))
         return report
 

@@ -19,8 +19,9 @@ the mask caches are built once per method and shared by all seeds. The spread ov
 seeds is thus the spread of training on one dataset with fixed masks.
 
 Every row is evaluated with the gradient-masking sanity checks of ``dhat-seg eval
---sanity`` (:mod:`dhat_seg.sanity`); a row that fails one is ``suspect: <check> failed``,
-in the table and the plot, never a plain result. A row whose ``summary.json`` and
+--sanity`` (:mod:`dhat_seg.sanity`, binomial tests at alpha 0.01); a row that fails one is
+``suspect: <check> failed (<count> of <n>, p = <p-value>)``, in the table and the plot,
+never a plain result. A row whose ``summary.json`` and
 ``eval.json`` (with its sanity results) match its config and the evaluation settings is
 reused, an interrupted row resumes from its last checkpoint, a row that raises is
 reported as ``failed: <error>`` (traceback in OUT/<row>/error.log), and a method that

@@ -281,11 +281,13 @@ def write_outputs(out: Path, rows: list, meta: Mapping[str, Any], preset: Ablate
            f"Evaluation: {settings.get('n_examples') or 'all'} test examples, AutoAttack on {settings.get('aa_examples') or 'all'}, "
            f"Robust Gap on {settings.get('gap_examples') or 'as many'} training samples. Total time {meta.get('seconds')} s.",
            f"Every row ran the gradient-masking sanity checks of `dhat-seg eval --sanity` on the first "
-           f"{min((n for n in (settings.get('sanity_examples'), settings.get('n_examples')) if n), default='all')} "
-           "test samples (iterative beats single-step, robustness "
+           f"{settings.get('sanity_examples') or 'all'} test samples (iterative beats single-step, robustness "
            "falls as eps grows, unbounded attack succeeds, white-box beats transfer, random sampling finds nothing PGD "
-           "misses). A row marked `suspect` failed one: its robust accuracies may come from masked gradients, not "
-           "robustness (details in the row's eval.json, `sanity`)."]
+           "misses). Each but the unbounded one is an exact one-sided binomial test at alpha 0.01 (the paired ones: "
+           "sign tests on the samples only one of two attacks breaks; the noise check: against 2% of the PGD-robust "
+           "samples). A row marked `suspect` failed one, shown with its evidence (count of n, p-value): its robust "
+           "accuracies may come from masked gradients, not robustness (nulls and counts in the row's eval.json, "
+           "`sanity`)."]
     if with_paper:
         md += ["", f"Values in parentheses: {study.paper_caption}.", "", f"## {study.paper_heading}", "", paper_table(study)]
     (out / f"{study.stem}.md").write_text("\n".join(md) + "\n")

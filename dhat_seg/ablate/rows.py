@@ -68,11 +68,19 @@ ABLATE_PRESETS: dict[str, AblatePreset] = {
             "collapses at this scale); about 20-25 minutes on 2 otherwise idle CPU cores for the three rows that run "
             "without checkpoints (UIAT, Grad-CAM, IG); evaluation on the first 500 test samples, AutoAttack on the "
             "first 100 (on CPU its four attacks cost about 2 s per robust sample), Robust Gap on 500 training samples, "
-            "gradient-masking sanity checks on the first 100 test samples",
+            "gradient-masking sanity checks on the first 1000 test samples (the whole quick test split: power 0.8 "
+            "to detect noise breaking 5% of the PGD-robust samples)",
             "quick",
             {},
+            # sanity_examples: the noise check tests "noise breaks <= 2% of the PGD-robust samples" at
+            # alpha 0.01 (dhat_seg.sanity); detecting a masking effect of 5% with power >= 0.8 needs
+            # binomial.samples_for_power(0.02, 0.05, 0.01, 0.8) = 383 PGD-robust samples (power 0.80
+            # at 383, 0.85 at 400, 0.86 at 450). Quick AT-family rows kept 42-48% under PGD-10 on the
+            # first generator: at 40% or more, 1000 samples give 400 or more (power >= 0.85);
+            # 100 (before) gave about 45 (power 0.1). Rows with less robustness have less power; each
+            # eval.json says how much ("power" of the noise check).
             {"attacks": "clean,pgd10,cw,aa", "n_examples": 500, "aa_examples": 100, "gap_attack": "pgd10",
-             "gap_examples": 500, "iou_examples": 500, "bg_gap": True, "sanity_examples": 100},
+             "gap_examples": 500, "iou_examples": 500, "bg_gap": True, "sanity_examples": 1000},
             # U^2-Net-p at 224 instead of its native 320: about 2.5x the masks per second on CPU
             # (3.9/s on 2 idle cores: 12 minutes for the 2700 training masks) for a foreground IoU
             # at omega 0.1 of 0.50 instead of 0.55 (benchmarks/bench_u2net.py; at 192 and 176
@@ -274,23 +282,32 @@ class SeedRows(_Named):
                 "per_seed": [r.to_dict() for r in self.runs.values()]}
 
 
+def _failed(sanity: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """(name, " (<count> of <n>, p = <p-value>)" or "" for results of the old rules) per failed check."""
+    from dhat_seg.sanity import evidence
+
+    failed = [c for c in sanity["checks"] if not c["passed"]] if sanity else []
+    return [(c["name"], f" ({evidence(c)})" if evidence(c) else "") for c in failed]
+
+
 def failed_checks(sanity: Mapping[str, Any] | None) -> list[str]:
     """Names of the sanity checks a row failed (eval.json's "sanity")."""
-    return [c["name"] for c in sanity["checks"] if not c["passed"]] if sanity else []
+    return [name for name, _ in _failed(sanity)]
 
 
 def sanity_status(sanity: Mapping[str, Any], reused: bool) -> str:
-    """A row's status from its sanity results: "ok"/"reused", or "suspect: <checks> failed"."""
-    failed = failed_checks(sanity)
+    """A row's status from its sanity results: "ok"/"reused", or "suspect: <check> failed
+    (<count> of <n>, p = <p-value>)[, ...]"."""
+    failed = _failed(sanity)
     if not failed:
         return "reused" if reused else "ok"
-    return f"suspect: {', '.join(failed)} failed" + (" (reused)" if reused else "")
+    return "suspect: " + ", ".join(f"{name} failed{ev}" for name, ev in failed) + (" (reused)" if reused else "")
 
 
 def sanity_summary(sanity: Mapping[str, Any] | None) -> str:
-    """"passed", "failed: <checks>" or "" (no results), for the CSV."""
-    failed = failed_checks(sanity)
-    return "" if not sanity else f"failed: {'; '.join(failed)}" if failed else "passed"
+    """"passed", "failed: <check> (<count> of <n>, p = <p-value>)[; ...]" or "" (no results), for the CSV."""
+    failed = _failed(sanity)
+    return "" if not sanity else f"failed: {'; '.join(name + ev for name, ev in failed)}" if failed else "passed"
 
 
 # ---------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ def _finished(run_dir: Path, cfg: TrainConfig, settings: dict[str, Any]) -> dict
         return None
     if not (isinstance(r.get("sanity"), dict) and r["sanity"].get("checks")):
         return None  # evaluated without the sanity checks: evaluate again rather than show it unchecked
+    if r["sanity"].get("alpha") is None:
+        return None  # checked by the old rules (no tests, no p-values): evaluate again
     return r
 
 

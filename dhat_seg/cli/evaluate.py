@@ -26,7 +26,7 @@ def register(root: typer.Typer) -> None:
         bg_gap: bool = typer.Option(True, "--bg-gap/--no-bg-gap", help="BG-gap: test minus test-mixed-rand (built-in data)"),
         iou_examples: Optional[str] = typer.Option("500", metavar="N", help="attention IoU with ground truth on N test images (0 = off)"),
         sanity: bool = typer.Option(False, "--sanity", help="also run the gradient-masking sanity checks (PART H.3, FSR sec. 3)"),
-        sanity_examples: Optional[str] = typer.Option("500", metavar="N", help="samples for the sanity checks"),
+        sanity_examples: Optional[str] = typer.Option("500", metavar="N", help="the first N samples of the split for the sanity checks (may exceed --n-examples)"),
         data: Optional[str] = typer.Option(None, help="dataset (default: the run's)"),
         split: str = typer.Option("test", help="split to evaluate"),
         eps: float = typer.Option(8.0, help="L_inf budget in 1/255 units"),
