@@ -166,6 +166,36 @@ def pgd(
     return x_adv.detach()
 
 
+def signed_ascent(
+    model: nn.Module,
+    objective: Callable[[Tensor], Tensor],
+    x: Tensor,
+    start: Tensor,
+    eps: float | Tensor,
+    alpha: float | Tensor,
+    steps: int,
+    *,
+    mode: str | None = None,
+    precision: str = "fp32",
+) -> Tensor:
+    """``steps`` signed steps up the scalar ``objective(x')`` (a function of the inputs that runs
+    ``model``), x' <- Proj_{B(x, eps) ∩ [0,1]}(x' + alpha sign(grad)), from ``start`` as given (the
+    first forward sees it unprojected, as codes that start at x + noise do); the result is
+    projected (also with 0 steps). ``eps``/``alpha`` as in :func:`pgd`."""
+    if _negative(eps) or _negative(alpha) or steps < 0:
+        raise UserError(f"attack settings eps={eps}, alpha={alpha}, steps={steps} are invalid; expected non-negative values")
+    x = x.detach()
+    eps, alpha = _per_sample(eps, x), _per_sample(alpha, x)
+    box = _box(x, eps)
+    x_adv = start.detach().clone()
+    with model_mode(model, mode), attack_precision(x, precision), torch.enable_grad():
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            (grad,) = torch.autograd.grad(objective(x_adv), x_adv)
+            x_adv = _project(x_adv.detach() + alpha * grad.sign(), box)
+    return _project(x_adv.detach(), box)
+
+
 def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, *, mode: str | None = None, precision: str = "fp32") -> Tensor:
     """FGSM (Goodfellow et al. 2015): one step of size eps from x, no random start."""
     return pgd(model, x, y, eps, eps, 1, random_start=False, mode=mode, precision=precision)

@@ -11,7 +11,9 @@ training method, plain (``standard, at, trades, mart, uiat, dhat, cfa, sglr``) o
 ``fsr-trades``, ``fsr-mart`` = FSR on AT, TRADES, MART, trained and evaluated on the shared
 model with the FSR module, ``<model>_fsr``; ``part``, ``part-t``, ``part-m`` = PART on AT, TRADES,
 MART, with :func:`part_settings`: ``--attention`` picks their masks too; ``again`` = AT with
-AGAIN's batches, :mod:`dhat_seg.training_methods.again`). A row
+AGAIN's batches as the supplementary specifies, :mod:`dhat_seg.training_methods.again`;
+``again-code`` = AGAIN as its authors released it, on the shared model with AGAIN's auxiliary
+heads, ``<model>_again``, with AWP as released, :mod:`dhat_seg.training_methods.again_code`). A row
 whose method is None would be reported as ``skipped: not implemented in this version``,
 without numbers (none is, in this version).
 
@@ -35,7 +37,8 @@ from dhat_seg.ablate.study import COLUMNS, EXTRA_COLUMNS, Study
 from dhat_seg.config import TrainConfig, needs_attention
 from dhat_seg import method_defaults
 from dhat_seg.errors import UserError
-from dhat_seg.method_defaults import scaled_warmup
+from dhat_seg.method_defaults import (AGAIN_CODE_AWP_GAMMA, AGAIN_CODE_AWP_WARMUP, AGAIN_CODE_EPOCHS,
+                                      scaled_warmup)
 
 NOT_IMPLEMENTED = "not implemented in this version"
 
@@ -51,15 +54,19 @@ class MethodRow:
     base: str = "at"
     awp: bool = False
     awp_gamma: float | None = None
-    #: AWP warm-up epochs at the paper's 100 epochs; scaled with the row's epochs
+    #: AWP warm-up epochs at the paper's 100 epochs (``awp_epochs``); scaled with the row's epochs
     awp_warmup: int = 0
+    awp_epochs: int = 100
     #: the row trains the shared model with the FSR module (``<model>_fsr``; method fsr)
     fsr: bool = False
+    #: AGAIN's form (method again): "code" trains the shared model with the auxiliary heads (``<model>_again``)
+    again_form: str = "paper"
 
 
 #: Every known row, in the table's order for ``--methods all``. AT-AWP: gamma 1e-2,
 #: no warm-up; TRADES-AWP: gamma 5e-3, warm-up 10 epochs (Wu et al. 2020, the settings
-#: of config.py's AWP note); DHAT-AWP takes AT-AWP's (DHAT's base loss is AT's).
+#: of config.py's AWP note); DHAT-AWP takes AT-AWP's (DHAT's base loss is AT's). AGAIN as
+#: released: gamma 5e-3, AWP from the 10th of 200 epochs (0-based warm-up 9, scaled).
 METHOD_ROWS: dict[str, MethodRow] = {
     r.name: r
     for r in (
@@ -84,9 +91,11 @@ METHOD_ROWS: dict[str, MethodRow] = {
         MethodRow("part-t", "PART-T", "part", base="trades"),
         MethodRow("part-m", "PART-M", "part", base="mart"),
         MethodRow("again", "AT+AGAIN", "again"),
+        MethodRow("again-code", "AT+AGAIN (as released)", "again", awp=True, awp_gamma=AGAIN_CODE_AWP_GAMMA,
+                  awp_warmup=AGAIN_CODE_AWP_WARMUP - 1, awp_epochs=AGAIN_CODE_EPOCHS, again_form="code"),
     )
 }
-ALIASES = {"at-awp": "awp", "at-again": "again", "at-fsr": "fsr", "trades-fsr": "fsr-trades", "mart-fsr": "fsr-mart",
+ALIASES = {"at-awp": "awp", "at-again": "again", "again-paper": "again", "again-released": "again-code", "at-fsr": "fsr", "trades-fsr": "fsr-trades", "mart-fsr": "fsr-mart",
            "fsr-t": "fsr-trades", "fsr-m": "fsr-mart",
            "part-at": "part", "part-trades": "part-t", "part-mart": "part-m"}
 DEFAULT_METHODS = "at,trades,mart,awp,uiat,dhat"
@@ -148,7 +157,8 @@ COMPARE_DESCRIPTIONS = {
 
 #: Settings a row defines, refused in ``--set`` (the option to use instead).
 ROW_SETTINGS = {"method": "--methods", "base": "--methods (e.g. dhat-trades)", "awp": "--methods (e.g. awp, dhat-awp)",
-                "awp_gamma": "--methods", "awp_warmup": "--methods", "attention": "--attention"}
+                "awp_gamma": "--methods", "awp_warmup": "--methods", "attention": "--attention",
+                "again_form": "--methods (again: the paper's form; again-code: as released)"}
 
 
 def check_overrides(overrides: Mapping[str, Any]) -> None:
@@ -202,14 +212,14 @@ def method_config(base: TrainConfig, name: str, attention: str,
                   options: Mapping[str, Mapping[str, Any]] | None = None) -> TrainConfig:
     """The training config of a row: the shared base with the row's method, base and AWP
     settings (``awp: false`` for the others), for FSR rows the base's model with the FSR
-    module (``<model>_fsr``), and for DHAT rows the attention method
+    module (``<model>_fsr``), for ``again-code`` the one with AGAIN's heads (``<model>_again``), and for DHAT rows the attention method
     ``attention`` with its preset options (``options``) under the base's."""
     row = METHOD_ROWS.get(name)
     if row is None or row.method is None:
         raise UserError(f"method row {name!r} is {'unknown' if row is None else NOT_IMPLEMENTED}")
-    values: dict[str, Any] = {"method": row.method, "base": row.base, "awp": row.awp}
+    values: dict[str, Any] = {"method": row.method, "base": row.base, "awp": row.awp, "again_form": row.again_form}
     if row.awp:
-        values.update(awp_gamma=row.awp_gamma, awp_warmup=scaled_warmup(row.awp_warmup, base.epochs))
+        values.update(awp_gamma=row.awp_gamma, awp_warmup=scaled_warmup(row.awp_warmup, base.epochs, row.awp_epochs))
     if "cfa" in (row.method, row.base if row.method in ("uiat", "dhat") else None):
         # CFA's start epochs are for the paper's schedule (calibration from epoch 10, the
         # weight average from 50, of 100 epochs): scaled like AWP's warm-up unless set with --set
@@ -220,6 +230,10 @@ def method_config(base: TrainConfig, name: str, attention: str,
         from dhat_seg.fsr_module import fsr_model_name
 
         values["model"] = fsr_model_name(base.model)
+    if row.again_form == "code":
+        from dhat_seg.again_net import again_model_name
+
+        values["model"] = again_model_name(base.model)
     if needs_attention(row.method):
         values.update(attention=attention, attention_options={**(options or {}).get(attention, {}),
                                                               **(base.attention_options or {})})

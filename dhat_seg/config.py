@@ -130,9 +130,12 @@ class TrainConfig:
     # attack's budget is eps on the pixels the foreground mask marks important, part_eps_low elsewhere (units of
     # 1/255; null = eps - 1, the paper's); paper masks: threshold_policy mean_std, attention_source self
     part_eps_low: float | None = None
-    again_alpha: float = 0.6  # AGAIN (method again, training_methods/again.py): y's share of the mixed logit (paper: 0.6)
-    again_fake_label: str = "random"  # AGAIN's fake label y': a "random" wrong class, or the "highest"-scoring one
-    again_hff: bool = True  # AGAIN's hybrid feature fusion (first-stage statistics mixed across the batch); false: W/O HFF
+    # AGAIN (method again): "paper" = the supplementary (training_methods/again.py), "code" = as released
+    # (again_code.py; model <name>_again, AWP on unless awp* are given)
+    again_form: str = "paper"
+    again_alpha: float = 0.6  # y's share of the mixed logit (paper) or of the mixed mask (code); 0.6 in both
+    again_fake_label: str = "random"  # paper form's y': a "random" wrong class, or the "highest"-scoring one
+    again_hff: bool | None = None  # the official code's HFF on the first stage; null: on for paper, off for code
     # attacks used for training
     eps: float = 8.0
     step_size: float = 2.0
@@ -265,6 +268,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value not in allowed:
                 raise UserError(f"{name} {value!r} is unknown; expected one of {', '.join(map(str, allowed))}")
+        if self.method == "again" or self.model.endswith("_again"):  # AGAIN's code form on <name>_again only
+            from dhat_seg.training_methods.again_code import check_config as check_again
+
+            check_again(self)
         if self.method == "fsr":  # a model with the FSR module, one of FSR's bases
             from dhat_seg.training_methods.fsr import check_config
 
@@ -288,7 +295,12 @@ class TrainConfig:
         whether a finished run can be reused). Keys added in a later version are left
         out while they hold the value that reproduces the earlier behaviour
         (``DIGEST_NEUTRAL``), so runs finished before they existed stay reusable."""
-        values = {k: v for k, v in self.to_dict().items() if k not in DIGEST_NEUTRAL or v != DIGEST_NEUTRAL[k]}
+        values = self.to_dict()
+        # again_hff null is the form's default: on for paper (true, the old default), off for code
+        values["again_hff"] = values["again_form"] == "paper" if values["again_hff"] is None else values["again_hff"]
+        values = {k: v for k, v in values.items() if k not in DIGEST_NEUTRAL or v != DIGEST_NEUTRAL[k]}
+        if self.method == "again" and values.get("again_hff", True):  # HFF is the released code's, not the earlier MixStyle
+            values["again_hff_formula"] = "code"
         generator = _generator_version(self.data)
         if generator is not None:  # built-in data: runs on an older generator's images are never reused
             values["data_generator"] = generator
@@ -303,7 +315,7 @@ DIGEST_NEUTRAL: dict[str, Any] = {"base": "at", "trades_beta": 6.0, "mart_beta":
                                   "sglr_momentum": 0.9, "sglr_clean_weight": 0.2, "sglr_start": None,
                                   "fsr_lambda_sep": 1.0, "fsr_lambda_rec": 1.0, "fsr_tau": 0.1,
                                   "fsr_begin": 0, "part_eps_low": None, "again_alpha": 0.6, "again_fake_label": "random",
-                                  "again_hff": True, "sync_every": 0, "sync_bn": False, "data_on_device": None, "channels_last": False,
+                                  "again_form": "paper", "again_hff": True, "sync_every": 0, "sync_bn": False, "data_on_device": None, "channels_last": False,
                                   "compile": False}
 
 
@@ -362,7 +374,7 @@ def _choices(cfg: TrainConfig) -> dict[str, tuple]:
     from dhat_seg.attention import THRESHOLD_POLICIES
     from dhat_seg.data import DATASETS
     from dhat_seg.losses import DHLR_FORMS, FLOE_FORMS
-    from dhat_seg.training_methods import AGAIN_FAKE_LABELS, BASE_METHODS, TRAINING_METHODS
+    from dhat_seg.training_methods import AGAIN_FAKE_LABELS, AGAIN_FORMS, BASE_METHODS, TRAINING_METHODS
     from dhat_seg.training_methods.cfa import CFA_BASES
     from dhat_seg.models import MODELS
 
@@ -371,7 +383,7 @@ def _choices(cfg: TrainConfig) -> dict[str, tuple]:
         "dhlr_form": DHLR_FORMS, "floe_form": FLOE_FORMS, "threshold_policy": THRESHOLD_POLICIES,
         "attack_mode": ("train", "eval"), "attack_precision": PRECISIONS, "mask_source": ("cache", "online"),
         "attention_source": ("frozen", "self"), "amp_dtype": AMP_DTYPES, "base": tuple(BASE_METHODS),
-        "cfa_base": CFA_BASES, "again_fake_label": AGAIN_FAKE_LABELS,
+        "cfa_base": CFA_BASES, "again_fake_label": AGAIN_FAKE_LABELS, "again_form": AGAIN_FORMS,
     }
     if needs_attention(cfg.method):
         from dhat_seg.plugin_manager import get_attention_spec
@@ -425,7 +437,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
                 resumed: bool = False) -> TrainConfig:
     """Defaults <- preset name or YAML file <- overrides (None values are ignored); for
     ``method: part``, PART's mask settings where neither gives them
-    (:func:`dhat_seg.method_defaults.part_settings`).
+    (:func:`dhat_seg.method_defaults.part_settings`); for AGAIN's code form, AWP as released
+    (:func:`dhat_seg.method_defaults.again_code_settings`).
 
     The learning-rate milestones follow the epochs: when ``overrides`` change ``epochs``
     but give no ``milestones``, the base's milestones are scaled to the new length
@@ -465,6 +478,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
         cfg = TrainConfig(**values)
         values.update(part_settings(cfg.epochs, cfg.attention, cfg.attention_options or {}, values.__contains__))
+    if values.get("method") == "again" and values.get("again_form") == "code":  # AWP as released, unless given
+        from dhat_seg.method_defaults import again_code_settings
+
+        values.update(again_code_settings(TrainConfig(**values).epochs, values.__contains__))
     cfg = TrainConfig(**values).validate()
     late = [m for m in cfg.milestones if m >= cfg.epochs]
     if explicit_milestones and late:

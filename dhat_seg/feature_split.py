@@ -8,7 +8,7 @@ Every model of :data:`dhat_seg.models.MODELS` is a :class:`~dhat_seg.models.Clas
 
 (:func:`penultimate_and_head`). The first stage (:func:`first_stage`) is the block after the
 stem: the small CNN's first conv-BN-ReLU block, a ResNet's ``layer1``, a WideResNet's
-``block1``; for ``<name>_fsr`` models, the backbone's. Anything else is refused with a
+``block1``; for ``<name>_fsr`` and ``<name>_again`` models, the backbone's. Anything else is refused with a
 UserError naming what is supported.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from dhat_seg.again_net import AgainNet
 from dhat_seg.errors import UserError
 from dhat_seg.fsr_module import FSRNet
 from dhat_seg.models import Classifier, ResNet, SmallCNN, WideResNet
@@ -47,7 +48,7 @@ def penultimate_and_head(model: nn.Module, x: Tensor, what: str = "this method")
 def first_stage(model: nn.Module, what: str = "this method") -> nn.Module:
     """The stage after the stem, whose output is a B x C x H x W feature map (see the module doc)."""
     net = _net(model, what)
-    if isinstance(net, FSRNet):
+    if isinstance(net, (FSRNet, AgainNet)):
         net = net.base
     if isinstance(net, SmallCNN):
         return net.body[0]
@@ -56,4 +57,4 @@ def first_stage(model: nn.Module, what: str = "this method") -> nn.Module:
     if isinstance(net, WideResNet):
         return net.block1
     raise UserError(f"{what} cannot find the first stage of {type(net).__name__}; expected one of the registry's "
-                    "small CNN, ResNet, PreAct ResNet or WideResNet (or its _fsr variant)")
+                    "small CNN, ResNet, PreAct ResNet or WideResNet (or its _fsr or _again variant)")

@@ -5,6 +5,7 @@ by ``dhat-seg compare``'s rows (:func:`dhat_seg.compare.method_config`):
 
 * :func:`scaled_warmup`: a warm-up of a paper's schedule scaled to a shorter run.
 * :func:`part_settings`: PART's masks, as the PART paper takes them.
+* :func:`again_code_settings`: AWP as AGAIN's released code runs it (``again_form: code``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,24 @@ def scaled_warmup(paper_warmup: int, epochs: int, paper_epochs: int = 100) -> in
     """A warm-up of ``paper_warmup`` epochs out of the paper's ``paper_epochs``, scaled to
     ``epochs`` (rounded half up, below ``epochs``): 10 -> 10 of 100, 1 of 6, 0 of 1-4."""
     return max(0, min(epochs - 1, int(paper_warmup * epochs / paper_epochs + 0.5)))
+
+
+#: AGAIN's released script (InsLin/AGAIN, ``AGAIN_with_AWP/train_awp_again_cifar.py``): AWP gamma,
+#: ``--awp-warmup`` and epochs. It applies AWP ``if epoch >= args.awp_warmup`` with 1-based epochs, from
+#: its 10th epoch; dhat-seg's ``awp_warmup`` counts 0-based epochs, so the release's start is 10 - 1 = 9.
+AGAIN_CODE_AWP_GAMMA, AGAIN_CODE_AWP_WARMUP, AGAIN_CODE_EPOCHS = 5e-3, 10, 200
+
+
+def again_code_awp_warmup(epochs: int) -> int:
+    """dhat-seg's (0-based) ``awp_warmup`` for the release's start of AWP (its 10th of 200 epochs), scaled to ``epochs``."""
+    return scaled_warmup(AGAIN_CODE_AWP_WARMUP - 1, epochs, AGAIN_CODE_EPOCHS)
+
+
+def again_code_settings(epochs: int, is_set: Callable[[str], bool]) -> dict[str, Any]:
+    """AWP as AGAIN's release runs it (always on, gamma 5e-3, warm-up :func:`again_code_awp_warmup`),
+    for every AWP key for which ``is_set(key)`` is false."""
+    values = {"awp": True, "awp_gamma": AGAIN_CODE_AWP_GAMMA, "awp_warmup": again_code_awp_warmup(epochs)}
+    return {k: v for k, v in values.items() if not is_set(k)}
 
 
 def part_settings(epochs: int, attention: str, options: Mapping[str, Any],

@@ -6,8 +6,11 @@ layer class-activation methods read (the last convolutional stage), and
 one way in; ``MODELS`` describes every entry without building it.
 
 Each architecture (``net``) also has ``feature_map(x)`` (its last feature map, before
-pooling) and ``head`` (its linear classifier); ``<name>_fsr`` is ``<name>`` with the FSR
-module between the two (:class:`dhat_seg.fsr_module.FSRNet`, for method ``fsr``).
+pooling), ``head`` (its linear classifier) and ``again_entry`` (where its last block's residual
+branch starts: (parent module, attribute name) of its first layer); ``<name>_fsr`` is ``<name>``
+with the FSR module between the two (:class:`dhat_seg.fsr_module.FSRNet`, for method ``fsr``),
+``<name>_again`` with AGAIN's auxiliary heads at the entry of its last block and on its last
+feature map (:class:`dhat_seg.again_net.AgainNet`, for ``--method again`` with ``again_form: code``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dhat_seg.again_net import AgainNet, again_model_name
 from dhat_seg.errors import UserError
 from dhat_seg.fsr_module import FSRNet, fsr_model_name
 
@@ -111,6 +115,11 @@ class SmallCNN(nn.Module):
     def head(self) -> nn.Module:
         return self.fc
 
+    @property
+    def again_entry(self) -> tuple[nn.Module, str]:
+        """The first layer of the last block (AGAIN's code form modulates its input)."""
+        return self.cam_layer, "0"
+
     def feature_map(self, x: Tensor) -> Tensor:
         """The last feature map, before pooling (where FSR is inserted)."""
         return self.cam_layer(self.body(x))
@@ -186,6 +195,11 @@ class ResNet(nn.Module):
     def head(self) -> nn.Module:
         return self.linear
 
+    @property
+    def again_entry(self) -> tuple[nn.Module, str]:
+        """The first convolution of the residual branch of layer4's last block (AGAIN's code form)."""
+        return self.layer4[-1], "conv1"
+
     def feature_map(self, x: Tensor) -> Tensor:
         """The last feature map, before pooling (where FSR is inserted)."""
         out = self.conv1(x)
@@ -245,6 +259,11 @@ class WideResNet(nn.Module):
     def head(self) -> nn.Module:
         return self.fc
 
+    @property
+    def again_entry(self) -> tuple[nn.Module, str]:
+        """The first convolution of the residual branch of block3's last block (AGAIN's code form)."""
+        return self.block3[-1], "conv1"
+
     def feature_map(self, x: Tensor) -> Tensor:
         """The last feature map, before pooling (where FSR is inserted)."""
         return F.relu(self.bn(self.block3(self.block2(self.block1(self.conv1(x))))))
@@ -282,7 +301,15 @@ def _with_fsr(entry: ModelEntry) -> ModelEntry:
                       "(Kim et al. 2023; method fsr)", lambda k: FSRNet(entry.builder(k), k))
 
 
-MODELS.update({fsr_model_name(name): _with_fsr(entry) for name, entry in list(MODELS.items())})
+def _with_again(entry: ModelEntry) -> ModelEntry:
+    """``<name>_again``: the model with AGAIN's auxiliary heads (dhat_seg/again_net.py)."""
+    return ModelEntry(again_model_name(entry.name), f"{entry.description}, with AGAIN's auxiliary heads (Yin et al. "
+                      "2023, as released; method again with again_form=code)", lambda k: AgainNet(entry.builder(k), k))
+
+
+_PLAIN = list(MODELS.items())
+MODELS.update({fsr_model_name(name): _with_fsr(entry) for name, entry in _PLAIN})
+MODELS.update({again_model_name(name): _with_again(entry) for name, entry in _PLAIN})
 
 
 def create_model(name: str, num_classes: int, mean: Sequence[float] = CIFAR_MEAN, std: Sequence[float] = CIFAR_STD) -> Classifier:

@@ -24,9 +24,9 @@ from dhat_seg.feature_split import first_stage, last_linear, penultimate_and_hea
 from dhat_seg.models import MODELS, create_model
 from dhat_seg.runtime import seed_everything
 from dhat_seg.train_loop import EpochLoader, batches_per_epoch
-from dhat_seg.training_methods import again as again_module
+from dhat_seg.training_methods import again_hff as hff_module
 from dhat_seg.training_methods.again import (AGAIN, again_loss, again_probability, channel_statistics,
-                                             hybrid_feature_fusion, random_wrong_class)
+                                             hybrid_feature_fusion, random_wrong_class, simplex_weights)
 from method_helpers import Tiny
 
 
@@ -99,47 +99,57 @@ def test_fake_labels_are_wrong_and_cover_every_wrong_class():
     assert method.fake_labels(z, torch.tensor([0, 1])).tolist() == [2, 2]
 
 
-# ------------------------------------------------------------------ 2. HFF by hand
+# ------------------------------------------------------------------ 2. HFF by hand (the official code's definition)
+def _stats(values):
+    """Mean and sqrt(unbiased variance + 1e-5) of a list (the official calc_mean_std)."""
+    m = sum(values) / len(values)
+    return m, math.sqrt(sum((t - m) ** 2 for t in values) / (len(values) - 1) + 1e-5)
+
+
 def test_hff_on_fixed_tensors_by_hand():
-    f = torch.tensor([[[[1.0, 3.0], [5.0, 7.0]], [[0.0, 0.0], [2.0, 2.0]]],
-                      [[[2.0, 2.0], [2.0, 6.0]], [[1.0, -1.0], [1.0, -1.0]]]])  # 2 samples x 2 channels x 2 x 2
-    perm, lam = torch.tensor([1, 0]), torch.tensor([0.25, 1.0])
-    out = hybrid_feature_fusion(f, perm, lam)
-    stats = {}
+    """HFF(content, style) of wideresnet_AGAIN_woHFF.py: content normalised, rescaled to the lam-mix of the
+    statistics of content, style, adain(content, style) and adain(style, content)."""
+    content = torch.tensor([[[[1.0, 3.0], [5.0, 7.0]], [[0.0, 0.0], [2.0, 2.0]]],
+                            [[[2.0, 2.0], [2.0, 6.0]], [[1.0, -1.0], [1.0, -1.0]]]])  # 2 samples x 2 channels x 2 x 2
+    style = content[[1, 0]]
+    lam = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    out = hybrid_feature_fusion(content, style, lam)
     for i in range(2):
         for c in range(2):
-            v = f[i, c].flatten().tolist()
-            m = sum(v) / 4
-            stats[i, c] = (m, math.sqrt(sum((t - m) ** 2 for t in v) / 4 + 1e-6))
-    for i in range(2):
-        j, l = perm[i].item(), lam[i].item()
-        for c in range(2):
-            (m, s), (m2, s2) = stats[i, c], stats[j, c]
-            m_mix, s_mix = l * m + (1 - l) * m2, l * s + (1 - l) * s2
-            want = [(t - m) / s * s_mix + m_mix for t in f[i, c].flatten().tolist()]
+            cv, sv = content[i, c].flatten().tolist(), style[i, c].flatten().tolist()
+            (mc, sc), (ms, ss) = _stats(cv), _stats(sv)
+            o1 = [(t - mc) / sc * ss + ms for t in cv]  # adain(content, style)
+            o2 = [(t - ms) / ss * sc + mc for t in sv]  # adain(style, content)
+            parts = [(mc, sc), (ms, ss), _stats(o1), _stats(o2)]
+            m_mix = sum(l * m for l, (m, _) in zip(lam.tolist(), parts))
+            s_mix = sum(l * s for l, (_, s) in zip(lam.tolist(), parts))
+            want = [(t - mc) / sc * s_mix + m_mix for t in cv]
             assert out[i, c].flatten().tolist() == pytest.approx(want, abs=1e-5)
-    assert torch.allclose(out[1], f[1], atol=1e-5)  # lam = 1: the sample keeps its own statistics
-    mu, sigma = channel_statistics(out)
-    assert mu[0, 0].item() == pytest.approx(0.25 * 4.0 + 0.75 * 3.0, abs=1e-5)  # the hybrid mean
+    own = hybrid_feature_fusion(content, style, torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    assert torch.allclose(own, content, atol=1e-5)  # all weight on the content's statistics: unchanged
+    mu, _ = channel_statistics(hybrid_feature_fusion(content, style, torch.tensor([0.0, 1.0, 0.0, 0.0])))
+    assert torch.allclose(mu, channel_statistics(style)[0], atol=1e-5)  # all on the style's: its mean
     with pytest.raises(UserError, match="B x C x H x W"):
-        hybrid_feature_fusion(f.flatten(1), perm, lam)
+        hybrid_feature_fusion(content.flatten(1), style.flatten(1), lam)
 
 
-def test_hff_passes_gradients_through_the_features_only():
+def test_hff_weights_are_uniform_on_the_simplex_and_gradients_reach_the_statistics():
+    torch.manual_seed(0)
+    lams = torch.stack([simplex_weights() for _ in range(4000)])
+    assert torch.allclose(lams.sum(1), torch.ones(4000)) and (lams >= 0).all()
+    assert torch.allclose(lams.mean(0), torch.full((4,), 0.25), atol=0.01)  # Dirichlet(1, 1, 1, 1): mean 1/4 each
+    assert lams.max(0).values.min() > 0.8  # every weight can take nearly all the mass
     f = torch.rand(3, 2, 4, 4, requires_grad=True)
-    out = hybrid_feature_fusion(f, torch.tensor([2, 0, 1]), torch.tensor([0.3, 0.5, 0.9]))
-    out.sum().backward()
-    _, sigma = channel_statistics(f.detach())
-    lam = torch.tensor([0.3, 0.5, 0.9]).view(3, 1, 1, 1)
-    sigma_mix = lam * sigma + (1 - lam) * sigma[[2, 0, 1]]
-    assert torch.allclose(f.grad, (sigma_mix / sigma).expand_as(f), atol=1e-5)  # d/df of (f - mu) / sigma * sigma_mix
+    out = hybrid_feature_fusion(f, f[[2, 0, 1]], torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    out[0].sum().backward()  # statistics not detached (as the code): sample 2's style reaches sample 0's output
+    assert f.grad[2].abs().sum() > 0
 
 
 def test_again_batches_call_hff_and_at_batches_do_not(monkeypatch):
     """The official code defines HFF and never calls it; here every AGAIN batch does, in its x_adv forward only."""
     calls = []
-    real = again_module.hybrid_feature_fusion
-    monkeypatch.setattr(again_module, "hybrid_feature_fusion", lambda f, *a: calls.append(f.shape) or real(f, *a))
+    real = hff_module.hybrid_feature_fusion
+    monkeypatch.setattr(hff_module, "hybrid_feature_fusion", lambda f, *a: calls.append(f.shape) or real(f, *a))
     model, (x, y, x_adv) = tiny_model(), batch()
     method = AGAIN(cfg_of())
     method.again_now = True
@@ -245,11 +255,34 @@ def test_settings_are_validated(overrides, expected):
         cfg_of(**overrides)
 
 
+def _digest_before_again_form(cfg: TrainConfig) -> str:
+    """The digest as computed before again_form existed (again_hff a plain bool, true by default)."""
+    import hashlib
+
+    from dhat_seg.config import _generator_version
+
+    values = {k: v for k, v in cfg.to_dict().items() if k != "again_form"}
+    values["again_hff"] = True if values["again_hff"] is None else values["again_hff"]
+    values = {k: v for k, v in values.items() if k not in DIGEST_NEUTRAL or v != DIGEST_NEUTRAL[k]}
+    values["data_generator"] = _generator_version(cfg.data)
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def test_the_new_settings_leave_old_digests_alone():
     defaults = TrainConfig()
-    for key in ("again_alpha", "again_fake_label", "again_hff"):
+    for key in ("again_alpha", "again_fake_label", "again_form"):
         assert DIGEST_NEUTRAL[key] == getattr(defaults, key)
+    assert defaults.again_hff is None and DIGEST_NEUTRAL["again_hff"] is True  # null: the form's default, on for paper
     assert load_config(None, {"again_alpha": 0.5}).digest() != load_config(None, {}).digest()
+    for cfg in (defaults, TrainConfig(again_hff=True), TrainConfig(method="at"), TrainConfig(method="again", again_hff=False)):
+        assert cfg.digest() == _digest_before_again_form(cfg)  # runs trained as before stay reusable
+    # AGAIN with HFF: its formula changed (the official code's, no longer MixStyle), so those runs are not reused
+    with_hff = TrainConfig(method="again", model="small_cnn")
+    assert with_hff.digest() != _digest_before_again_form(with_hff)
+    assert with_hff.digest() == TrainConfig(method="again", model="small_cnn", again_hff=True).digest()
+    code = load_config(None, dict(method="again", again_form="code", model="small_cnn_again"))
+    assert code.digest() != load_config(None, dict(method="again", again_form="code", model="small_cnn_again",
+                                                   again_hff=True)).digest()
 
 
 def test_compare_row_is_again_on_at():
@@ -290,7 +323,7 @@ def test_awp_wraps_an_again_batch_and_restores_the_weights():
 def tiny_run(**overrides) -> TrainConfig:
     values = dict(data="synthetic", image_size=16, model="small_cnn", train_size=32, test_size=8, val_size=8,
                   epochs=2, batch_size=12, attack_steps=1, val_examples=8, val_attack_steps=1, device="cpu",
-                  milestones=[5], method="again")
+                  milestones=[], method="again")  # no decay (a milestone past the last epoch is refused)
     values.update(overrides)
     return load_config(None, values)
 

@@ -21,8 +21,9 @@ def register(root: typer.Typer) -> None:
         methods: str = typer.Option("at,trades,mart,awp,uiat,dhat", help="a comma list of standard, at, trades, mart, "
                                     "awp (AT-AWP), trades-awp, uiat, dhat, dhat-awp, dhat-trades, dhat-mart, cfa, dhat-cfa, "
                                     "sglr, fsr (AT+FSR), fsr-trades, fsr-mart (on the model + _fsr), part, part-t, "
-                                    "part-m (PART on AT, TRADES, MART), again (AT+AGAIN); 'paper' = the "
-                                    "paper's rows, 'all' = every one"),
+                                    "part-m (PART on AT, TRADES, MART), again (AT+AGAIN, the paper's), again-code "
+                                    "(AGAIN as released, on the model + _again, with AWP); 'paper' = the paper's rows, "
+                                    "'all' = every one"),
         preset: str = typer.Option("quick", help="quick (built-in data, CPU) | paper (CIFAR-10, WRN-28-10, the paper's settings) | "
                                     "part-paper (CIFAR-10, ResNet-18, the PART paper's schedule)"),
         out: Optional[Path] = typer.Option(None, help="output folder, one run directory per row (default runs/compare-<preset>)"),

@@ -57,7 +57,8 @@ def register(root: typer.Typer) -> None:
         method: Optional[str] = typer.Option(None, help="standard | at | uiat | dhat | trades | mart | cfa | sglr | fsr | part | again; uiat and dhat "
                                                         "add their terms to --set base=at|trades|mart|cfa|sglr; any method takes "
                                                         "--set awp=true; fsr needs a model <name>_fsr and takes "
-                                                        "--set base=at|trades|mart, as does part (PART, PART-T, PART-M)"),
+                                                        "--set base=at|trades|mart, as does part (PART, PART-T, PART-M); again "
+                                                        "--set again_form=code (as released) needs a model <name>_again"),
         attention: Optional[str] = typer.Option(None, help="attention method (see `dhat-seg plugins`)"),
         attention_checkpoint: Optional[str] = typer.Option(None, help="weights file of the attention method (SAM, SOLO)"),
         attention_opt: Optional[List[str]] = typer.Option(None, help="attention option KEY=VALUE (repeatable)"),
@@ -66,7 +67,8 @@ def register(root: typer.Typer) -> None:
         data_root: Optional[str] = typer.Option(None, help="where real datasets live"),
         download: Optional[bool] = typer.Option(None, "--download", help="allow downloading CIFAR"),
         model: Optional[str] = typer.Option(None, help="small_cnn | resnet18 | preact_resnet18 | wrn28_10 | wrn34_10; "
-                                                       "each + _fsr: with the FSR module (method fsr)"),
+                                                       "each + _fsr: with the FSR module (method fsr); + _again: with "
+                                                       "AGAIN's auxiliary heads (again_form=code)"),
         epochs: Optional[int] = typer.Option(None, help="number of epochs"),
         batch_size: Optional[int] = typer.Option(None, help="mini-batch size"),
         lr: Optional[float] = typer.Option(None, help="initial learning rate"),
@@ -137,6 +139,11 @@ def register(root: typer.Typer) -> None:
             from dhat_seg.method_defaults import describe_part_masks
 
             typer.echo(describe_part_masks(cfg), err=True)
+        if cfg.method == "again" and rank0:
+            hff = "on" if cfg.again_hff or (cfg.again_hff is None and cfg.again_form == "paper") else "off"
+            typer.echo(f"AGAIN, {'as released (InsLin/AGAIN)' if cfg.again_form == 'code' else 'as the supplementary specifies'}: "
+                       f"HFF {hff}; AWP {'on, gamma %g, from 0-based epoch %d' % (cfg.awp_gamma, cfg.awp_warmup) if cfg.awp else 'off'}",
+                       err=True)
         base_loss = cfg.base if cfg.method in ("uiat", "dhat") and cfg.base != "at" else None  # the paper's "at": not named
         if out is None:
             label = cfg.method + (f"-{base_loss}" if base_loss else "") + ("-awp" if cfg.awp else "") \

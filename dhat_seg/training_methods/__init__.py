@@ -18,7 +18,8 @@ Composition:
   (``at | trades | mart``) and adds its terms to that loss (:mod:`.fsr`). PART reads it too
   (``at | trades | mart``: PART, PART-T, PART-M) and makes that base's x_adv with a
   per-pixel budget from the foreground mask (:mod:`.part`). AGAIN (:mod:`.again`) is AT whose
-  batches switch, with a probability growing over training, to its own loss on AT's x_adv.
+  batches switch, with a probability growing over training, to its own loss on AT's x_adv;
+  ``again_form: code`` builds the released form instead (:mod:`.again_code`).
 * **AWP** (``awp: true``, any method): :meth:`TrainingMethod.weight_perturbation`, a
   context the trainer enters around loss and backward (:mod:`dhat_seg.awp`).
 
@@ -46,7 +47,7 @@ from typing import Any, Callable
 from dhat_seg import losses  # noqa: F401  (re-exported: tests patch losses through this module)
 from dhat_seg.errors import UserError
 from dhat_seg.training_methods.adversarial import MART, TRADES, MadryAT, Standard
-from dhat_seg.training_methods.again import AGAIN, FAKE_LABELS as AGAIN_FAKE_LABELS
+from dhat_seg.training_methods.again import AGAIN, FAKE_LABELS as AGAIN_FAKE_LABELS, FORMS as AGAIN_FORMS
 from dhat_seg.training_methods.bases import BASE_METHODS
 from dhat_seg.training_methods.base import TrainingMethod, max_abs
 from dhat_seg.training_methods.cfa import CFA
@@ -55,7 +56,7 @@ from dhat_seg.training_methods.inverse import DHAT, UIAT
 from dhat_seg.training_methods.part import PART
 from dhat_seg.training_methods.sglr import SGLR
 
-__all__ = ["AGAIN", "AGAIN_FAKE_LABELS", "BASE_METHODS", "CFA", "DHAT", "FSR", "MART", "TRADES", "TRAINING_METHODS", "MadryAT", "PART", "SGLR", "Standard",
+__all__ = ["AGAIN", "AGAIN_FAKE_LABELS", "AGAIN_FORMS", "BASE_METHODS", "CFA", "DHAT", "FSR", "MART", "TRADES", "TRAINING_METHODS", "MadryAT", "PART", "SGLR", "Standard",
            "TrainingMethod", "TrainingMethodEntry", "UIAT", "create_training_method", "max_abs"]
 
 
@@ -85,9 +86,11 @@ TRAINING_METHODS: dict[str, TrainingMethodEntry] = {
                                    "recalibration losses; needs a model <name>_fsr", FSR),
         TrainingMethodEntry("part", "PART (Zhang et al. 2024): base (at, or --set base=trades|mart) on x_adv whose budget is "
                                     "eps on the pixels the attention marks important, part_eps_low elsewhere", PART),
-        TrainingMethodEntry("again", "AGAIN (Yin et al. 2023): PGD-10 AT; with probability i/N (iteration i of N) a batch "
-                                     "trains on CE of the class-y logit mixed with a fake label's (again_alpha) instead, "
-                                     "with hybrid feature fusion (again_hff)", AGAIN),
+        TrainingMethodEntry("again", "AGAIN (Yin et al. 2023), as specified: PGD-10 AT; with probability i/N (iteration "
+                                     "i of N) a batch trains on CE of the class-y logit mixed with a fake label's "
+                                     "(again_alpha) instead, with hybrid feature fusion (again_hff); --set "
+                                     "again_form=code: as released, on a model <name>_again (auxiliary heads modulating "
+                                     "features by 0.6 W[y] + 0.4 W[y'], CE + 2 x auxiliary CE, AWP)", AGAIN),
     )
 }
 #: every method takes ``--set awp=true`` (adversarial weight perturbation, :mod:`dhat_seg.awp`)

@@ -1,12 +1,16 @@
 """AGAIN: Adversarial training with Attribution span enlargement and hybrid feature fusIoN
-(Yin, Yao, Shi, Du, Xiao, CVPR 2023).
+(Yin, Yao, Shi, Du, Xiao, CVPR 2023), as specified (``again_form: paper``, the default).
 
-Sources: the supplementary (``seeds/004``: Algorithm 1, Theorem 1 with its proof in section
-3, section 4.1 on alpha, section 4.2 on HFF; REFERENCE section 4) and the abstract of the main
-paper. The main paper's body (its Eqs. 3 and 7, and its definition of HFF) and the official
-code (README only: ``AGAIN_with_AWP/train_awp_again_cifar.py``) could not be found in the
-sources this project searched, so HFF below is dhat-seg's reading of the abstract and of
-section 4.2, not a transcription (see "HFF").
+Two forms (``again_form``): ``paper`` (this module) follows the supplementary, the
+specification; ``code`` follows the authors' released code (github.com/InsLin/AGAIN), which
+produced their numbers and does something else: :mod:`.again_code` (the model side:
+:mod:`dhat_seg.again_net`). ``AGAIN(cfg)`` builds the form ``cfg`` names. HFF is shared.
+
+Sources of the paper form: the supplementary (``seeds/004``: Algorithm 1, Theorem 1 with its
+proof in section 3, section 4.1 on alpha, section 4.2 on HFF; REFERENCE section 4) and the
+abstract of the main paper; HFF's formula from the official code
+(``AGAIN_with_AWP/models/wideresnet_AGAIN_woHFF.py``: ``func1``, ``calc_mean_std``, ``adain``,
+``HFF``).
 
 Schedule (Algorithm 1). Iteration i of N = epochs x batches per epoch (i 0-based); x_adv =
 PGD-10 on the CE for every batch (AT's attack, :meth:`MadryAT.adversarial`); then, with
@@ -38,25 +42,30 @@ r ~ U{1..K-1} from torch's global CPU generator, so that over the data set every
 is enlarged (the paper's discussion of property 1 ranges over all pairs i != j);
 ``highest`` takes the highest-scoring wrong class of the x_adv forward (detached; FSR's y').
 
-HFF (hybrid feature fusion). The abstract: "we use hybrid feature statistics for feature
-fusion to enrich the diversity of features"; section 4.2: with HFF the model attends more to
-the structure of the image (SmoothGrad maps). No formula was found. dhat-seg's HFF mixes
-instance-level feature statistics across the batch, as MixStyle (Zhou et al., ICLR 2021):
-on the output f (B x C x H x W) of the model's first stage (:func:`dhat_seg.feature_split.first_stage`)
-in the x_adv forward of an AGAIN batch,
+HFF (hybrid feature fusion; the abstract: "hybrid feature statistics for feature fusion";
+section 4.2: with HFF the model attends more to the structure of the image). The
+supplementary has no formula; the official code defines ``HFF(content, style)`` and never
+calls it (its released results are "without HFF"). :func:`.again_hff.hybrid_feature_fusion` is that
+definition: with mu, sigma the per sample and channel mean and std over H x W (unbiased
+variance + 1e-5, as ``calc_mean_std``; not detached) and AdaIN(a, b) = (a - mu_a) / sigma_a
+sigma_b + mu_b,
 
-    mu, sigma = per sample and channel mean and std of f over H x W (detached; sigma = sqrt(var + 1e-6), biased var)
-    f_hff = sigma_mix (f - mu) / sigma + mu_mix,  mu_mix = lam mu + (1 - lam) mu[perm],  sigma_mix likewise
-                                                                       (:func:`hybrid_feature_fusion`)
+    o1 = AdaIN(content, style),  o2 = AdaIN(style, content)
+    lam = (lam_1, .., lam_4) uniform on the simplex (``func1(1, 4)``: spacings of 3 sorted U(0, 1)), one draw per call
+    mu_mix = lam_1 mu_content + lam_2 mu_style + lam_3 mu_o1 + lam_4 mu_o2,   sigma_mix likewise
+    HFF = (content - mu_content) / sigma_content sigma_mix + mu_mix
 
-perm a random permutation of the batch, lam ~ Beta(0.1, 0.1) per sample (:data:`HFF_BETA`,
-MixStyle's), both from torch's global CPU generator. The first stage, as MixStyle's early
-layers: there the statistics carry an image's style; on the last map, which is average-pooled
-into A, mixing statistics would only mix the pooled features (mu is A). ``again_hff: false`` leaves it out (the
-paper's "W/O HFF" ablation). The official code defines its HFF but never calls it (a known
-defect); dhat-seg calls it in every AGAIN batch. HFF changes nothing else: plain-AT batches,
-attacks and every evaluation forward run the model without it (the hook lives only inside
-:meth:`AGAIN.loss`), and the evaluated model is the trained one, unchanged.
+(o1 carries the style's statistics and o2 the content's, up to the 1e-5, so the four-way mix
+is close to a random two-way one). What the code leaves open, dhat-seg chooses: content is the
+output f of the model's first stage (:func:`dhat_seg.feature_split.first_stage`, where the
+statistics carry an image's style) in the training forward of x_adv, style = f[perm] for a
+random permutation of the batch; lam and perm from torch's global CPU generator
+(:func:`.again_hff.fused_first_stage`). ``again_hff`` (null = the form's default, :func:`hff_on`): on in
+the paper form (the paper's method; ``false`` is its "W/O HFF" ablation), off in the code form
+(as released). Until this version the paper form's HFF was a guess (MixStyle: per-sample
+Beta(0.1, 0.1) weights, detached statistics, another sample's mean and std only). HFF changes
+nothing else: plain-AT batches, attacks and every evaluation forward run the model without it
+(the hook lives only inside the loss).
 
 Choices where the sources are silent (dhat-seg's): the bias is part of z; the loss is on the
 x_adv forward only (Algorithm 1 makes x_adv for both branches); y' and HFF's draws come from
@@ -68,24 +77,24 @@ AGAIN (its epoch mean: the share of AGAIN batches) and ``again_prob`` i / N.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dhat_seg.errors import UserError
-from dhat_seg.feature_split import first_stage, penultimate_and_head
+from dhat_seg.feature_split import penultimate_and_head
 from dhat_seg.training_methods.adversarial import MadryAT
+from dhat_seg.training_methods.again_code import AGAINCode
+from dhat_seg.training_methods.again_hff import (HFF_EPS, adain, channel_statistics, fused_first_stage,  # noqa: F401
+                                                 hff_on, hybrid_feature_fusion, simplex_weights)
 from dhat_seg.training_methods.base import max_abs
 from dhat_seg.training_methods.fsr import highest_wrong_class
 
-#: How y' is chosen (``again_fake_label``).
+#: How y' is chosen (``again_fake_label``; the paper form's).
 FAKE_LABELS = ("random", "highest")
-#: Added to the variance before the square root (MixStyle's eps).
-HFF_EPS = 1e-6
-#: HFF's mixing weights lam ~ Beta(HFF_BETA, HFF_BETA) (MixStyle's alpha: mostly near 0 or 1).
-HFF_BETA = 0.1
+#: The two forms (``again_form``): the supplementary's, the released code's.
+FORMS = ("paper", "code")
 
 
 # ------------------------------------------------------------------ the math (pure)
@@ -110,47 +119,16 @@ def again_loss(logits: Tensor, y: Tensor, y_fake: Tensor, alpha: float) -> Tenso
     return (torch.logsumexp(z, dim=1) - mixed[:, 0]).mean()
 
 
-def channel_statistics(f: Tensor, eps: float = HFF_EPS) -> tuple[Tensor, Tensor]:
-    """(mu, sigma) of a B x C x H x W map per sample and channel over H x W (biased variance), B x C x 1 x 1."""
-    mu = f.mean(dim=(2, 3), keepdim=True)
-    return mu, (f.var(dim=(2, 3), keepdim=True, unbiased=False) + eps).sqrt()
-
-
-def hybrid_feature_fusion(f: Tensor, perm: Tensor, lam: Tensor, eps: float = HFF_EPS) -> Tensor:
-    """sigma_mix (f - mu) / sigma + mu_mix with mu_mix = lam mu + (1 - lam) mu[perm] (sigma_mix
-    likewise); statistics detached, computed in fp32; ``lam``: B values; output in f's dtype."""
-    if f.dim() != 4:
-        raise UserError(f"HFF needs a B x C x H x W feature map; got shape {tuple(f.shape)}")
-    x = f.float()
-    mu, sigma = (s.detach() for s in channel_statistics(x, eps))
-    lam = lam.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
-    perm = perm.to(x.device)
-    mu_mix = lam * mu + (1 - lam) * mu[perm]
-    sigma_mix = lam * sigma + (1 - lam) * sigma[perm]
-    return ((x - mu) / sigma * sigma_mix + mu_mix).to(f.dtype)
-
-
-@contextlib.contextmanager
-def fused_first_stage(model: nn.Module, beta: float = HFF_BETA) -> Iterator[nn.Module]:
-    """Forwards of ``model`` in the block pass the first stage's output through HFF, with a
-    fresh permutation and lam ~ Beta(beta, beta) per forward (global CPU generator)."""
-
-    def hook(module, inputs, output):
-        b = output.shape[0]
-        perm = torch.randperm(b)
-        lam = torch.distributions.Beta(torch.tensor(float(beta)), torch.tensor(float(beta))).sample((b,))
-        return hybrid_feature_fusion(output, perm, lam)
-
-    handle = first_stage(model, "AGAIN's HFF").register_forward_hook(hook)
-    try:
-        yield model
-    finally:
-        handle.remove()
-
-
 # ------------------------------------------------------------------ the method
 class AGAIN(MadryAT):
-    """PGD-10 AT; with probability i / N a batch trains with AGAIN's loss and HFF instead (see the module doc)."""
+    """PGD-10 AT; with probability i / N a batch trains with AGAIN's loss and HFF instead (see the
+    module doc). With ``again_form: code`` the constructor returns the released form
+    (:class:`~dhat_seg.training_methods.again_code.AGAINCode`)."""
+
+    def __new__(cls, cfg):
+        if cls is AGAIN and getattr(cfg, "again_form", "paper") == "code":
+            return AGAINCode(cfg)
+        return super().__new__(cls)
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -184,8 +162,8 @@ class AGAIN(MadryAT):
         return random_wrong_class(y, logits.shape[1])
 
     def again_terms(self, model: nn.Module, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """(L_AGAIN, z) on x_adv, HFF in the forward unless ``again_hff`` is off."""
-        fusion = fused_first_stage(model) if self.cfg.again_hff else contextlib.nullcontext()
+        """(L_AGAIN, z) on x_adv, HFF in the forward unless it is off (:func:`hff_on`)."""
+        fusion = fused_first_stage(model) if hff_on(self.cfg) else contextlib.nullcontext()
         with fusion:
             features, head = penultimate_and_head(model, x_adv, "method 'again'")
         z = head(features)
