@@ -301,7 +301,9 @@ class TrainConfig:
         values = {k: v for k, v in values.items() if k not in DIGEST_NEUTRAL or v != DIGEST_NEUTRAL[k]}
         if self.method == "again" and values.get("again_hff", True):  # HFF is the released code's, not the earlier MixStyle
             values["again_hff_formula"] = "code"
-        generator = _generator_version(self.data)
+        from dhat_seg.data.registry import generator_version
+
+        generator = generator_version(self.data)
         if generator is not None:  # built-in data: runs on an older generator's images are never reused
             values["data_generator"] = generator
         blob = json.dumps(values, sort_keys=True, default=str).encode()
@@ -318,14 +320,6 @@ DIGEST_NEUTRAL: dict[str, Any] = {"base": "at", "trades_beta": 6.0, "mart_beta":
                                   "again_form": "paper", "again_hff": True, "sync_every": 0, "sync_bn": False, "data_on_device": None, "channels_last": False,
                                   "compile": False}
 
-
-
-def _generator_version(data: str) -> str | None:
-    """The version of the generator of built-in data ``data`` (None for other data)."""
-    from dhat_seg.data.digits import DIGITS_VERSION
-    from dhat_seg.data.synthetic import GENERATOR_VERSION
-
-    return {"synthetic": GENERATOR_VERSION, "digits": f"{GENERATOR_VERSION}+digits-{DIGITS_VERSION}"}.get(data)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -395,56 +389,15 @@ def _choices(cfg: TrainConfig) -> dict[str, tuple]:
 
 AMP_DTYPES = ("auto", "bfloat16", "float16")
 
-#: The DHAT paper's settings (CIFAR-10, REFERENCE section 1; where paper and code differ,
-#: the code's, as REFERENCE takes them). ``paper_differences`` compares against these.
-PAPER_SETTINGS: dict[str, Any] = {
-    "method": "dhat", "attention": "gradcam", "data": "cifar10", "model": ("wrn28_10", "resnet18"),
-    "attention_model_arch": "resnet18", "image_size": 32, "augment": True,
-    "threshold_policy": "fixed", "omega": 0.1, "mask_source": "online", "attention_source": "frozen",
-    "lambda1": 1.0, "lambda2": 1.0, "dhlr_form": "code", "floe_form": "paper", "floe_p": 2.0,
-    "eps": 8.0, "step_size": 2.0, "attack_steps": 10, "inv_eps": 4.0, "inv_step_size": 2.0, "inv_steps": 10,
-    "attack_mode": "train", "attack_bn_update": True, "attack_precision": "fp32",
-    "epochs": 100, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "milestones": [80, 90],
-    "gamma": 0.1,
-}
-
-
-def paper_differences(cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
-    """(key, value, the paper's value) for every setting of ``cfg`` that differs from the paper."""
-    out = []
-    for key, paper in PAPER_SETTINGS.items():
-        value = getattr(cfg, key)
-        if key == "attention" and not needs_attention(cfg.method):
-            continue
-        same = value in paper if isinstance(paper, tuple) else value == paper
-        if not same:
-            out.append((key, value, " or ".join(paper) if isinstance(paper, tuple) else paper))
-    return out
-
-
-def scaled_milestones(milestones: list[int], from_epochs: int, to_epochs: int) -> list[int]:
-    """A schedule's milestones moved to a run of ``to_epochs`` epochs: the same fractions
-    of the run (rounded down), keeping only those that take effect (1 to to_epochs - 1)."""
-    out: list[int] = []
-    for m in milestones:
-        scaled = int(m * to_epochs / from_epochs) if from_epochs > 0 else m
-        if 1 <= scaled < to_epochs and scaled not in out:
-            out.append(scaled)
-    return out
-
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
                 resumed: bool = False) -> TrainConfig:
     """Defaults <- preset name or YAML file <- overrides (None values are ignored); for
     ``method: part``, PART's mask settings where neither gives them
     (:func:`dhat_seg.method_defaults.part_settings`); for AGAIN's code form, AWP as released
-    (:func:`dhat_seg.method_defaults.again_code_settings`).
-
-    The learning-rate milestones follow the epochs: when ``overrides`` change ``epochs``
-    but give no ``milestones``, the base's milestones are scaled to the new length
-    (:func:`scaled_milestones`; not for ``resumed`` runs, whose schedule is their own).
-    Milestones given explicitly (overrides or a YAML file) must take effect: one at or
-    past the last epoch is refused."""
+    (:func:`dhat_seg.method_defaults.again_code_settings`). Milestones follow ``epochs``
+    changed by ``overrides`` (:func:`~dhat_seg.method_defaults.scaled_milestones`; not when
+    ``resumed``); explicit ones (overrides, YAML) at or past the last epoch are refused."""
     values: dict[str, Any] = {}
     explicit_milestones = False
     if path is not None and str(path) in PRESETS:
@@ -472,6 +425,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     epochs = values.get("epochs", base_epochs)
     if ("epochs" in given and "milestones" not in given and not resumed and isinstance(epochs, int)
             and not isinstance(epochs, bool) and epochs >= 1 and epochs != base_epochs):
+        from dhat_seg.method_defaults import scaled_milestones
+
         values["milestones"] = scaled_milestones(list(base_milestones), base_epochs, epochs)
     if values.get("method") == "part":  # PART's mask settings where neither the file nor an override gives them
         from dhat_seg.method_defaults import part_settings

@@ -40,6 +40,17 @@ def again_code_settings(epochs: int, is_set: Callable[[str], bool]) -> dict[str,
     return {k: v for k, v in values.items() if not is_set(k)}
 
 
+def scaled_milestones(milestones: list[int], from_epochs: int, to_epochs: int) -> list[int]:
+    """A schedule's milestones moved to a run of ``to_epochs`` epochs: the same fractions
+    of the run (rounded down), keeping only those that take effect (1 to to_epochs - 1)."""
+    out: list[int] = []
+    for m in milestones:
+        scaled = int(m * to_epochs / from_epochs) if from_epochs > 0 else m
+        if 1 <= scaled < to_epochs and scaled not in out:
+            out.append(scaled)
+    return out
+
+
 def part_settings(epochs: int, attention: str, options: Mapping[str, Any],
                   is_set: Callable[[str], bool]) -> dict[str, Any]:
     """PART's mask settings for a run of ``epochs`` epochs whose masks come from ``attention``

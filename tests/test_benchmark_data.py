@@ -10,7 +10,8 @@ import json
 import pytest
 import torch
 
-from dhat_seg.config import TrainConfig, load_config, scaled_milestones
+from dhat_seg.config import TrainConfig, load_config
+from dhat_seg.method_defaults import scaled_milestones
 from dhat_seg.convergence import read_metrics, run_verdict, verdict
 from dhat_seg.data import build_dataset, split_args
 from dhat_seg.data import datasets as ds_module
@@ -177,7 +178,7 @@ def test_train_epochs_on_built_in_data_stays_small_and_says_where_settings_start
     first = next(line for line in result.output.splitlines() if line.startswith("settings:"))
     assert first.startswith("settings: quick recipe of the built-in data, plus --method uiat --epochs 1")
     saved = (out / "config.yaml").read_text()
-    assert "model: small_cnn" in saved and "batch_size: 32" in saved
+    assert "model: small_cnn" in saved and "batch_size: 32" in saved and "milestones: []" in saved
     assert "validation accuracy: convergence unknown" in result.output
 
 
@@ -194,7 +195,11 @@ def test_quick_with_more_epochs_decays_at_the_scaled_milestone(tmp_path):
     quick = load_config("quick")
     cfg = load_config("quick", {"epochs": 12})
     assert cfg.milestones == scaled_milestones(quick.milestones, quick.epochs, 12)
-    assert all(1 <= m < 12 for m in cfg.milestones) and cfg.milestones[-1] >= 10
+    assert (quick.epochs, quick.milestones, cfg.milestones) == (15, [10], [8])  # two thirds of the run, as the recipe
+    from dhat_seg.config import save_config
+
+    save_config(cfg, tmp_path / "config.yaml")
+    assert "milestones:\n- 8\n" in (tmp_path / "config.yaml").read_text()
 
 
 # ------------------------------------------------------------------ convergence verdict

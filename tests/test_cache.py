@@ -319,7 +319,7 @@ def test_checkpoint_options_enter_the_key_by_content(tmp_path):
 def tiny_config(**overrides):
     values = dict(method="dhat", attention="gradcam", data="synthetic", model="small_cnn", train_size=56, test_size=16,
                   val_size=8, epochs=1, batch_size=16, attack_steps=1, inv_steps=1, val_examples=8, val_attack_steps=1,
-                  device="cpu", milestones=[5])
+                  device="cpu", milestones=[])
     values.update(overrides)
     return load_config(None, values)
 

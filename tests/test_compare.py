@@ -91,7 +91,7 @@ def test_row_configs(monkeypatch):
     assert (dhat_awp.method, dhat_awp.base, dhat_awp.awp, dhat_awp.awp_gamma) == ("dhat", "at", True, 0.01)
     trades_awp = cfg("trades-awp")
     assert (trades_awp.method, trades_awp.awp, trades_awp.awp_gamma) == ("trades", True, 0.005)
-    assert trades_awp.awp_warmup == 1  # 10 of the paper's 100 epochs -> 1 of the quick preset's 6
+    assert trades_awp.awp_warmup == 2  # 10 of the paper's 100 epochs -> 2 of the quick preset's 15
     assert cfg("trades-awp", b=quick_base(epochs=100)).awp_warmup == 10
     assert [compare.scaled_warmup(10, e) for e in (1, 4, 5, 6, 20, 100, 200)] == [0, 0, 1, 1, 2, 10, 20]
     for name, method in (("standard", "standard"), ("at", "at"), ("trades", "trades"), ("mart", "mart"), ("uiat", "uiat")):
@@ -154,6 +154,8 @@ def fake_eval(calls):
         report = {"accuracy": {"clean": CLEAN[name] + seed, "pgd10": 40.0, "pgd20": 39.0, "cw": 35.0, "aa": 30.0 + seed},
                   "examples": {"clean": 24}, "robust_gap": {"gap": 4.0, "train_accuracy": 44.0, "n_train": 24},
                   "bg_gap": {"clean": {"gap": 5.0}, "pgd10": {"gap": 1.0}},
+                  "background_challenge": {"same": 70.0, "mixed_rand": 65.0, "only_fg": 60.0, "no_fg_bg_class": 20.0,
+                                           "pgd10": {"same": 40.0, "mixed_rand": 35.0, "only_fg": 30.0}},
                   "attention_iou": {"mean_iou": 0.3} if name.startswith("dhat") else None,
                   "config_digest": json.loads((run_dir / "summary.json").read_text())["config_digest"],
                   "eval_settings": options.result_settings(),
@@ -204,9 +206,9 @@ def test_compare_writes_the_table_with_not_implemented_rows_skipped(tmp_path, mo
         assert not (out / name.lower()).exists()
     md = (out / "comparison.md").read_text()
     assert md.startswith("# dhat-seg compare: training methods")
-    assert "| method | Clean | PGD-10 | C&W | AA | Robust Gap | BG-gap | status |" in md  # no IoU column
-    assert "| AT | 70.00 | 40.00 | 35.00 | 30.00 | 4.00 | 5.00 | ok |" in md
-    assert "| SGLR | - | - | - | - | - | - | skipped: not implemented in this version |" in md
+    assert "| method | Clean | PGD-10 | C&W | AA | Robust Gap | BG-gap | mixed-rand | only-FG | status |" in md  # no IoU column
+    assert "| AT | 70.00 | 40.00 | 35.00 | 30.00 | 4.00 | 5.00 | 65.00 | 60.00 | ok |" in md
+    assert "| SGLR | - | - | - | - | - | - | - | - | skipped: not implemented in this version |" in md
     assert "Paper main results" not in md  # the quick preset shows no paper numbers
     assert "Rows as trained: AT: at; DHAT-TRADES: dhat (base trades) + gradcam; CFA: cfa." in md
     with open(out / "comparison.csv") as fh:
@@ -271,7 +273,7 @@ def test_the_part_paper_preset_prints_the_part_papers_table_with_pgd20(tmp_path,
     result = fake_compare(tmp_path, monkeypatch, [], methods=("at", "part", "dhat"), show_paper=True,
                           preset_name="part-paper")
     md = (tmp_path / "out" / "comparison.md").read_text()
-    assert "| method | Clean | PGD-10 | PGD-20 | C&W | AA | Robust Gap | BG-gap | status |" in md
+    assert "| method | Clean | PGD-10 | PGD-20 | C&W | AA | Robust Gap | BG-gap | mixed-rand | only-FG | status |" in md
     assert "| AT | 70.00 (82.58) | 40.00 | 39.00 (43.69) | 35.00 | 30.00 (41.63) |" in md
     assert "| DHAT | 74.00 | 40.00 | 39.00 |" in md  # no PART-paper number for DHAT, nor the DHAT paper's here
     assert "## PART paper Table 1" in md and "| PART-T | 79.36 | 48.90 | 45.97 |" in md

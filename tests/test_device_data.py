@@ -119,7 +119,7 @@ def test_epoch_loader_chooses_the_device_only_where_asked_or_on_cuda():
 def test_dhat_trains_from_the_device_and_resumes_exactly(tmp_path):
     cfg = load_config(None, dict(data="synthetic", image_size=16, model="small_cnn", train_size=48, test_size=8, val_size=8,
                                  epochs=2, batch_size=16, attack_steps=1, inv_steps=1, val_examples=8, val_attack_steps=1,
-                                 device="cpu", milestones=[5], method="dhat", attention="oracle", data_on_device=True))
+                                 device="cpu", milestones=[], method="dhat", attention="oracle", data_on_device=True))
     straight = tmp_path / "straight"
     summary = Experiment(cfg, straight, cache_dir=tmp_path / "c", progress=False, on_epoch=lambda r: None).run()
     assert summary["epochs"] == 2

@@ -270,7 +270,7 @@ def test_compare_rows_put_the_module_on_the_shared_model():
 def tiny_run(**overrides) -> TrainConfig:
     values = dict(data="synthetic", image_size=16, model="small_cnn_fsr", train_size=32, test_size=8, val_size=8,
                   epochs=1, batch_size=12, attack_steps=1, val_examples=8, val_attack_steps=1, device="cpu",
-                  milestones=[5], attention="oracle", method="fsr", fsr_tau=0.2)
+                  milestones=[], attention="oracle", method="fsr", fsr_tau=0.2)
     values.update(overrides)
     return load_config(None, values)
 

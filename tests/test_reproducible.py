@@ -22,7 +22,7 @@ import pytest
 ARGS = ["--config", "quick", "--method", "dhat", "--attention", "gradcam", "--epochs", "2", "--batch-size", "16", "--seed", "5",
         "--set", "train_size=64", "--set", "test_size=16", "--set", "val_size=8", "--set", "val_examples=8",
         "--set", "attack_steps=1", "--set", "inv_steps=1", "--set", "val_attack_steps=1",
-        "--set", "attention_model_epochs=1", "--set", "milestones=[2]", "--device", "cpu"]
+        "--set", "attention_model_epochs=1", "--set", "milestones=[1]", "--device", "cpu"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 

@@ -268,7 +268,7 @@ def test_the_new_settings_leave_old_digests_alone():
 def tiny_run(**overrides) -> TrainConfig:
     values = dict(data="synthetic", image_size=16, model="small_cnn", train_size=32, test_size=8, val_size=8, epochs=1,
                   batch_size=12, attack_steps=1, inv_steps=1, val_examples=8, val_attack_steps=1, device="cpu",
-                  milestones=[5], attention="oracle", floe_form="relative", method="sglr", sglr_start=0)
+                  milestones=[], attention="oracle", floe_form="relative", method="sglr", sglr_start=0)
     values.update(overrides)
     return load_config(None, values)
 

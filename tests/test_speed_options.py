@@ -30,7 +30,7 @@ NO_CXX = "torch.compile on CPU needs a C++ compiler (Inductor builds C++ kernels
 def tiny(**overrides) -> TrainConfig:
     """AT on a few synthetic images (no attention model to train)."""
     values = dict(method="at", data="synthetic", model="small_cnn", train_size=48, test_size=16, val_size=8, epochs=1,
-                  batch_size=16, attack_steps=1, val_examples=8, val_attack_steps=1, device="cpu", milestones=[5])
+                  batch_size=16, attack_steps=1, val_examples=8, val_attack_steps=1, device="cpu", milestones=[])
     values.update(overrides)
     return load_config(None, values)
 

@@ -18,7 +18,8 @@ from dhat_seg import attacks, training_methods
 from dhat_seg.checkpoint import read_pointers
 from dhat_seg.cli import app
 from dhat_seg.cli.common import config_base
-from dhat_seg.config import PRESETS, TrainConfig, load_config, paper_differences
+from dhat_seg.config import PRESETS, TrainConfig, load_config
+from dhat_seg.paper_settings import paper_differences
 from dhat_seg.errors import DivergenceError, UserError
 from dhat_seg.models import create_model, frozen_bn_statistics
 from dhat_seg.experiment import Experiment
@@ -30,7 +31,7 @@ runner = CliRunner()
 def tiny(**overrides) -> TrainConfig:
     values = dict(method="dhat", attention="gradcam", data="synthetic", model="small_cnn", train_size=56, test_size=16,
                   val_size=8, epochs=2, batch_size=16, attack_steps=1, inv_steps=1, val_examples=8, val_attack_steps=1,
-                  device="cpu", milestones=[5], attention_model_arch="small_cnn", attention_model_epochs=1,
+                  device="cpu", milestones=[], attention_model_arch="small_cnn", attention_model_epochs=1,
                   floe_form="relative")
     values.update(overrides)
     return load_config(None, values)

@@ -96,7 +96,8 @@ def register(root: typer.Typer) -> None:
         """Train a model. With no options: the quick demo (DHAT with Grad-CAM on the built-in dataset, a few
         minutes on CPU). Settings start from the data's recipe: the quick one on the built-in data (synthetic,
         digits), the paper's on CIFAR and folders (or --config's preset); milestones follow --epochs."""
-        from dhat_seg.config import load_config, needs_attention, paper_differences
+        from dhat_seg.config import load_config, needs_attention
+        from dhat_seg.paper_settings import paper_differences
 
         overrides = parse_overrides(set_)
         settings = dict(method=method, attention=attention, attention_checkpoint=attention_checkpoint,

@@ -86,6 +86,15 @@ DATASETS: dict[str, DatasetInfo] = {
 SPLIT_ALIASES = {"test-same": "test", "valid": "val", "validation": "val"}
 
 
+def generator_version(name: str) -> str | None:
+    """The version of the generator of built-in dataset ``name`` (None for other data):
+    part of the config digest, so finished runs on other images are never reused."""
+    from dhat_seg.data.digits import DIGITS_VERSION
+    from dhat_seg.data.synthetic import GENERATOR_VERSION
+
+    return {"synthetic": GENERATOR_VERSION, "digits": f"{GENERATOR_VERSION}+digits-{DIGITS_VERSION}"}.get(name)
+
+
 def list_datasets() -> list[DatasetInfo]:
     """All registered datasets, in registry order."""
     return list(DATASETS.values())
