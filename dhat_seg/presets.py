@@ -5,6 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+#: The built-in datasets (generated here; ``DatasetInfo.built_in`` in the registry, a test
+#: keeps them equal): their own recipe, where ``train`` settings start, is ``quick``. Kept
+#: here, torch-free, so that bad settings are refused before torch is imported.
+BUILT_IN_DATA = ("synthetic", "digits")
+
 #: Built-in presets; ``configs/<name>.yaml`` mirror them (a test keeps them equal).
 PRESETS: dict[str, dict[str, Any]] = {
     # DHAT on the built-in data with a small CNN: a few minutes on 2 CPU cores. Calibrated

@@ -259,12 +259,12 @@ def _digest_before_again_form(cfg: TrainConfig) -> str:
     """The digest as computed before again_form existed (again_hff a plain bool, true by default)."""
     import hashlib
 
-    from dhat_seg.config import _generator_version
+    from dhat_seg.data.registry import generator_version
 
     values = {k: v for k, v in cfg.to_dict().items() if k != "again_form"}
     values["again_hff"] = True if values["again_hff"] is None else values["again_hff"]
     values = {k: v for k, v in values.items() if k not in DIGEST_NEUTRAL or v != DIGEST_NEUTRAL[k]}
-    values["data_generator"] = _generator_version(cfg.data)
+    values["data_generator"] = generator_version(cfg.data)
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

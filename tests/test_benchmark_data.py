@@ -254,3 +254,9 @@ def test_split_args_carry_the_salience():
 
 def test_config_default_salience_is_the_generator_s():
     assert TrainConfig().salience == DEFAULT_SALIENCE == load_config("quick").salience
+
+
+def test_built_in_data_list_matches_the_registry():
+    from dhat_seg.presets import BUILT_IN_DATA
+
+    assert {name for name, info in DATASETS.items() if info.built_in} == set(BUILT_IN_DATA)

@@ -253,14 +253,14 @@ def test_method_part_alone_takes_the_paper_masks_and_the_user_s_settings_win():
     assert (cfg.attention, cfg.attention_source, cfg.attention_options, cfg.threshold_policy, cfg.mask_refresh_every,
             cfg.attention_burn_in) == ("gradcam", "self", {"target": "pred"}, "mean_std", 1, 25)  # 20/80 of 100 epochs
     quick = load_config("quick", {"method": "part", "base": "trades"})
-    assert (quick.attention_source, quick.attention_burn_in, quick.threshold_policy) == ("self", 2, "mean_std")
+    assert (quick.attention_source, quick.attention_burn_in, quick.threshold_policy) == ("self", 4, "mean_std")
     given = load_config("quick", {"method": "part", "threshold_policy": "otsu", "attention_burn_in": 3,
                                   "mask_refresh_every": 2, "attention_options": {"target": "label"}})
     assert (given.threshold_policy, given.attention_burn_in, given.mask_refresh_every, given.attention_options) == (
         "otsu", 3, 2, {"target": "label"})
     oracle = load_config("quick", {"method": "part", "attention": "oracle"})
     assert (oracle.attention_source, oracle.mask_refresh_every, oracle.threshold_policy, oracle.attention_burn_in) == (
-        "frozen", 0, "fixed", 2)
+        "frozen", 0, "fixed", 4)
     assert load_config("quick", {"method": "dhat"}).attention_source == "frozen"  # other methods: untouched
     line = describe_part_masks(quick)
     assert "gradcam of the model being trained" in line and "mean_std" in line and "2 burn-in epoch(s) of plain TRADES" in line
@@ -281,14 +281,14 @@ def test_compare_rows():
         cfg = compare.method_config(base, name, "gradcam", options)
         assert (cfg.method, cfg.base, cfg.attention, cfg.attention_options) == ("part", row_base, "gradcam", {"target": "pred"})
         assert (cfg.attention_source, cfg.mask_refresh_every, cfg.threshold_policy) == ("self", 1, "mean_std")
-        assert cfg.attention_burn_in == 2  # 20 of the paper's 80 epochs -> 2 of the quick preset's 6
+        assert cfg.attention_burn_in == 4  # 20 of the paper's 80 epochs -> 4 of the quick preset's 15
     assert compare.method_config(quick_base(epochs=80), "part", "gradcam").attention_burn_in == 20
     # a segmenter's or the ground truth's masks do not depend on the model: frozen, thresholded as the base says
     for attention in ("u2net", "oracle"):
         cfg = compare.method_config(base, "part-t", attention, options)
         assert (cfg.attention, cfg.attention_source, cfg.mask_refresh_every, cfg.threshold_policy) == (
             attention, "frozen", 0, "fixed")
-        assert cfg.attention_burn_in == 2 and "target" not in cfg.attention_options
+        assert cfg.attention_burn_in == 4 and "target" not in cfg.attention_options
     # --set wins; the other rows are untouched
     kept = compare.method_config(quick_base(mask_refresh_every=10, attention_burn_in=3, threshold_policy="otsu",
                                             attention_options={"target": "label"}), "part", "gradcam")

@@ -91,14 +91,13 @@ def config_base(config: str | None, *, resume: bool, out: Path | None, data: str
     built-in data stays a small run, and ``--data cifar10`` gets the paper schedule.
     """
     from dhat_seg.config import FIELDS
-    from dhat_seg.data import DATASETS
+    from dhat_seg.presets import BUILT_IN_DATA
 
     if config is not None:
         return config
     if resume and out is not None and (out / "config.yaml").is_file():
         return out / "config.yaml"
-    info = DATASETS.get(data or FIELDS["data"].default)
-    return "quick" if info is not None and info.built_in else None
+    return "quick" if (data or FIELDS["data"].default) in BUILT_IN_DATA else None
 
 
 def describe_base(base: str | Path | None, given: list[str], data: str | None = None) -> str:
