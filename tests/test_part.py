@@ -263,7 +263,7 @@ def test_method_part_alone_takes_the_paper_masks_and_the_user_s_settings_win():
         "frozen", 0, "fixed", 4)
     assert load_config("quick", {"method": "dhat"}).attention_source == "frozen"  # other methods: untouched
     line = describe_part_masks(quick)
-    assert "gradcam of the model being trained" in line and "mean_std" in line and "2 burn-in epoch(s) of plain TRADES" in line
+    assert "gradcam of the model being trained" in line and "mean_std" in line and "4 burn-in epoch(s) of plain TRADES" in line
     assert "frozen, from the mask cache" in describe_part_masks(oracle)
 
 
