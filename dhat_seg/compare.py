@@ -57,16 +57,15 @@ class MethodRow:
     #: AWP warm-up epochs at the paper's 100 epochs (``awp_epochs``); scaled with the row's epochs
     awp_warmup: int = 0
     awp_epochs: int = 100
-    #: the row trains the shared model with the FSR module (``<model>_fsr``; method fsr)
-    fsr: bool = False
     #: AGAIN's form (method again): "code" trains the shared model with the auxiliary heads (``<model>_again``)
     again_form: str = "paper"
 
 
 #: Every known row, in the table's order for ``--methods all``. AT-AWP: gamma 1e-2,
-#: no warm-up; TRADES-AWP: gamma 5e-3, warm-up 10 epochs (Wu et al. 2020, the settings
-#: of config.py's AWP note); DHAT-AWP takes AT-AWP's (DHAT's base loss is AT's). AGAIN as
-#: released: gamma 5e-3, AWP from the 10th of 200 epochs (0-based warm-up 9, scaled).
+#: no warm-up; TRADES-AWP: gamma 5e-3, AWP from the 10th of 100 epochs (the official
+#: ``--awp-warmup 10`` against 1-based epochs: 9 warm-up epochs; Wu et al. 2020, config.py's
+#: AWP note); DHAT-AWP takes AT-AWP's (DHAT's base loss is AT's). AGAIN as released: gamma
+#: 5e-3, AWP from the 10th of 200 epochs (9 warm-up epochs). Warm-ups scale with the row's epochs.
 METHOD_ROWS: dict[str, MethodRow] = {
     r.name: r
     for r in (
@@ -75,7 +74,7 @@ METHOD_ROWS: dict[str, MethodRow] = {
         MethodRow("trades", "TRADES", "trades"),
         MethodRow("mart", "MART", "mart"),
         MethodRow("awp", "AT-AWP", "at", awp=True, awp_gamma=1e-2),
-        MethodRow("trades-awp", "TRADES-AWP", "trades", awp=True, awp_gamma=5e-3, awp_warmup=10),
+        MethodRow("trades-awp", "TRADES-AWP", "trades", awp=True, awp_gamma=5e-3, awp_warmup=9),
         MethodRow("uiat", "UIAT", "uiat"),
         MethodRow("dhat", "DHAT", "dhat"),
         MethodRow("dhat-awp", "DHAT-AWP", "dhat", awp=True, awp_gamma=1e-2),
@@ -84,9 +83,9 @@ METHOD_ROWS: dict[str, MethodRow] = {
         MethodRow("sglr", "SGLR", "sglr"),
         MethodRow("cfa", "CFA", "cfa"),
         MethodRow("dhat-cfa", "DHAT-CFA", "dhat", base="cfa"),
-        MethodRow("fsr", "AT+FSR", "fsr", fsr=True),
-        MethodRow("fsr-trades", "TRADES+FSR", "fsr", base="trades", fsr=True),
-        MethodRow("fsr-mart", "MART+FSR", "fsr", base="mart", fsr=True),
+        MethodRow("fsr", "AT+FSR", "fsr"),
+        MethodRow("fsr-trades", "TRADES+FSR", "fsr", base="trades"),
+        MethodRow("fsr-mart", "MART+FSR", "fsr", base="mart"),
         MethodRow("part", "PART", "part"),
         MethodRow("part-t", "PART-T", "part", base="trades"),
         MethodRow("part-m", "PART-M", "part", base="mart"),
@@ -214,26 +213,24 @@ def method_config(base: TrainConfig, name: str, attention: str,
     settings (``awp: false`` for the others), for FSR rows the base's model with the FSR
     module (``<model>_fsr``), for ``again-code`` the one with AGAIN's heads (``<model>_again``), and for DHAT rows the attention method
     ``attention`` with its preset options (``options``) under the base's."""
+    from dhat_seg.training_methods import TRAINING_METHODS, reads_base
+
     row = METHOD_ROWS.get(name)
     if row is None or row.method is None:
         raise UserError(f"method row {name!r} is {'unknown' if row is None else NOT_IMPLEMENTED}")
     values: dict[str, Any] = {"method": row.method, "base": row.base, "awp": row.awp, "again_form": row.again_form}
     if row.awp:
         values.update(awp_gamma=row.awp_gamma, awp_warmup=scaled_warmup(row.awp_warmup, base.epochs, row.awp_epochs))
-    if "cfa" in (row.method, row.base if row.method in ("uiat", "dhat") else None):
+    if "cfa" in (row.method, row.base if reads_base(row.method) else None):
         # CFA's start epochs are for the paper's schedule (calibration from epoch 10, the
         # weight average from 50, of 100 epochs): scaled like AWP's warm-up unless set with --set
         for key, paper in (("cfa_begin", CFA_BEGIN), ("fawa_begin", FAWA_BEGIN)):
             if getattr(base, key) == paper:
                 values[key] = scaled_warmup(paper, base.epochs)
-    if row.fsr:
-        from dhat_seg.fsr_module import fsr_model_name
-
-        values["model"] = fsr_model_name(base.model)
-    if row.again_form == "code":
-        from dhat_seg.again_net import again_model_name
-
-        values["model"] = again_model_name(base.model)
+    entry = TRAINING_METHODS[row.method]
+    variant = entry.model_variant(dataclasses.replace(base, **values)) if entry.model_variant else None
+    if variant:  # FSR's module, AGAIN's heads: the method picks its variant of the shared model (the registry's)
+        values["model"] = variant
     if needs_attention(row.method):
         values.update(attention=attention, attention_options={**(options or {}).get(attention, {}),
                                                               **(base.attention_options or {})})
@@ -252,10 +249,12 @@ def part_settings(base: TrainConfig, attention: str, options: Mapping[str, Any])
 
 
 def _describe(name: str, attention: str) -> dict[str, Any]:
+    from dhat_seg.training_methods import reads_base
+
     row = METHOD_ROWS[name]
     if row.method is None:
         return {"method": None, "base": None, "awp": None, "attention": None}
-    return {"method": row.method, "base": row.base if row.method in ("uiat", "dhat", "fsr", "part") else None, "awp": row.awp,
+    return {"method": row.method, "base": row.base if reads_base(row.method) else None, "awp": row.awp,
             "attention": attention if needs_attention(row.method) else None}
 
 

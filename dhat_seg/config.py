@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Any
 import yaml
 
 from dhat_seg.presets import PRESETS  # noqa: F401  (config.PRESETS: load_config's names)
+from dhat_seg.config_types import typed as _typed
 from dhat_seg.errors import UserError
 
 
@@ -143,7 +142,9 @@ class TrainConfig:
     inv_eps: float = 4.0
     inv_step_size: float = 2.0
     inv_steps: int = 10
-    attack_mode: str = "train"
+    # "train" or "eval": the model's mode while the training attacks craft; null = the method's authors' (the
+    # registry's: eval for TRADES, MART, CFA, SGLR, FSR, PART, AGAIN; train for AT, UIAT, DHAT on any base)
+    attack_mode: str | None = None
     # "fp32": attacks run in full precision inside autocast (input gradients of confident
     # samples underflow in fp16); "autocast": the attacks use the training precision
     attack_precision: str = "fp32"
@@ -189,14 +190,10 @@ class TrainConfig:
     # the loss is not finite or a clean or x_B logit exceeds this in absolute value (0 = off)
     max_abs_logit: float = 1e4
 
-    def validate(self) -> "TrainConfig":
-        """Check types, enumerated settings (against their registries) and ranges.
-
-        Raises a UserError naming the key, the value and what is allowed.
-        """
+    def check_ranges(self) -> "TrainConfig":
+        """Types and ranges: no registry needed, so such a refusal comes before torch is imported."""
         for f in dataclasses.fields(self):
             setattr(self, f.name, _typed(f.name, getattr(self, f.name), _HINTS[f.name]))
-        # ranges first: they need no registry, so such a refusal comes before torch is imported
         checks = [
             (self.epochs >= 1, "epochs", "a positive integer"),
             (self.batch_size >= 1, "batch_size", "a positive integer"),
@@ -256,7 +253,6 @@ class TrainConfig:
             (self.fsr_begin >= 0, "fsr_begin", "a non-negative integer (0-based epoch)"),
             (self.part_eps_low is None or 0 <= self.part_eps_low <= self.eps, "part_eps_low",
              f"a number in [0, eps={self.eps:g}] (units of 1/255) or null (eps - 1)"),
-            (self.method != "part" or self.base in ("at", "trades", "mart"), "base", "at, trades or mart with method part"),
             (0 <= self.again_alpha <= 1, "again_alpha", "a number in [0, 1] (the true label's share of the mixed logit)"),
             (self.sglr_start is None or self.sglr_start >= 0, "sglr_start",
              "a non-negative integer (0-based epoch) or null (10 epochs before the first milestone)"),
@@ -264,18 +260,25 @@ class TrainConfig:
         for ok, name, expected in checks:
             if not ok:
                 raise UserError(f"config option {name}={getattr(self, name)!r} is invalid; expected {expected}")
+        return self
+
+    def validate(self) -> "TrainConfig":
+        """Check types, enumerated settings (against their registries) and ranges.
+
+        Raises a UserError naming the key, the value and what is allowed.
+        """
+        self.check_ranges()
         for name, allowed in _choices(self).items():
             value = getattr(self, name)
             if value not in allowed:
                 raise UserError(f"{name} {value!r} is unknown; expected one of {', '.join(map(str, allowed))}")
+        from dhat_seg.training_methods import check_method_config
+
+        check_method_config(self)  # the method's bases and own constraints (the registry's)
         if self.method == "again" or self.model.endswith("_again"):  # AGAIN's code form on <name>_again only
             from dhat_seg.training_methods.again_code import check_config as check_again
 
             check_again(self)
-        if self.method == "fsr":  # a model with the FSR module, one of FSR's bases
-            from dhat_seg.training_methods.fsr import check_config
-
-            check_config(self)
         if self.attention_source == "self" and self.attention_burn_in == 0 and needs_attention(self.method):
             raise UserError("config option attention_burn_in=0 is invalid with attention_source='self': the first masks "
                             "would come from the randomly initialised model; expected attention_burn_in >= 1 epochs "
@@ -298,6 +301,9 @@ class TrainConfig:
         values = self.to_dict()
         # again_hff null is the form's default: on for paper (true, the old default), off for code
         values["again_hff"] = values["again_form"] == "paper" if values["again_hff"] is None else values["again_hff"]
+        from dhat_seg.training_methods import attack_mode_of
+
+        values["attack_mode"] = attack_mode_of(self)  # null = the method's: "train" (the old default) for at, uiat, dhat
         values = {k: v for k, v in values.items() if k not in DIGEST_NEUTRAL or v != DIGEST_NEUTRAL[k]}
         if self.method == "again" and values.get("again_hff", True):  # HFF is the released code's, not the earlier MixStyle
             values["again_hff_formula"] = "code"
@@ -325,35 +331,6 @@ DIGEST_NEUTRAL: dict[str, Any] = {"base": "at", "trades_beta": 6.0, "mart_beta":
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)
 
-_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping KEY: VALUE"}
-
-
-def _typed(name: str, value: Any, hint: Any) -> Any:
-    """``value`` checked against the field's type hint (ints accepted for floats)."""
-    args = typing.get_args(hint)
-    if type(None) in args:  # X | None
-        if value is None:
-            return None
-        hint = next(a for a in args if a is not type(None))
-    elif typing.get_origin(hint) in (typing.Union, types.UnionType):  # int | float: either, as given
-        if isinstance(value, args) and not isinstance(value, bool):
-            return value
-        raise UserError(f"config option {name}={value!r} is invalid; expected a number")
-    origin = typing.get_origin(hint) or hint
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if isinstance(value, (list, tuple)) and all(isinstance(v, item) and not isinstance(v, bool) for v in value):
-            return list(value)
-        raise UserError(f"config option {name}={value!r} is invalid; expected a list of {_TYPE_WORDS[item].split(' ', 1)[1]}s")
-    ok = isinstance(value, origin) and not (origin in (int, float) and isinstance(value, bool))
-    if origin is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if origin is float and ok and math.isnan(value):
-        ok = False
-    if not ok:
-        raise UserError(f"config option {name}={value!r} is invalid; expected {_TYPE_WORDS[origin]}")
-    return value
-
 
 def needs_attention(method: str | None) -> bool:
     """Whether a training method reads attention masks (dhat, part; not uiat, at, ...)."""
@@ -375,7 +352,7 @@ def _choices(cfg: TrainConfig) -> dict[str, tuple]:
     choices = {
         "method": tuple(TRAINING_METHODS), "model": tuple(MODELS), "attention_model_arch": tuple(MODELS), "data": tuple(DATASETS),
         "dhlr_form": DHLR_FORMS, "floe_form": FLOE_FORMS, "threshold_policy": THRESHOLD_POLICIES,
-        "attack_mode": ("train", "eval"), "attack_precision": PRECISIONS, "mask_source": ("cache", "online"),
+        "attack_mode": ("train", "eval", None), "attack_precision": PRECISIONS, "mask_source": ("cache", "online"),
         "attention_source": ("frozen", "self"), "amp_dtype": AMP_DTYPES, "base": tuple(BASE_METHODS),
         "cfa_base": CFA_BASES, "again_fake_label": AGAIN_FAKE_LABELS, "again_form": AGAIN_FORMS,
     }
@@ -391,14 +368,22 @@ AMP_DTYPES = ("auto", "bfloat16", "float16")
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
-                resumed: bool = False) -> TrainConfig:
+                resumed: bool = False, check_unread: bool = True, notes: list[str] | None = None) -> TrainConfig:
     """Defaults <- preset name or YAML file <- overrides (None values are ignored); for
     ``method: part``, PART's mask settings where neither gives them
     (:func:`dhat_seg.method_defaults.part_settings`); for AGAIN's code form, AWP as released
     (:func:`dhat_seg.method_defaults.again_code_settings`). Milestones follow ``epochs``
     changed by ``overrides`` (:func:`~dhat_seg.method_defaults.scaled_milestones`; not when
-    ``resumed``); explicit ones (overrides, YAML) at or past the last epoch are refused."""
+    ``resumed``); explicit ones (overrides, YAML) at or past the last epoch are refused.
+
+    The method's model variant where it needs one (``--method fsr`` on ``small_cnn``: ``small_cnn_fsr``),
+    with one line in ``notes``. Unless ``resumed`` or not ``check_unread``: a setting some method owns
+    (the registry's ``settings`` and ``base``) that the user gives (``overrides``, or a YAML file written
+    for the same method; not a built-in preset) at a value other than its default, and that the run's
+    method does not read, is refused, naming the methods that read it
+    (:func:`dhat_seg.training_methods.unread_settings`)."""
     values: dict[str, Any] = {}
+    file_keys, file_method = set(), None  # a YAML file's settings: the user's when written for the run's method
     explicit_milestones = False
     if path is not None and str(path) in PRESETS:
         values.update(PRESETS[str(path)])
@@ -414,6 +399,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise UserError(f"config file {str(path)!r} must hold a mapping of option: value")
         values.update(loaded)
         explicit_milestones = "milestones" in loaded and not resumed
+        file_keys, file_method = set(loaded), loaded.get("method", FIELDS["method"].default)
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     base_epochs = values.get("epochs", FIELDS["epochs"].default)
     base_milestones = values.get("milestones", FIELDS["milestones"].default_factory())
@@ -428,6 +414,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         from dhat_seg.method_defaults import scaled_milestones
 
         values["milestones"] = scaled_milestones(list(base_milestones), base_epochs, epochs)
+    from dhat_seg.method_defaults import method_steps
+
+    explicit = (file_keys if file_method == values.get("method", FIELDS["method"].default) else set()) | set(given)
+    method_steps(TrainConfig, values, explicit, check_unread and not resumed, notes)
     if values.get("method") == "part":  # PART's mask settings where neither the file nor an override gives them
         from dhat_seg.method_defaults import part_settings
 

@@ -166,10 +166,13 @@ def check_distributable(cfg, dist: Dist) -> None:
     if cfg.batch_size % dist.world:
         raise UserError(f"batch_size={cfg.batch_size} cannot be split over {dist.world} processes; expected a "
                         f"multiple of {dist.world} (the global batch; each process trains on batch_size / {dist.world})")
-    stateful = {"cfa": "class-wise statistics of the training batches", "sglr": "per-sample soft labels"}
-    for name in {cfg.method, getattr(cfg, "base", None)} & set(stateful):
-        raise UserError(f"method {name!r} keeps {stateful[name]} that dhat-seg does not synchronise across processes "
-                        "yet; expected a single process for it (python -m dhat_seg train ...)")
+    from dhat_seg.training_methods import TRAINING_METHODS, reads_base
+
+    for name in [cfg.method] + ([cfg.base] if reads_base(cfg.method) else []):
+        entry = TRAINING_METHODS.get(name)
+        if entry is not None and entry.stateful:
+            raise UserError(f"method {name!r} keeps {entry.stateful} that dhat-seg does not synchronise across processes "
+                            "yet; expected a single process for it (python -m dhat_seg train ...)")
     if cfg.sync_bn and not cfg.device.startswith("cuda"):
         raise UserError("sync_bn=true needs CUDA (torch's SyncBatchNorm has no CPU kernels); expected sync_bn=false "
                         "with gloo on CPU")

@@ -1,4 +1,5 @@
-"""Settings a training method brings with it when the user leaves them out (no torch here).
+"""Settings a training method brings with it when the user leaves them out (no torch here, except
+:func:`method_steps`, which reads the training-method registry once types and ranges are checked).
 
 One place for them, used by ``dhat-seg train`` (through :func:`dhat_seg.config.load_config`) and
 by ``dhat-seg compare``'s rows (:func:`dhat_seg.compare.method_config`):
@@ -6,6 +7,7 @@ by ``dhat-seg compare``'s rows (:func:`dhat_seg.compare.method_config`):
 * :func:`scaled_warmup`: a warm-up of a paper's schedule scaled to a shorter run.
 * :func:`part_settings`: PART's masks, as the PART paper takes them.
 * :func:`again_code_settings`: AWP as AGAIN's released code runs it (``again_form: code``).
+* :func:`method_steps`: the model variant a method needs, and the refusal of settings it does not read.
 """
 
 from __future__ import annotations
@@ -95,3 +97,25 @@ def describe_part_masks(cfg: Any) -> str:
     return (f"PART masks: {source}; important pixels by threshold_policy={cfg.threshold_policy}; "
             f"{cfg.attention_burn_in} burn-in epoch(s) of plain {cfg.base.upper()} first "
             "(the PART paper: Grad-CAM of the trained model, predicted class, mean+std, every epoch, 20 of 80 epochs)")
+
+
+def method_steps(make: Callable[..., Any], values: dict[str, Any], explicit: set[str], check_unread: bool,
+                 notes: list[str] | None) -> None:
+    """For :func:`dhat_seg.config.load_config` (``make``: ``TrainConfig``): the method's model variant into
+    ``values`` (said in ``notes``), then, if ``check_unread``, the refusal of an ``explicit`` setting the
+    method does not read. Types and ranges are checked first, before the registry (and torch) is imported."""
+    make(**values).check_ranges()
+    from dhat_seg.training_methods import TRAINING_METHODS, unread_settings
+
+    entry = TRAINING_METHODS.get(values.get("method", make().method))
+    if entry is None:
+        return  # validate names the known methods
+    cfg = make(**values).check_ranges()
+    variant = entry.model_variant(cfg) if entry.model_variant else None
+    if variant and variant != cfg.model:
+        values["model"] = variant
+        if notes is not None:
+            notes.append(f"method {entry.name} trains model {variant!r}: {cfg.model!r} with the "
+                         f"{'FSR module' if entry.name == 'fsr' else 'auxiliary heads of AGAIN as released'}")
+    if check_unread:
+        unread_settings(make(**values).check_ranges(), explicit)

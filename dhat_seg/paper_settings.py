@@ -22,10 +22,13 @@ PAPER_SETTINGS: dict[str, Any] = {
 
 
 def paper_differences(cfg: TrainConfig) -> list[tuple[str, Any, Any]]:
-    """(key, value, the paper's value) for every setting of ``cfg`` that differs from the paper."""
+    """(key, value, the paper's value) for every setting of ``cfg`` that differs from the paper
+    (``attack_mode`` null: the method's own mode, e.g. eval for TRADES, from the registry)."""
+    from dhat_seg.training_methods import attack_mode_of
+
     out = []
     for key, paper in PAPER_SETTINGS.items():
-        value = getattr(cfg, key)
+        value = attack_mode_of(cfg) if key == "attack_mode" else getattr(cfg, key)
         if key == "attention" and not needs_attention(cfg.method):
             continue
         same = value in paper if isinstance(paper, tuple) else value == paper

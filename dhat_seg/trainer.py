@@ -57,10 +57,9 @@ from dhat_seg.runtime import (deterministic_kernels, directory_lock, graceful_st
 from dhat_seg.speed import check_speed_options, prepare_model
 from dhat_seg.speed import describe as describe_speed
 from dhat_seg.train_loop import DeviceStats, EpochLoader, sync_interval
+from dhat_seg.training_methods import reads_base
 
 CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "summary.json"
-#: Methods whose loss is built on ``base`` (at, trades, mart, cfa, sglr).
-BASE_READERS = ("uiat", "dhat", "part", "fsr")
 
 
 @dataclass
@@ -384,7 +383,7 @@ class Trainer:
         best_state = load_state(ckpt_dir / pointers["best"] / "state.pt")
         summary = {
             "method": c.method,
-            "base": c.base if c.method in BASE_READERS else None,  # the loss UIAT/DHAT/PART/FSR add their terms to
+            "base": c.base if reads_base(c.method) else None,  # the loss UIAT/DHAT/PART/FSR add their terms to
             "awp": c.awp,
             "attention": c.attention if uses_attention else None,
             "model": c.model,

@@ -403,10 +403,11 @@ def _alternate_dir(out: Path, key: str, seed: int, multi: bool) -> Path:
 
 
 def base_config(preset: AblatePreset, overrides: Mapping[str, Any]) -> TrainConfig:
-    """The shared training config: training preset <- ablate preset <- user overrides."""
+    """The shared training config: training preset <- ablate preset <- user overrides (the rows pick their
+    methods, so a setting only some of them read is not refused here)."""
     values = dict(preset.train)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return load_config(preset.base, values)
+    return load_config(preset.base, values, check_unread=False)
 
 
 # ---------------------------------------------------------------------------------

@@ -71,10 +71,10 @@ def metrics_from_report(report: Mapping[str, Any]) -> dict[str, Any]:
 def describe_config(cfg: TrainConfig) -> str:
     """What a row trains, from its config: "at", "trades + AWP (gamma 0.005, 1 warm-up epochs)",
     "dhat (base mart) + gradcam"."""
-    from dhat_seg.training_methods import TRAINING_METHODS
+    from dhat_seg.training_methods import TRAINING_METHODS, reads_base
 
     text = cfg.method
-    if cfg.method in ("uiat", "dhat", "part") and cfg.base != "at":
+    if reads_base(cfg.method) and cfg.base != "at":
         text += f" (base {cfg.base})"
     if cfg.awp:
         text += f" + AWP (gamma {cfg.awp_gamma:g}, {cfg.awp_warmup} warm-up epochs)"

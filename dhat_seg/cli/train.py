@@ -56,9 +56,10 @@ def register(root: typer.Typer) -> None:
         # that --help does not import torch)
         method: Optional[str] = typer.Option(None, help="standard | at | uiat | dhat | trades | mart | cfa | sglr | fsr | part | again; uiat and dhat "
                                                         "add their terms to --set base=at|trades|mart|cfa|sglr; any method takes "
-                                                        "--set awp=true; fsr needs a model <name>_fsr and takes "
+                                                        "--set awp=true; fsr trains the model <name>_fsr (picked by itself) and takes "
                                                         "--set base=at|trades|mart, as does part (PART, PART-T, PART-M); again "
-                                                        "--set again_form=code (as released) needs a model <name>_again"),
+                                                        "--set again_form=code (as released) trains <name>_again; a setting the "
+                                                        "method does not read is refused"),
         attention: Optional[str] = typer.Option(None, help="attention method (see `dhat-seg plugins`)"),
         attention_checkpoint: Optional[str] = typer.Option(None, help="weights file of the attention method (SAM, SOLO)"),
         attention_opt: Optional[List[str]] = typer.Option(None, help="attention option KEY=VALUE (repeatable)"),
@@ -126,11 +127,15 @@ def register(root: typer.Typer) -> None:
             raise UserError("under torchrun, --out is required: every process must name the same run directory")
         rank0 = os.environ.get("RANK", "0") in ("", "0")  # torchrun: rank 0 alone prints
         base = config_base(config, resume=resume, out=out, data=overrides.get("data"))
-        cfg = load_config(base, overrides, resumed=bool(resume and base == out / "config.yaml" if out else False))
+        notes: list[str] = []
+        cfg = load_config(base, overrides, resumed=bool(resume and base == out / "config.yaml" if out else False),
+                          notes=notes)
         if rank0:
             given = [f"--{k.replace('_', '-')} {v}" for k, v in settings.items() if v is not None]
             given += [f"--set {item}" for item in (set_ or [])] + [f"--attention-opt {item}" for item in (attention_opt or [])]
             typer.echo(describe_base(base, given), err=True)
+        for note in notes if rank0 else ():
+            typer.echo(note, err=True)
         differences = paper_differences(cfg)
         if differences and rank0:
             typer.echo("settings that differ from the DHAT paper's (REFERENCE section 1):", err=True)
@@ -143,9 +148,11 @@ def register(root: typer.Typer) -> None:
         if cfg.method == "again" and rank0:
             hff = "on" if cfg.again_hff or (cfg.again_hff is None and cfg.again_form == "paper") else "off"
             typer.echo(f"AGAIN, {'as released (InsLin/AGAIN)' if cfg.again_form == 'code' else 'as the supplementary specifies'}: "
-                       f"HFF {hff}; AWP {'on, gamma %g, from 0-based epoch %d' % (cfg.awp_gamma, cfg.awp_warmup) if cfg.awp else 'off'}",
+                       f"HFF {hff}; AWP {'on, gamma %g, after %d warm-up epoch(s)' % (cfg.awp_gamma, cfg.awp_warmup) if cfg.awp else 'off'}",
                        err=True)
-        base_loss = cfg.base if cfg.method in ("uiat", "dhat") and cfg.base != "at" else None  # the paper's "at": not named
+        from dhat_seg.training_methods import reads_base
+
+        base_loss = cfg.base if reads_base(cfg.method) and cfg.base != "at" else None  # the paper's "at": not named
         if out is None:
             label = cfg.method + (f"-{base_loss}" if base_loss else "") + ("-awp" if cfg.awp else "") \
                 + (f"-{cfg.attention}" if needs_attention(cfg.method) else "")

@@ -52,7 +52,7 @@ class TRADES(MadryAT):
     def adversarial(self, model, x, y, eps=None):
         with self.auxiliary(model):
             return attacks.trades_kl_attack(model, x, self.eps if eps is None else eps, self.alpha, self.cfg.attack_steps,
-                                            mode=self.cfg.attack_mode, precision=self.cfg.attack_precision)
+                                            mode=self.attack_mode, precision=self.cfg.attack_precision)
 
     def base_loss(self, model, x, y, x_adv):
         z_nat, z_adv = model(x), model(x_adv)

@@ -33,7 +33,7 @@ produced the authors' numbers, and it departs from the supplementary's Algorithm
 Where dhat-seg departs from the release: the heads exist on every registry model
 (``<name>_again``; sites in :mod:`dhat_seg.again_net`) and have one output per class (the
 release's are fixed at 10); the mask's alpha is ``again_alpha`` (default 0.6, the release's
-constant); the attack runs in eval mode whatever ``attack_mode`` says (as released); the
+constant); the attack runs in eval mode as released (AGAIN's registry default; ``attack_mode`` overrides it); the
 training recipe is the run's (the release: 200 epochs, lr 0.1 decayed x0.1 at 100 and 150,
 batch 128, SGD momentum 0.9, weight decay 5e-4, no validation split; dhat-seg selects the
 checkpoint on its validation split); the evaluation attacks (PGD, C&W, AutoAttack) read the
@@ -105,7 +105,7 @@ class AGAINCode(MadryAT):
         start = x.detach() + START_NOISE * torch.randn_like(x)
         with self.auxiliary(model):
             return attacks.signed_ascent(model, objective, x, start, self.eps if eps is None else eps, self.alpha,
-                                         self.cfg.attack_steps, mode="eval", precision=self.cfg.attack_precision)
+                                         self.cfg.attack_steps, mode=self.attack_mode, precision=self.cfg.attack_precision)
 
     def loss(self, model, x, y, foreground=None, prepared=None):
         prepared = self.prepare(model, x, y) if prepared is None else prepared

@@ -28,17 +28,22 @@ class TrainingMethod:
         self.eps, self.alpha = cfg.eps / 255, cfg.step_size / 255
         self.inv_eps, self.inv_alpha = cfg.inv_eps / 255, cfg.inv_step_size / 255
         self._awp: AdversarialWeightPerturbation | None = None
+        from dhat_seg.training_methods import attack_mode_of  # the registry (the parent package)
+
+        #: the mode every training attack runs in: ``attack_mode``, else the run's method's authors'
+        #: (the registry's ``attack_mode``; a base built into UIAT/DHAT/PART/FSR takes the outer method's)
+        self.attack_mode = attack_mode_of(cfg)
 
     def auxiliary(self, model: nn.Module):
         """Context for forwards that must not update BN running statistics (see module doc)."""
         return frozen_bn_statistics(model, frozen=not self.cfg.attack_bn_update)
 
     def adversarial(self, model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor | None = None) -> Tensor:
-        """x_adv: PGD on the CE (Madry et al.), under :meth:`auxiliary`, in ``attack_mode``, fp32.
+        """x_adv: PGD on the CE (Madry et al.), under :meth:`auxiliary`, in :attr:`attack_mode`, fp32.
         ``eps``: another radius than ``self.eps`` (a per-sample or per-pixel tensor: PART's budget map)."""
         with self.auxiliary(model):
             return attacks.pgd(model, x, y, self.eps if eps is None else eps, self.alpha, self.cfg.attack_steps,
-                               mode=self.cfg.attack_mode, precision=self.cfg.attack_precision)
+                               mode=self.attack_mode, precision=self.cfg.attack_precision)
 
     def prepare(self, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         """What the loss needs that is made without weight gradients (adversarial inputs), on the current weights."""

@@ -123,8 +123,8 @@ class CFA(MadryAT):
         with self.auxiliary(model):
             if self.variant == "trades":
                 return attacks.trades_kl_attack(model, x, eps, self.alpha, self.cfg.attack_steps,
-                                                mode=self.cfg.attack_mode, precision=self.cfg.attack_precision)
-            return attacks.pgd(model, x, y, eps, self.alpha, self.cfg.attack_steps, mode=self.cfg.attack_mode,
+                                                mode=self.attack_mode, precision=self.cfg.attack_precision)
+            return attacks.pgd(model, x, y, eps, self.alpha, self.cfg.attack_steps, mode=self.attack_mode,
                                precision=self.cfg.attack_precision)
 
     def base_loss(self, model, x, y, x_adv):

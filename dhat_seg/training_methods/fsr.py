@@ -27,8 +27,8 @@ Choices where the sources are silent or differ (dhat-seg's):
 
 * x_adv: the base's own attack (PGD for at and mart, TRADES' KL attack for trades), run
   without Gumbel noise (:func:`~dhat_seg.fsr_module.deterministic_masks`), as the code's
-  attack (``is_eval=True``); the mode and BN statistics follow ``attack_mode`` and
-  ``attack_bn_update`` like every method here (the code attacks in eval mode).
+  attack (``is_eval=True``); eval mode, as the code (FSR's registry default, the base's attack
+  included; ``attack_mode`` overrides it); BN statistics follow ``attack_bn_update``.
 * The training forwards (x_adv, and x for TRADES and MART) draw Gumbel noise; evaluation
   and test-time attacks run in eval mode, deterministic.
 * tau (``fsr_tau``) is written into the model's FSR module at the start of training and

@@ -30,12 +30,12 @@ class UIAT(OnBase):
 
     def inverse(self, model, x, y, x_adv) -> tuple[Tensor, Tensor]:
         """(x_inv, clean logits). p_nat and p_adv are fp32 targets of the inverse attack."""
-        with self.auxiliary(model), torch.no_grad(), attacks.model_mode(model, self.cfg.attack_mode), \
+        with self.auxiliary(model), torch.no_grad(), attacks.model_mode(model, self.attack_mode), \
                 attacks.attack_precision(x, self.cfg.attack_precision):
             z_nat = model(x).float()
             p_nat, p_adv = F.softmax(z_nat, dim=1), F.softmax(model(x_adv).float(), dim=1)
             x_inv = attacks.inverse_adversarial(model, x, y, p_nat, p_adv, self.inv_eps, self.inv_alpha,
-                                                self.cfg.inv_steps, mode=self.cfg.attack_mode,
+                                                self.cfg.inv_steps, mode=self.attack_mode,
                                                 precision=self.cfg.attack_precision)
         return x_inv, z_nat
 

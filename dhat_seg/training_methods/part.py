@@ -51,9 +51,8 @@ Departures from the official code (dhat-seg's, deliberate):
   follows the paper (milestone 60 of 80, the trainer's MultiStepLR).
 * PART-M's attack: the code starts from x + 0.001 N(0, 1) as MART's code; dhat-seg's MART
   starts uniformly (see :class:`~dhat_seg.training_methods.adversarial.MART`).
-* Attack mode and BatchNorm statistics follow dhat-seg's rules for every method
-  (``attack_mode``, ``attack_bn_update``); the code attacks in eval mode, and so do
-  ``configs/part.yaml`` and compare's ``part-paper`` preset (``attack_mode: eval``).
+* Attack mode: eval, as the code (PART's registry default; ``attack_mode`` overrides it), the
+  base's attack included; BatchNorm statistics follow ``attack_bn_update`` as for every method.
 * The model is selected on the validation split (dhat-seg's rule); the code evaluates its
   last epoch.
 

@@ -43,8 +43,8 @@ Choices where the sources are silent or differ (dhat-seg's):
   the largest index seen (rows never refined are zero and read as one-hot), and are saved in
   every checkpoint (:meth:`state_dict`), so a resumed run continues exactly.
 * Attack mode and BN: the code attacks in eval mode and lets the clean forward update BN
-  statistics; dhat-seg attacks in ``attack_mode`` (train by default; ``eval`` reproduces the
-  code) and runs the clean forward under :meth:`auxiliary` (BN running statistics untouched
+  statistics; dhat-seg attacks in eval mode too (SGLR's registry default;
+  ``attack_mode`` overrides it) and runs the clean forward under :meth:`auxiliary` (BN running statistics untouched
   unless ``attack_bn_update``), as every method here; it still normalises with the batch's
   statistics in train mode, as the code's does. With w = 0 the clean forward is skipped.
 * AWP's proxy (``awp: true``) trains on targets refined from its own predictions without
