@@ -86,8 +86,8 @@ class TrainConfig:
     mart_beta: float = 6.0
     # adversarial weight perturbation (AWP, Wu et al. 2020) around any method's loss: the
     # weights are perturbed by awp_gamma times each layer's norm for the loss and restored
-    # before the step; no AWP in the first awp_warmup epochs. TRADES-AWP: gamma 5e-3,
-    # warm-up 10; AT-AWP: gamma 1e-2, warm-up 0 (dhat_seg/awp.py)
+    # before the step; no AWP in the first awp_warmup epochs (the official scripts' --awp-warmup W
+    # against 1-based epochs is W - 1 here). TRADES-AWP: gamma 5e-3, W 10 = 9; AT-AWP: gamma 1e-2, 0 (awp.py)
     awp: bool = False
     awp_gamma: float = 5e-3
     awp_warmup: int = 0
@@ -368,7 +368,7 @@ AMP_DTYPES = ("auto", "bfloat16", "float16")
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
-                resumed: bool = False, check_unread: bool = True, notes: list[str] | None = None) -> TrainConfig:
+                resumed: bool = False, check_unread: bool = False, notes: list[str] | None = None) -> TrainConfig:
     """Defaults <- preset name or YAML file <- overrides (None values are ignored); for
     ``method: part``, PART's mask settings where neither gives them
     (:func:`dhat_seg.method_defaults.part_settings`); for AGAIN's code form, AWP as released
@@ -377,7 +377,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     ``resumed``); explicit ones (overrides, YAML) at or past the last epoch are refused.
 
     The method's model variant where it needs one (``--method fsr`` on ``small_cnn``: ``small_cnn_fsr``),
-    with one line in ``notes``. Unless ``resumed`` or not ``check_unread``: a setting some method owns
+    with one line in ``notes``. With ``check_unread`` (``dhat-seg train``), unless ``resumed``: a setting some method owns
     (the registry's ``settings`` and ``base``) that the user gives (``overrides``, or a YAML file written
     for the same method; not a built-in preset) at a value other than its default, and that the run's
     method does not read, is refused, naming the methods that read it

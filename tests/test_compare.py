@@ -91,8 +91,9 @@ def test_row_configs(monkeypatch):
     assert (dhat_awp.method, dhat_awp.base, dhat_awp.awp, dhat_awp.awp_gamma) == ("dhat", "at", True, 0.01)
     trades_awp = cfg("trades-awp")
     assert (trades_awp.method, trades_awp.awp, trades_awp.awp_gamma) == ("trades", True, 0.005)
-    assert trades_awp.awp_warmup == 2  # 10 of the paper's 100 epochs -> 2 of the quick preset's 15
-    assert cfg("trades-awp", b=quick_base(epochs=100)).awp_warmup == 10
+    # the official --awp-warmup 10 against 1-based epochs: 9 warm-up epochs of 100 -> 1 of the quick preset's 15
+    assert trades_awp.awp_warmup == 1
+    assert cfg("trades-awp", b=quick_base(epochs=100)).awp_warmup == 9
     assert [compare.scaled_warmup(10, e) for e in (1, 4, 5, 6, 20, 100, 200)] == [0, 0, 1, 1, 2, 10, 20]
     for name, method in (("standard", "standard"), ("at", "at"), ("trades", "trades"), ("mart", "mart"), ("uiat", "uiat")):
         c = cfg(name, attention="u2net")

@@ -33,7 +33,7 @@ def tiny(method: str, **extra) -> TrainConfig:
     reads = TRAINING_METHODS[method].reads(TrainConfig(method=method, **extra))
     # the methods' own short schedules, for the methods that read them (any other would be refused)
     short = dict(inv_steps=1, attention_source="frozen", cfa_begin=0, fawa_begin=0, sglr_start=0)
-    return load_config(None, values | {k: v for k, v in short.items() if k in reads})
+    return load_config(None, values | {k: v for k, v in short.items() if k in reads}, check_unread=True)
 
 
 def one_step(cfg: TrainConfig, record: list | None = None) -> tuple[torch.Tensor, dict]:
@@ -133,7 +133,7 @@ def test_a_setting_the_method_does_not_read_is_refused_naming_its_readers():
     with pytest.raises(UserError, match=r"trades_beta=3.0 is not read by method 'mart'.*trades"):
         tiny("mart", trades_beta=3.0)
     with pytest.raises(UserError, match="cfa_begin"):
-        load_config(None, {"method": "trades", "cfa_begin": 3})
+        load_config(None, {"method": "trades", "cfa_begin": 3}, check_unread=True)
     with pytest.raises(UserError, match="fsr_tau"):
         tiny("dhat", fsr_tau=0.5)
     # read through the base, or at the default value, or by the method itself: accepted
@@ -141,6 +141,16 @@ def test_a_setting_the_method_does_not_read_is_refused_naming_its_readers():
     assert tiny("cfa", cfa_base="trades", trades_beta=3.0).trades_beta == 3.0
     assert tiny("at", base="at", trades_beta=6.0).method == "at"
     assert tiny("part", base="mart", mart_beta=5.0).mart_beta == 5.0
+
+
+def test_the_cli_refuses_an_unread_setting(tmp_path):
+    from typer.testing import CliRunner
+
+    from dhat_seg.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--method", "at", "--set", "base=trades", "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "base='trades' is not read by method 'at'" in result.output
+    assert not (tmp_path / "r").exists()
 
 
 def test_unread_settings_checks_only_what_the_user_gave():
@@ -164,7 +174,10 @@ def test_every_preset_and_config_file_still_loads():
         for row in compare.METHOD_ROWS.values():
             if row.method is not None:
                 compare.method_config(base, row.name, "gradcam")
-    load_config("quick", {"method": "at"})  # the DHAT recipe's settings for another method: not the user's
+    load_config("quick", {"method": "at"}, check_unread=True)  # the DHAT recipe's settings for another method
+    load_config("configs/quick.yaml", {"method": "trades"}, check_unread=True)  # a file written for DHAT: not refused
+    with pytest.raises(UserError, match="trades_beta"):
+        load_config("configs/part.yaml", {"trades_beta": 3.0}, check_unread=True)  # PART on AT does not read it
 
 
 def test_a_method_picks_its_model_variant_and_says_so():

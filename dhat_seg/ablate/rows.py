@@ -407,7 +407,7 @@ def base_config(preset: AblatePreset, overrides: Mapping[str, Any]) -> TrainConf
     methods, so a setting only some of them read is not refused here)."""
     values = dict(preset.train)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return load_config(preset.base, values, check_unread=False)
+    return load_config(preset.base, values)
 
 
 # ---------------------------------------------------------------------------------

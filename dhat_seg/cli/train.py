@@ -129,7 +129,7 @@ def register(root: typer.Typer) -> None:
         base = config_base(config, resume=resume, out=out, data=overrides.get("data"))
         notes: list[str] = []
         cfg = load_config(base, overrides, resumed=bool(resume and base == out / "config.yaml" if out else False),
-                          notes=notes)
+                          check_unread=True, notes=notes)
         if rank0:
             given = [f"--{k.replace('_', '-')} {v}" for k, v in settings.items() if v is not None]
             given += [f"--set {item}" for item in (set_ or [])] + [f"--attention-opt {item}" for item in (attention_opt or [])]
