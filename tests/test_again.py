@@ -263,6 +263,7 @@ def _digest_before_again_form(cfg: TrainConfig) -> str:
 
     values = {k: v for k, v in cfg.to_dict().items() if k != "again_form"}
     values["again_hff"] = True if values["again_hff"] is None else values["again_hff"]
+    values["attack_mode"] = cfg.attack_mode or "train"  # then every method's default
     values = {k: v for k, v in values.items() if k not in DIGEST_NEUTRAL or v != DIGEST_NEUTRAL[k]}
     values["data_generator"] = generator_version(cfg.data)
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -274,8 +275,12 @@ def test_the_new_settings_leave_old_digests_alone():
         assert DIGEST_NEUTRAL[key] == getattr(defaults, key)
     assert defaults.again_hff is None and DIGEST_NEUTRAL["again_hff"] is True  # null: the form's default, on for paper
     assert load_config(None, {"again_alpha": 0.5}).digest() != load_config(None, {}).digest()
-    for cfg in (defaults, TrainConfig(again_hff=True), TrainConfig(method="at"), TrainConfig(method="again", again_hff=False)):
+    for cfg in (defaults, TrainConfig(again_hff=True), TrainConfig(method="at"),
+                TrainConfig(method="again", again_hff=False, attack_mode="train")):
         assert cfg.digest() == _digest_before_again_form(cfg)  # runs trained as before stay reusable
+    # AGAIN now attacks in eval mode by default (its official code's): a new digest
+    no_hff = TrainConfig(method="again", again_hff=False)
+    assert no_hff.digest() != _digest_before_again_form(no_hff)
     # AGAIN with HFF: its formula changed (the official code's, no longer MixStyle), so those runs are not reused
     with_hff = TrainConfig(method="again", model="small_cnn")
     assert with_hff.digest() != _digest_before_again_form(with_hff)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from dhat_seg import compare
 from dhat_seg.again_net import AgainGate, AgainNet, labelled, recording, require_again
-from dhat_seg.config import load_config
+from dhat_seg.config import TrainConfig, load_config
 from dhat_seg.errors import UserError
 from dhat_seg.experiment import Experiment
 from dhat_seg.method_defaults import again_code_awp_warmup
@@ -214,12 +214,15 @@ def test_awp_wraps_a_code_batch_with_the_labelled_proxy_loss_and_restores_the_we
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (dict(model="small_cnn"), "small_cnn_again"), (dict(again_fake_label="highest"), "again_form=paper only"),
+    (dict(again_fake_label="highest"), "again_form=paper only"),
     (dict(again_form="released"), "paper, code"),
 ])
 def test_settings_are_validated(overrides, expected):
     with pytest.raises(UserError, match=expected):
         cfg_of(**overrides)
+    assert cfg_of(model="small_cnn").model == "small_cnn_again"  # load_config picks the variant (train says so)
+    with pytest.raises(UserError, match="small_cnn_again"):  # a config built without load_config is still checked
+        TrainConfig(method="again", again_form="code", model="small_cnn").validate()
     with pytest.raises(UserError, match="auxiliary heads"):
         load_config(None, dict(method="at", model="resnet18_again"))
 

@@ -244,7 +244,7 @@ def test_dhat_cfa_is_the_cfa_loss_plus_dhlr_and_floe(variant):
     model.eval()
     cfg = cfg_of(method="dhat", base="cfa", cfa_base=variant)
     dhat = training_methods.create_training_method(cfg)
-    cfa = training_methods.create_training_method(cfg_of(cfa_base=variant))
+    cfa = training_methods.create_training_method(cfg_of(cfa_base=variant, attack_mode="train"))  # DHAT's mode
     for m in (dhat, cfa):  # the hooks reach DHAT's base
         m.on_fit_start(model, None)
         (m.base if m is dhat else m).train_robust = torch.tensor(T)

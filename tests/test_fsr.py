@@ -235,12 +235,18 @@ def test_checkpoint_round_trip_rebuilds_the_fsr_model_with_its_tau(tmp_path):
 # ------------------------------------------------------------------ settings and compare rows
 @pytest.mark.parametrize("overrides, expected", [
     (dict(fsr_lambda_sep=-1), "non-negative"), (dict(fsr_lambda_rec=-0.5), "non-negative"), (dict(fsr_tau=0), "positive"),
-    (dict(model="resnet18"), "resnet18_fsr"), (dict(base="cfa"), "at, trades, mart"), (dict(fsr_tau="hot"), "a number"),
+    (dict(base="cfa"), "at, trades, mart"), (dict(fsr_tau="hot"), "a number"),
     (dict(fsr_begin=-1), "non-negative integer"),
 ])
 def test_settings_are_validated(overrides, expected):
     with pytest.raises(UserError, match=expected):
         cfg_of(**overrides)
+
+
+def test_method_fsr_picks_the_model_with_the_fsr_module():
+    assert cfg_of(model="resnet18").model == "resnet18_fsr"  # load_config picks the variant (train says so)
+    with pytest.raises(UserError, match="resnet18_fsr"):  # a config built without load_config is still checked
+        TrainConfig(method="fsr", model="resnet18").validate()
 
 
 def test_the_new_settings_leave_old_digests_alone():

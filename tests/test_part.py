@@ -221,7 +221,7 @@ def test_mean_std_policy_is_the_standardised_map_above_one():
 # ------------------------------------------------------------------ settings
 @pytest.mark.parametrize("overrides, expected", [
     ({"part_eps_low": 9.0}, "part_eps_low=9.0 is invalid"), ({"part_eps_low": -1.0}, "part_eps_low=-1.0 is invalid"),
-    ({"base": "cfa"}, "at, trades or mart with method part"), ({"base": "sglr"}, "at, trades or mart with method part"),
+    ({"base": "cfa"}, "expected one of at, trades, mart"), ({"base": "sglr"}, "expected one of at, trades, mart"),
 ])
 def test_settings_are_validated(overrides, expected):
     with pytest.raises(UserError, match=expected):
