@@ -40,7 +40,8 @@ METHODS = {
     "dhat-gradcam": {"method": "dhat", "attention": "gradcam"},
 }
 DEFAULT_METHODS = ("standard", "at", "uiat", "dhat-oracle")
-EVAL = {"attacks": "clean,pgd10", "n_examples": 500, "gap_attack": "none", "iou_examples": 0, "bg_gap": True}
+#: evaluation of every run: clean and PGD-10 on each Backgrounds-Challenge split (``n_examples``: --test-n)
+EVAL = {"attacks": "clean,pgd10", "n_examples": 1000, "gap_attack": "none", "iou_examples": 0, "bg_gap": True}
 KEYS = ("same", "mixed_rand", "only_fg", "no_fg_bg_class", "pgd10")
 
 
@@ -60,12 +61,17 @@ def _one(job: dict) -> dict:
     t0 = time.time()
     trained = False
     if not (summary.is_file() and json.loads(summary.read_text()).get("config_digest") == cfg.digest()):
+        if job["report_only"]:
+            return None  # not finished with these settings: nothing is trained in --report-only
         Experiment(cfg, out, cache_dir=job["cache_dir"], progress=False, log=lambda m: None, on_epoch=lambda r: None).run(
             resume=(out / "config.yaml").is_file())
         trained = True
     train_s = time.time() - t0
-    if trained or not report.is_file() or json.loads(report.read_text()).get("config_digest") != cfg.digest():
-        run_eval(out, cache_dir=job["cache_dir"], show_progress=False, log=lambda m: None, **EVAL)
+    settings = {**EVAL, "n_examples": job["test_n"]}
+    stale = not report.is_file() or json.loads(report.read_text()).get("config_digest") != cfg.digest() or \
+        json.loads(report.read_text()).get("n_examples") != settings["n_examples"]
+    if trained or stale:
+        run_eval(out, cache_dir=job["cache_dir"], show_progress=False, log=lambda m: None, **settings)
     r = json.loads(report.read_text())
     bc = r["background_challenge"]
     conv = run_verdict(out)
@@ -141,6 +147,8 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--test-n", type=int, default=EVAL["n_examples"],
+                   help="test images per split (the built-in test split holds 1000)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a quick-recipe setting changed for every run (YAML value), e.g. salience=0.4")
     p.add_argument("--report-only", action="store_true", help="train nothing; summarise the finished runs")
@@ -161,14 +169,17 @@ def main() -> None:
     cores = os.cpu_count() or 1
     threads = max(1, cores // max(1, args.jobs))
     jobs = [{"data": d, "method": m, "seed": s, "set": overrides, "threads": threads, "cache_dir": args.cache_dir,
+             "test_n": args.test_n, "report_only": args.report_only,
              "out": str(Path(args.out) / d / m / f"seed-{s}")}
             for s in seeds for d in datasets for m in methods]
     if args.report_only:
-        jobs = [j for j in jobs if (Path(j["out"]) / "eval.json").is_file()]
+        jobs = [j for j in jobs if (Path(j["out"]) / "summary.json").is_file()]  # evaluated again if stale
     t0 = time.time()
     results = []
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for res in pool.map(_one, jobs):
+            if res is None:
+                continue
             results.append(res)
             print(f"{res['data']:>9} {res['method']:>12} seed {res['seed']}: same {res['same']:.1f} mixed_rand "
                   f"{res['mixed_rand']:.1f} only_fg {res['only_fg']:.1f} no_fg(bg) {res['no_fg_bg_class']:.1f} "
@@ -176,7 +187,7 @@ def main() -> None:
                   f"{res['summary_pgd10_1000']:.1f} (wall {res['wall_s']:.0f} s)", flush=True)
     table = summarise(results, datasets, methods)
     lines = [f"settings: quick recipe{' + ' + str(overrides) if overrides else ''}; seeds {seeds}; "
-             f"test n = {EVAL['n_examples']} per split; {args.jobs} job(s) x {threads} thread(s); "
+             f"test n = {args.test_n} per split; {args.jobs} job(s) x {threads} thread(s); "
              f"{time.time() - t0:.0f} s", "", "cells: mean (± half the max - min range over seeds)", "", table, ""]
     default = datasets[0]
     for what, ok, fig in criteria(results, default):

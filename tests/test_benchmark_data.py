@@ -260,3 +260,22 @@ def test_built_in_data_list_matches_the_registry():
     from dhat_seg.presets import BUILT_IN_DATA
 
     assert {name for name, info in DATASETS.items() if info.built_in} == set(BUILT_IN_DATA)
+
+
+@pytest.mark.parametrize("name", ["synthetic", "digits"])
+def test_eval_json_has_the_background_challenge(tmp_path, name):
+    from dhat_seg.evaluation_report import run_eval
+    from dhat_seg.experiment import Experiment
+
+    cfg = load_config("quick", dict(method="standard", data=name, image_size=16, train_size=60, val_size=12, test_size=24,
+                                    epochs=1, batch_size=16, val_examples=12, val_attack_steps=1, device="cpu"))
+    run = tmp_path / "run"
+    Experiment(cfg, run, cache_dir=tmp_path / "c", progress=False, log=lambda m: None, on_epoch=lambda r: None).run()
+    report = run_eval(run, attacks="clean,pgd10", n_examples=24, gap_attack="none", iou_examples=0, show_progress=False,
+                      cache_dir=str(tmp_path / "c"), log=lambda m: None)
+    bc = json.loads((run / "eval.json").read_text())["background_challenge"]
+    assert bc == report["background_challenge"]
+    assert set(bc) >= {"same", "mixed_rand", "only_fg", "no_fg_bg_class", "pgd10", "n", "chance"}
+    assert all(0 <= bc[k] <= 100 for k in ("same", "mixed_rand", "only_fg", "no_fg_bg_class")) and bc["n"] == 24
+    assert bc["same"] == report["accuracy"]["clean"]  # the same test images as the main evaluation
+    assert report["bg_gap"]["clean"]["same"] == bc["same"] and report["bg_gap"]["clean"]["mixed_rand"] == bc["mixed_rand"]
