@@ -209,6 +209,7 @@ class Trainer:
                 kept = f"the last good checkpoint is {ckpt_dir / last}" if last else "no epoch had finished, no checkpoint"
                 raise DivergenceError(f"{exc}; {kept}; lower --lr, or change the loss form (floe_form='relative' is "
                                       f"bounded), or raise max_abs_logit if such logits are expected") from None
+            lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained at (the step sets the next one's)
             scheduler.step()
             self.dist.broadcast_state(model, buffers_only=True)  # rank 0's BN statistics for validation and checkpoints
             train_stats.update(method.on_epoch_end(model, epoch, val_x, val_y, self.device))
@@ -217,7 +218,7 @@ class Trainer:
             score = val["val_robust_acc"] if val["val_robust_acc"] is not None else val["val_clean_acc"]
             is_best = score > best
             best = max(best, score)
-            record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **train_stats, **val,
+            record = {"epoch": epoch + 1, "lr": lr, **train_stats, **val,
                       "best": is_best, "seconds": round(time.time() - t0, 2)}
             if not self.dist.main:
                 continue  # the others keep the same state; rank 0 writes it
