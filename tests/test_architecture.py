@@ -52,3 +52,13 @@ def test_modules_are_of_a_readable_size():
         if n > MAX_LINES:
             too_long.append(f"{rel}: {n} lines")
     assert not too_long, too_long
+
+
+def test_every_package_is_in_the_wheel():
+    """pyproject lists packages by hand: every package folder must be in the list."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "dhat_seg").rglob("__init__.py")}
+    assert found - listed == set()
+    assert (ROOT / "dhat_seg" / "py.typed").is_file()  # declared as package data
