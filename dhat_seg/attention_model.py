@@ -26,10 +26,16 @@ from dhat_seg.plugin_manager import get_attention_spec
 
 
 def cache_root(override: str | Path | None = None) -> Path:
-    """Where dhat-seg keeps attention models and mask caches (``DHAT_SEG_CACHE``)."""
+    """Where dhat-seg keeps attention models and mask caches: ``override`` (``--cache-dir``),
+    else ``$DHAT_SEG_CACHE``, else ``$XDG_CACHE_HOME/dhat-seg`` (the XDG base-directory rule:
+    an unset, empty or relative ``XDG_CACHE_HOME`` is ignored), else ``~/.cache/dhat-seg``."""
     if override:
         return Path(override)
-    return Path(os.environ.get("DHAT_SEG_CACHE", Path.home() / ".cache" / "dhat-seg"))
+    if os.environ.get("DHAT_SEG_CACHE"):
+        return Path(os.environ["DHAT_SEG_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return base / "dhat-seg"
 
 
 def attention_model_config(cfg: TrainConfig) -> TrainConfig:

@@ -4,7 +4,7 @@ run): :class:`EpochTable`, :func:`format_value`, :func:`default_columns`. Pure, 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 
 
@@ -187,3 +187,22 @@ class EpochTable:
         return "\n".join(lines)
 
 
+
+
+class EpochPrinter:
+    """Writes epoch records one line at a time as an :class:`EpochTable` through ``write``
+    (e.g. ``print``; the full records stay in metrics.jsonl). The columns are what the
+    training method logs: taken from the first record, and when a later record brings keys
+    the table lacks (DHAT's loss terms after epochs of attention burn-in trained as UIAT),
+    the columns are taken again from that record and the header is printed again.
+    ``prefix`` starts every line (e.g. an indent for a nested run)."""
+
+    def __init__(self, write: Callable[[str], None] = print, prefix: str = ""):
+        self.write, self.prefix, self.table = write, prefix, None
+
+    def __call__(self, record: Mapping[str, Any]) -> None:
+        if self.table is None or any(k not in (self.table.columns or []) for k in record):
+            self.table = EpochTable(default_columns(record))
+            for line in self.table.header(record).splitlines():
+                self.write(self.prefix + line)
+        self.write(self.prefix + self.table.row(record))

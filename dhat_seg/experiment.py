@@ -41,6 +41,7 @@ from dhat_seg.checkpoint import resolve_weights
 from dhat_seg.cache.sharded import Shard
 from dhat_seg.config import TrainConfig
 from dhat_seg.distributed import SINGLE, Dist, check_distributable
+from dhat_seg.epoch_table import EpochPrinter
 from dhat_seg.data import channel_stats, split_for
 from dhat_seg.errors import Interrupted, UserError
 from dhat_seg.models import CIFAR_MEAN, CIFAR_STD, create_model, module_mode
@@ -85,7 +86,8 @@ def ensure_attention_model(cfg: TrainConfig, train_fingerprint: str, root: Path,
         log(f"attention model: none given (--attention-model), so training a {cfg.attention_model_arch} normally for "
             f"{cfg.attention_model_epochs} epochs first, as the paper does; it is saved in {run_dir} and reused by later runs")
         try:
-            Experiment(attention_model_config(cfg), run_dir, log=log, cache_dir=root, progress=progress).run(
+            Experiment(attention_model_config(cfg), run_dir, log=log, cache_dir=root, progress=progress,
+                       on_epoch=EpochPrinter(log, prefix="attention model: ")).run(
                 resume=(run_dir / "config.yaml").is_file())
         except Interrupted as exc:
             exc.message = f"while training the attention model in {run_dir}: {exc.message}"

@@ -51,6 +51,7 @@ from dhat_seg.checkpoint import (STATE, TRAIN_WEIGHTS, WEIGHTS, atomic_write_tex
                                  replaced_atomically, save_checkpoint)
 from dhat_seg.config import TrainConfig, save_config
 from dhat_seg.distributed import SINGLE, Dist, convert_sync_batchnorm
+from dhat_seg.epoch_table import EpochPrinter
 from dhat_seg.errors import DivergenceError, Interrupted, UserError, write_error
 from dhat_seg.runtime import (deterministic_kernels, directory_lock, graceful_stop, resolve_amp_dtype, seed_everything,
                               select_device, signal_name, stop_requested, worker_count)
@@ -101,7 +102,8 @@ class Callback:
 class Trainer:
     """Fits one run into ``out_dir`` (config.yaml, metrics.jsonl, checkpoints/, summary.json).
 
-    ``on_epoch``: called with every epoch's metrics record (default: one JSON line on stdout)."""
+    ``on_epoch``: called with every epoch's metrics record (default: a line of an epoch
+    table on stdout, :class:`dhat_seg.epoch_table.EpochPrinter`)."""
 
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, parts: RunParts, *, log: Callable[[str], None] | None = None,
                  progress: bool = True, on_epoch: Callable[[dict], None] | None = None, dist: Dist = SINGLE):
@@ -110,7 +112,7 @@ class Trainer:
         self.parts = parts
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.progress = progress
-        self.on_epoch = on_epoch or (lambda record: print(json.dumps(record), flush=True))
+        self.on_epoch = on_epoch or EpochPrinter(lambda line: print(line, flush=True))
         self.device = select_device(cfg.device)
         self.amp_dtype = resolve_amp_dtype(self.cfg, self.device)
         check_speed_options(self.cfg, self.device)

@@ -33,7 +33,7 @@ def register(root: typer.Typer) -> None:
         batch_size: int = typer.Option(256, help="evaluation batch size"),
         device: str = typer.Option("auto", help="auto | cpu | cuda"),
         seed: int = typer.Option(0, help="seed of the random starts"),
-        cache_dir: Optional[Path] = typer.Option(None, help="cache with the run's attention model (default ~/.cache/dhat-seg)"),
+        cache_dir: Optional[Path] = typer.Option(None, help="cache with the run's attention model (default $DHAT_SEG_CACHE, else $XDG_CACHE_HOME/dhat-seg, else ~/.cache/dhat-seg)"),
         output: Optional[Path] = typer.Option(None, help="where to write the report (default RUN/eval.json)"),
     ):
         """Evaluate a trained model: Clean, FGSM, PGD-10/20/50, C&W-inf, AutoAttack (standard), worst case,

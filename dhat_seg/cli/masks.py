@@ -64,7 +64,7 @@ _ATTENTION_MODEL = typer.Option(None, help="normally trained classifier for Grad
 _DATA = typer.Option(None, help="synthetic | digits | cifar10 | cifar100 | folder")
 _DATA_ROOT = typer.Option(None, help="where real datasets live")
 _SPLIT = typer.Option("train", help="split whose masks are meant (train is the one training uses)")
-_CACHE_DIR = typer.Option(None, help="cache root (default $DHAT_SEG_CACHE or ~/.cache/dhat-seg)")
+_CACHE_DIR = typer.Option(None, help="cache root (default $DHAT_SEG_CACHE, else $XDG_CACHE_HOME/dhat-seg, else ~/.cache/dhat-seg)")
 _SEED = typer.Option(None, help="data seed")
 _DEVICE = typer.Option(None, help="auto | cpu | cuda | cuda:N")
 

@@ -15,29 +15,6 @@ from dhat_seg.cli.common import config_base, describe_base, log, parse_key_value
 from dhat_seg.errors import Interrupted, UserError
 
 
-class EpochPrinter:
-    """Prints epoch records as an aligned, rounded table (:class:`dhat_seg.reporting.EpochTable`);
-    the full records stay in metrics.jsonl. DHAT's loss columns are shown from the first
-    epoch, also when burn-in epochs (trained as UIAT) come first."""
-
-    def __init__(self, cfg):
-        self.cfg, self.table = cfg, None
-
-    def __call__(self, record: dict) -> None:
-        from dhat_seg.epoch_table import EpochTable, default_columns
-
-        if self.table is None:
-            template = dict(record)
-            if self.cfg.method == "dhat" and "train_dhlr" not in record:
-                template.pop("train_kl_inv", None)
-                extra = {"train_dhlr": 0.0, "train_floe": 0.0, "train_fg_frac": 0.0, "train_max_logit_background": 0.0}
-                template = {**{k: v for k, v in template.items() if not k.startswith("val_") and k not in ("best", "seconds")},
-                            **extra, **{k: v for k, v in template.items() if k.startswith("val_") or k in ("best", "seconds")}}
-            self.table = EpochTable(default_columns(template))
-            typer.echo(self.table.header(template))
-        typer.echo(self.table.row(record))
-
-
 def resume_command(out: Path, cache_dir: Path | None) -> str:
     """The command that continues the run in ``out`` (its settings are in out/config.yaml)."""
     import shlex
@@ -86,7 +63,7 @@ def register(root: typer.Typer) -> None:
         data_on_device: Optional[bool] = typer.Option(None, "--data-on-device/--no-data-on-device",
                                                       help="hold in-memory training data and masks on the device, crop and "
                                                            "flip there (default: on for CUDA where the data allow it)"),
-        cache_dir: Optional[Path] = typer.Option(None, help="cache for attention models and masks (default ~/.cache/dhat-seg)"),
+        cache_dir: Optional[Path] = typer.Option(None, help="cache for attention models and masks (default $DHAT_SEG_CACHE, else $XDG_CACHE_HOME/dhat-seg, else ~/.cache/dhat-seg)"),
         rebuild_masks: bool = typer.Option(False, "--rebuild-masks", help="recompute the cached attention masks of the training data"),
         set_: Optional[List[str]] = typer.Option(None, "--set", help="any config option KEY=VALUE (repeatable)"),
         convergence_threshold: float = typer.Option(2.0, min=0.0, help="points: the run is called converged when "
@@ -161,7 +138,9 @@ def register(root: typer.Typer) -> None:
         if rank0:
             typer.echo(f"dhat-seg train: method={cfg.method}{extra} attention={cfg.attention if needs_attention(cfg.method) else '-'} "
                        f"data={cfg.data} model={cfg.model} epochs={cfg.epochs} seed={cfg.seed} -> {out}", err=True)
-        on_epoch = (lambda record: typer.echo(json.dumps(record))) if json_lines else EpochPrinter(cfg)
+        from dhat_seg.epoch_table import EpochPrinter
+
+        on_epoch = (lambda record: typer.echo(json.dumps(record))) if json_lines else EpochPrinter(typer.echo)
         from dhat_seg.distributed import init_from_env, shutdown
         from dhat_seg.experiment import Experiment  # torch and the rest: only once the settings are valid
 
