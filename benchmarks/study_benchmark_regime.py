@@ -2,7 +2,8 @@
 ground-truth (oracle) masks, trained with the quick recipe on both built-in datasets over
 several seeds, scored on the four Backgrounds-Challenge test splits.
 
-What the quick recipe must reach (README, "Datasets"), for UIAT on the default dataset:
+What the quick recipe must reach (docs/datasets.md, "How the quick recipe was calibrated"),
+for UIAT on the default dataset:
 ``same`` >= 70 %, ``mixed_rand`` >= 35 %, ``same - mixed_rand`` >= 15 points (the
 foreground is learned *and* the background still used); seed spread (max - min) of
 ``mixed_rand`` and PGD-10 <= 6 points; UIAT and DHAT-oracle on a plateau (validation

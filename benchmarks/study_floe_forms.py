@@ -4,7 +4,7 @@ A study, not a speed benchmark: each form trains DHAT + Grad-CAM on the built-in
 with the paper's batch size (128), learning rate (0.1) and loss weights, with the
 divergence guard on (``max_abs_logit``), and the table reports how far each got, its
 largest clean and x_B logits, and validation clean / PGD accuracy. The `paper` preset
-uses only forms seen to train here (see README, "DHAT, as implemented").
+uses only forms seen to train here (see docs/methods.md, "DHAT, as implemented").
 
     python benchmarks/study_floe_forms.py --epochs 10 --train-size 1500 --out runs/study-floe
 

@@ -14,14 +14,14 @@ BUILT_IN_DATA = ("synthetic", "digits")
 PRESETS: dict[str, dict[str, Any]] = {
     # DHAT on the built-in data with a small CNN: a few minutes on 2 CPU cores. Calibrated
     # (salience, rho, epochs, milestone) so that the foreground is learned and the background
-    # still used, and every row ends on a plateau (benchmarks/study_benchmark_regime.py, README
-    # "Datasets").
+    # still used, and every row ends on a plateau (benchmarks/study_benchmark_regime.py, docs/datasets.md
+    # "How the quick recipe was calibrated").
     # Deviations from the paper, for speed and stability on CPU: small CNN (also as the
     # Grad-CAM model), mini-batches of 32 (more SGD steps for the compute), 3-step
     # attacks (step 3/255; inverse 3 x 2/255), 15 epochs, and FLOE in dhat-seg's
     # scale-free "relative" form: the paper form -||r||_p is unbounded below and drove
     # the logits to 1e15 within 5 epochs here; the authors' code form shrinks the logits
-    # and the model stayed at chance (see README, "DHAT, as implemented").
+    # and the model stayed at chance (see docs/methods.md, "DHAT, as implemented").
     "quick": {
         "method": "dhat", "attention": "gradcam", "data": "synthetic", "model": "small_cnn",
         "train_size": 3000, "test_size": 1000, "val_size": 0.1,
@@ -34,7 +34,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # three departures, each printed by `dhat-seg train`: FLOE in the authors' code form (the
     # paper's form drove the logits past 1e4 within 4 epochs at batch 128 / lr 0.1; the code
     # and the bounded "relative" forms both trained for 10 epochs there, and the code form is
-    # what produced the paper's numbers: benchmarks/study_floe_forms.py, README); masks cached
+    # what produced the paper's numbers: benchmarks/study_floe_forms.py, docs/methods.md); masks cached
     # per sample; attack and x_B forwards not updating BN statistics (attack_bn_update).
     # AMP = bfloat16 autocast for the training passes where supported; attacks stay fp32.
     "paper": {

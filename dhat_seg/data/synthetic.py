@@ -21,7 +21,7 @@ background's in ``[0, 1 - s/2]``: the object is brighter than its background on
 average, so its outline is the strongest edge, while the background's textures stay
 visible and class-correlated. The default (:data:`DEFAULT_SALIENCE`) is calibrated so
 that a classifier learns the shapes *and* still uses the background
-(``benchmarks/study_benchmark_regime.py``, README "Datasets"); the bands stop
+(``benchmarks/study_benchmark_regime.py``, docs/datasets.md); the bands stop
 overlapping at ``s = 2/3``, where the background is ignored.
 
 **Backgrounds-Challenge variants** (Xiao et al., ICLR 2021): :func:`only_foreground`
