@@ -152,18 +152,118 @@ def pgd(
     x = x.detach()
     eps, alpha = _per_sample(eps, x), _per_sample(alpha, x)
     box = _box(x, eps)
+    x_adv = _start(x, eps, box, random_start)
+    with model_mode(model, mode), attack_precision(x, precision), torch.enable_grad():
+        for _ in range(steps):
+            x_adv, _ = _pgd_step(model, loss_fn, x_adv, y, alpha, box)
+    return x_adv.detach()
+
+
+def _start(x: Tensor, eps: float | Tensor, box: tuple[Tensor, Tensor], random_start: bool) -> Tensor:
+    """PGD's first iterate: x, or x + U(-eps, eps) projected (noise drawn for the whole batch)."""
     x_adv = x.clone()
     if random_start and isinstance(eps, Tensor):
         x_adv = _project(x_adv + torch.empty_like(x).uniform_(-1.0, 1.0) * eps, box)
     elif random_start and eps > 0:
         x_adv = _project(x_adv + torch.empty_like(x).uniform_(-eps, eps), box)
-    with model_mode(model, mode), attack_precision(x, precision), torch.enable_grad():
-        for _ in range(steps):
-            x_adv.requires_grad_(True)
-            objective = loss_fn(model(x_adv), y).sum()
-            (grad,) = torch.autograd.grad(objective, x_adv)
-            x_adv = _project(x_adv.detach() + alpha * grad.sign(), box)
-    return x_adv.detach()
+    return x_adv
+
+
+def _pgd_step(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x_adv: Tensor, y: Tensor,
+              alpha: float | Tensor, box: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """One PGD step (the only one: :func:`pgd` and :func:`pgd_any_iterate` both take it):
+    (next iterate, detached logits of ``x_adv``: the prediction of the current iterate comes free)."""
+    x_adv = x_adv.detach().requires_grad_(True)
+    logits = model(x_adv)
+    (grad,) = torch.autograd.grad(loss_fn(logits, y).sum(), x_adv)
+    return _project(x_adv.detach() + alpha * grad.sign(), box), logits.detach()
+
+
+def _take(value: float | Tensor, keep: Tensor, n: int) -> float | Tensor:
+    """The rows ``keep`` of a per-sample setting (as shaped by :func:`_per_sample`) for a
+    batch of ``n``; a float, or a tensor broadcast over the batch (first dimension 1), as it is."""
+    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n:
+        return value[keep]
+    return value
+
+
+def pgd_any_iterate(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float | Tensor,
+    alpha: float | Tensor,
+    steps: int,
+    *,
+    loss: str = "ce",
+    random_start: bool = True,
+    clean_correct: Tensor | None = None,
+    source: nn.Module | None = None,
+    mode: str | None = "eval",
+    precision: str = "fp32",
+) -> tuple[Tensor, Tensor]:
+    """PGD for worst-case evaluation: a sample is broken once *any* point misclassifies it.
+
+    Same iterates as :func:`pgd` with the same arguments and RNG state (the random start
+    is drawn for the whole batch first), but "any-iterate" counted (AutoAttack's
+    convention): a sample is broken if ``model`` misclassifies the clean input, the start
+    point, or any later iterate up to the last. A broken sample keeps the iterate that
+    broke it and leaves the batch: only unbroken samples go through further passes.
+
+    Args:
+        clean_correct: bool B, whether ``model`` is right on the clean ``x`` (computed
+            once by the caller and shared by every attack); None: computed here.
+            Samples misclassified clean are not attacked at all.
+        source: the model whose gradients craft the iterates (transfer attack); each
+            iterate is still judged by ``model``. None: ``model`` itself (white box).
+        eps, alpha, loss, random_start, mode, precision: as in :func:`pgd`.
+    Returns:
+        (correct: bool B on x's device, x_kept: detached, same shape as x): per sample,
+        whether no point broke it, and the point that broke it (x itself when misclassified
+        clean) or, when unbroken, the last iterate.
+    """
+    if _negative(eps) or _negative(alpha) or steps < 0:
+        raise UserError(f"attack settings eps={eps}, alpha={alpha}, steps={steps} are invalid; expected non-negative values")
+    if loss not in LOSSES:
+        raise UserError(f"attack loss {loss!r} is unknown; expected one of {', '.join(LOSSES)}")
+    loss_fn, source = LOSSES[loss], model if source is None else source
+    x = x.detach()
+    n = len(x)
+    eps, alpha = _per_sample(eps, x), _per_sample(alpha, x)
+    box = _box(x, eps)
+    x_adv = _start(x, eps, box, random_start)  # drawn for all n before compacting: the same start as pgd
+    kept = x.clone()
+    with model_mode(model, mode), model_mode(source, mode), attack_precision(x, precision):
+        if clean_correct is None:
+            with torch.no_grad():
+                clean_correct = model(x).argmax(1) == y
+        correct = clean_correct.to(device=x.device, dtype=torch.bool).clone()
+        idx = correct.nonzero().flatten()  # the samples still unbroken, by index into the batch
+        xa, ya, a, bx = x_adv[idx], y[idx], _take(alpha, idx, n), (box[0][idx], box[1][idx])
+        for step in range(steps + 1):
+            if not len(idx):
+                break
+            if step < steps:
+                with torch.enable_grad():
+                    nxt, logits = _pgd_step(source, loss_fn, xa, ya, a, bx)
+                if source is not model:
+                    with torch.no_grad():
+                        logits = model(xa)
+            else:
+                with torch.no_grad():
+                    logits = model(xa)  # the last iterate
+            wrong = logits.argmax(1) != ya
+            broken = idx[wrong]
+            correct[broken], kept[broken] = False, xa[wrong]
+            if step == steps:
+                kept[idx[~wrong]] = xa[~wrong]
+                break
+            if bool(wrong.any()):
+                keep = (~wrong).nonzero().flatten()
+                idx, nxt, ya, a = idx[keep], nxt[keep], ya[keep], _take(a, keep, len(wrong))
+                bx = (bx[0][keep], bx[1][keep])
+            xa = nxt
+    return correct, kept.detach()
 
 
 def signed_ascent(

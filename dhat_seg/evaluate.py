@@ -13,29 +13,31 @@ the same flags by the small pure functions at the end of this module.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import re
 import sys
-import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Union
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from dhat_seg import attacks
+from dhat_seg.autoattack_run import (  # noqa: F401  (re-exported: the AutoAttack API of this module)
+    AUTOATTACK_MINOR, AUTOATTACK_STANDARD, AUTOATTACK_SUPPORTED, autoattack_flags, autoattack_state_file,
+    check_autoattack_version, progress_total)
 from dhat_seg.errors import UserError
 
-#: The order in which pyautoattack's standard version runs its attacks.
-AUTOATTACK_STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
-#: The pyautoattack minor version dhat-seg is tested with: it reads and writes that
-#: version's private state keys (see :func:`_read_aa_state`). Same range as pyproject.toml.
-AUTOATTACK_MINOR = (0, 2)
-AUTOATTACK_SUPPORTED = f">={AUTOATTACK_MINOR[0]}.{AUTOATTACK_MINOR[1]},<{AUTOATTACK_MINOR[0]}.{AUTOATTACK_MINOR[1] + 1}"
+#: How robust accuracy is counted (``dhat-seg eval --robust-accuracy``): "any-iterate"
+#: (default; AutoAttack's convention): a sample is broken if the clean input or *any*
+#: point an attack visits (random start, every PGD iterate, the last) is misclassified;
+#: "last-iterate": only the attack's last iterate is judged (what many papers report).
+ROBUST_ACCURACY = ("any-iterate", "last-iterate")
+#: The attacks AutoAttack follows: with any-iterate it runs on what they left unbroken.
+CHEAP_ATTACKS = ("clean", "fgsm", "pgd10", "pgd20", "pgd50", "cw")
+#: ``aa_state_path`` of :func:`flags_for_attacks`: a path, or (subset indices or None, x, y) -> path.
+AAState = Union[Path, Callable[[Union[Tensor, None], Tensor, Tensor], Path], None]
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,13 @@ class EvalAttack:
 
 def _pgd(steps: int, loss: str = "ce"):
     return lambda model, x, y, eps, alpha: attacks.pgd(model, x, y, eps, alpha, steps, loss=loss, random_start=True, mode="eval")
+
+
+def check_counted(counted: str) -> str:
+    """``counted`` if it is one of :data:`ROBUST_ACCURACY`, else a UserError naming both."""
+    if counted not in ROBUST_ACCURACY:
+        raise UserError(f"--robust-accuracy {counted!r} is unknown; expected one of {', '.join(ROBUST_ACCURACY)}")
+    return counted
 
 
 def _autoattack_placeholder(*_args):  # AutoAttack works on the whole set, see autoattack_flags
@@ -92,20 +101,29 @@ def parse_attacks(names: str | Iterable[str]) -> list[str]:
     return out
 
 
-def attack_settings(names: Iterable[str], eps: float, alpha: float = 2 / 255) -> dict[str, dict]:
-    """What each attack does, for eval.json (eps and step sizes in [0, 1] units)."""
+def attack_settings(names: Iterable[str], eps: float, alpha: float = 2 / 255,
+                    counted: str = "any-iterate") -> dict[str, dict]:
+    """What each attack does and how it is counted, for eval.json (eps and step sizes in [0, 1] units)."""
+    names = list(names)
     out = {}
     for name in names:
         spec = EVAL_ATTACKS[name]
         if name == "clean":
             out[name] = {"description": spec.description}
         elif name == "aa":
+            before = [n for n in names if n in CHEAP_ATTACKS]
+            union = (f"union: correct under AutoAttack and under every other attack of this evaluation "
+                     f"({', '.join(['clean'] + [n for n in before if n != 'clean'])}); AutoAttack runs only on the "
+                     "samples those left unbroken, the others count as broken")
             out[name] = {"description": spec.description, "version": "standard", "norm": "Linf", "eps": eps,
-                         "attacks": list(AUTOATTACK_STANDARD)}
+                         "attacks": list(AUTOATTACK_STANDARD),
+                         "counted": union if counted == "any-iterate" else "AutoAttack alone, on all samples"}
         else:
             step = eps if name == "fgsm" else alpha
+            how = ("any-iterate: broken if the clean input, the start point or any iterate is misclassified"
+                   if counted == "any-iterate" else "last-iterate: only the last iterate is judged")
             out[name] = {"description": spec.description, "eps": eps, "step_size": step, "steps": spec.steps,
-                         "loss": spec.loss, "random_start": spec.random_start}
+                         "loss": spec.loss, "random_start": spec.random_start, "counted": how}
     return out
 
 
@@ -142,12 +160,21 @@ def correct_under_attack(
     aa_state_path: Path | None = None,
     progress: Callable[[int], None] | None = None,
     aa_warnings: list[str] | None = None,
+    counted: str = "any-iterate",
+    clean_correct: Tensor | None = None,
 ) -> Tensor:
     """Per-sample bool (CPU): is the model right on ``attack``'s adversarial example?
 
-    The model is put in eval mode. ``progress(n)`` is called after every batch of n
-    samples (for AutoAttack: with 1 per finished sub-attack, see :func:`autoattack_flags`).
+    ``counted`` (:data:`ROBUST_ACCURACY`): "any-iterate" counts a sample broken once the
+    clean input or any point the attack visits is misclassified, and stops computing on
+    it (:func:`dhat_seg.attacks.pgd_any_iterate`); "last-iterate" judges the last iterate
+    only. ``clean_correct`` (bool, CPU, one per sample): the shared clean predictions;
+    with any-iterate, samples misclassified clean are not attacked (None: computed per
+    batch). The model is put in eval mode. ``progress(n)`` is called after every batch of
+    n samples (AutoAttack: see :func:`dhat_seg.autoattack_run.autoattack_flags`).
+    AutoAttack runs on all of ``x`` here; :func:`flags_for_attacks` picks its subset.
     """
+    check_counted(counted)
     model.eval()
     if attack == "aa":
         return autoattack_flags(model, x, y, eps=eps, batch_size=batch_size, device=device, seed=seed,
@@ -159,8 +186,15 @@ def correct_under_attack(
     out = []
     for start in range(0, len(x), batch_size):
         xb, yb = x[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
-        x_adv = spec.run(model, xb, yb, eps, alpha)
-        out.append((_predict(model, x_adv) == yb).cpu())
+        if attack == "clean" or counted == "last-iterate":
+            x_adv = spec.run(model, xb, yb, eps, alpha)
+            out.append((_predict(model, x_adv) == yb).cpu())
+        else:
+            cc = None if clean_correct is None else clean_correct[start : start + batch_size].to(device)
+            correct, _ = attacks.pgd_any_iterate(model, xb, yb, eps, eps if attack == "fgsm" else alpha, spec.steps,
+                                                 loss=spec.loss, random_start=spec.random_start, clean_correct=cc,
+                                                 mode="eval")
+            out.append(correct.cpu())
         if progress:
             progress(len(xb))
     return torch.cat(out)
@@ -183,190 +217,57 @@ def flags_for_attacks(
     device: torch.device | str = "cpu",
     seed: int = 0,
     aa_examples: int | None = None,
-    aa_state_path: Path | None = None,
+    aa_state_path: AAState = None,
     show_progress: bool = True,
     label: str = "",
     aa_warnings: list[str] | None = None,
+    counted: str = "any-iterate",
+    clean: Tensor | None = None,
+    seconds: dict[str, float] | None = None,
 ) -> dict[str, Tensor]:
-    """Per-sample flags for each attack, with one progress bar per attack.
+    """Per-sample flags for each attack (in the order of ``names``), one progress bar each.
 
-    AutoAttack runs on the first ``aa_examples`` samples only (None: all); its flags
-    are then shorter than the others.
+    The clean predictions are computed once (or given as ``clean``) and shared: with
+    any-iterate counting, no attack touches a sample misclassified clean. AutoAttack
+    runs last, on the first ``aa_examples`` samples only (None: all; its flags are then
+    shorter than the others); with any-iterate, only on those every other attack here
+    left unbroken: its flags are the union (right under AutoAttack *and* every other
+    attack). ``aa_state_path``: its state file, or a function (subset indices or None
+    for all, x, y) -> state file. ``seconds`` receives each attack's wall time.
     """
-    out: dict[str, Tensor] = {}
-    for name in names:
-        n = len(x) if name != "aa" or aa_examples is None else min(aa_examples, len(x))
-        total = len(AUTOATTACK_STANDARD) if name == "aa" else n  # AutoAttack ticks per sub-attack
-        with progress_bar(f"{label}{name}", total, show_progress) as bar:
-            out[name] = correct_under_attack(model, x[:n], y[:n], name, eps=eps, alpha=alpha, batch_size=batch_size,
-                                             device=device, seed=seed, aa_state_path=aa_state_path, progress=bar.update,
-                                             aa_warnings=aa_warnings)
-    return out
-
-
-# ---------------------------------------------------------------------------------
-# AutoAttack (pyautoattack), resumable
-# ---------------------------------------------------------------------------------
-
-
-class _AutoAttackLog(logging.Handler):
-    """Turns pyautoattack's log lines into progress and collects its warnings.
-
-    pyautoattack logs "running <attack>" and "robust accuracy after <ATTACK>: ..." at
-    DEBUG level; its sanity checks (randomness, output range, ...) at WARNING.
-    """
-
-    def __init__(self, progress: Callable[[int], None] | None):
-        super().__init__(logging.DEBUG)
-        self.progress, self.warnings = progress, []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        msg = record.getMessage()
-        if record.levelno >= logging.WARNING:
-            self.warnings.append(msg)
-        elif msg.startswith("robust accuracy after") and self.progress:
-            self.progress(1)  # one finished sub-attack
-
-
-def _installed_autoattack_version() -> str | None:
-    import importlib.metadata as md
-
-    try:
-        return md.version("pyautoattack")
-    except md.PackageNotFoundError:
-        return None
-
-
-def check_autoattack_version() -> str:
-    """The installed pyautoattack version; a UserError unless it is in :data:`AUTOATTACK_SUPPORTED`."""
-    version = _installed_autoattack_version()
-    install = f"pip install 'pyautoattack{AUTOATTACK_SUPPORTED}'"
-    if version is None:
-        raise UserError(f"pyautoattack is not installed; AutoAttack needs pyautoattack{AUTOATTACK_SUPPORTED} ({install})")
-    m = re.match(r"(\d+)\.(\d+)", version)
-    if not m or (int(m[1]), int(m[2])) != AUTOATTACK_MINOR:
-        raise UserError(f"pyautoattack {version} is installed, but dhat-seg supports pyautoattack{AUTOATTACK_SUPPORTED} only "
-                        f"(it resumes AutoAttack from that version's state file); {install}")
-    return version
-
-
-def autoattack_state_file(folder: Path, split: str, x: Tensor, y: Tensor, *, eps: float, seed: int, weights_sha: str) -> Path:
-    """The state file of one AutoAttack evaluation, named by everything that changes its
-    result: the weights, the exact samples (sha256 of the image and label bytes), n, eps,
-    norm, version, seed and pyautoattack's version. A state of other samples, even of
-    the same number, has another name and is never continued."""
-    h = hashlib.sha256(json.dumps([weights_sha, len(x), eps, "Linf", "standard", seed, _installed_autoattack_version()]).encode())
-    for t in (x, y):
-        h.update(str((t.dtype, tuple(t.shape))).encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return Path(folder) / f"{split}-n{len(x)}-{h.hexdigest()[:16]}.json"
-
-
-def _read_aa_state(path: Path, n: int) -> tuple[Tensor, list[str]]:
-    """(robust flags, attacks already run) from a pyautoattack state file."""
-    try:
-        data = json.loads(path.read_text())
-        flags = torch.tensor(data["_robust_flags"], dtype=torch.bool)
-        done = [a for a in AUTOATTACK_STANDARD if a in set(data.get("_run_attacks") or [])]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"AutoAttack state file {str(path)!r} is unreadable ({exc}); delete it to start AutoAttack afresh") from None
-    if flags.ndim != 1 or len(flags) != n:
-        raise UserError(f"AutoAttack state file {str(path)!r} is for {len(flags)} examples, not {n}; delete it or use another --n-examples")
-    return flags, done
-
-
-def _write_aa_state(path: Path, flags: Tensor, done: list[str]) -> None:
-    """Record a finished (merged) evaluation in pyautoattack's state format."""
-    data = json.loads(path.read_text())
-    data["_robust_flags"] = flags.tolist()
-    data["_run_attacks"] = list(done)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, default=str))
-    tmp.replace(path)
-
-
-def _autoattack_resumable(adversary, x: Tensor, y: Tensor, path: Path, todo: list[str], batch_size: int,
-                          progress: Callable[[int], None] | None) -> Tensor:
-    """Robust flags after the attacks ``todo``, continuing the state in ``path`` if any.
-
-    pyautoattack 0.2.0 cannot continue from its own state file: the attack set is
-    stored as a string, so ``run_standard_evaluation(state_path=...)`` rejects every
-    existing state, and on the restore path ``y_adv`` would be unbound. The state file
-    does hold what is needed (the per-sample robust flags and the attacks already run),
-    so the remaining attacks run as a *fresh* pyautoattack evaluation on the samples
-    that are still robust, with their own state file (itself resumable the same way),
-    and the flags are merged back. Restored or not, the flags come from the state, not
-    from the returned adversarial examples (which cover only the current run).
-    """
-    if path.exists():
-        flags, done = _read_aa_state(path, len(x))
-        remaining = [a for a in todo if a not in done]
-        rest = path.with_name(path.stem + "-rest" + path.suffix)
-        if remaining:
-            if progress:
-                progress(len(todo) - len(remaining))
-            idx = flags.nonzero().flatten()
-            if len(idx):
-                flags = flags.clone()
-                flags[idx] = _autoattack_resumable(adversary, x[idx], y[idx], rest, remaining, batch_size, progress)
-            _write_aa_state(path, flags, [a for a in AUTOATTACK_STANDARD if a in todo])
-        rest.unlink(missing_ok=True)
-        return flags
-    adversary.attacks_to_run = list(todo)
-    adversary.run_standard_evaluation(x, y, batch_size=batch_size, state_path=path)
-    flags, _ = _read_aa_state(path, len(x))
-    return flags
-
-
-def autoattack_flags(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    eps: float = 8 / 255,
-    batch_size: int = 256,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-    state_path: Path | None = None,
-    progress: Callable[[int], None] | None = None,
-    warnings_out: list[str] | None = None,
-) -> Tensor:
-    """Per-sample robust flags under standard AutoAttack (Croce & Hein 2020), L_inf.
-
-    Runs pyautoattack's ``AutoAttack(version='standard')`` on the bare model in eval
-    mode. With ``state_path``, an interrupted evaluation continues where it stopped
-    (see :func:`_autoattack_resumable`); without, a temporary state file is used.
-    ``progress(k)`` is called with k = the number of finished sub-attacks (of 4).
-    ``warnings_out`` collects pyautoattack's warnings (e.g. "the model seems randomised").
-    ``state_path`` must belong to these samples and settings: see :func:`autoattack_state_file`.
-    """
-    check_autoattack_version()
-    from pyautoattack import AutoAttack
-
-    model.eval()
-    x, y = x.detach().cpu(), y.detach().cpu()  # pyautoattack moves batches to `device` itself
-    logger = logging.getLogger("auto-attack")
-    saved = (logger.level, logger.propagate)
-    handler = _AutoAttackLog(progress)
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False
-    try:
-        adversary = AutoAttack(model, eps=eps, norm="Linf", version="standard", device=device, seed=seed)
-        adversary.verbose = True  # needed for the progress log lines; they go to the handler only
-        todo = list(AUTOATTACK_STANDARD)
-        if state_path is None:
-            with tempfile.TemporaryDirectory(prefix="dhat-seg-aa-") as tmp:
-                return _autoattack_resumable(adversary, x, y, Path(tmp) / "aa_state.json", todo, batch_size, progress)
-        state_path = Path(state_path).absolute()
-        state_path.parent.mkdir(parents=True, exist_ok=True)
-        return _autoattack_resumable(adversary, x, y, state_path, todo, batch_size, progress)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(saved[0])
-        logger.propagate = saved[1]
-        if warnings_out is not None:
-            warnings_out.extend(handler.warnings)
+    names, counted = list(names), check_counted(counted)
+    seconds = {} if seconds is None else seconds
+    common = dict(eps=eps, alpha=alpha, batch_size=batch_size, device=device, seed=seed, counted=counted)
+    if clean is None and ("clean" in names or counted == "any-iterate"):
+        t0 = time.time()
+        with progress_bar(f"{label}clean", len(x), show_progress) as bar:
+            clean = correct_under_attack(model, x, y, "clean", progress=bar.update, **common)
+        seconds["clean"] = round(time.time() - t0, 2)
+    out: dict[str, Tensor] = {"clean": clean} if "clean" in names else {}
+    for name in [n for n in names if n not in ("clean", "aa")]:
+        t0 = time.time()
+        with progress_bar(f"{label}{name}", len(x), show_progress) as bar:
+            out[name] = correct_under_attack(model, x, y, name, progress=bar.update, **common,
+                                             clean_correct=clean if counted == "any-iterate" else None)
+        seconds[name] = round(time.time() - t0, 2)
+    if "aa" in names:
+        t0 = time.time()
+        n = len(x) if aa_examples is None else min(aa_examples, len(x))
+        subset = None
+        if counted == "any-iterate":
+            unbroken = torch.stack([clean[:n].bool(), *(f[:n].bool() for f in out.values())]).all(dim=0)
+            subset = unbroken.nonzero().flatten()
+        xs, ys = (x[:n], y[:n]) if subset is None else (x[subset], y[subset])
+        flags = torch.zeros(n, dtype=torch.bool)
+        if len(xs):
+            state = aa_state_path(subset, xs, ys) if callable(aa_state_path) else aa_state_path
+            with progress_bar(f"{label}aa", progress_total(len(xs)), show_progress) as bar:
+                result = correct_under_attack(model, xs, ys, "aa", aa_state_path=state, progress=bar.update,
+                                              aa_warnings=aa_warnings, **common)
+            flags = result if subset is None else flags.index_put((subset,), result)
+        out["aa"] = flags
+        seconds["aa"] = round(time.time() - t0, 2)
+    return {name: out[name] for name in names}
 
 
 # ---------------------------------------------------------------------------------

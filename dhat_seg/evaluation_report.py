@@ -105,6 +105,11 @@ class EvalOptions:
         sanity_examples: the sanity checks use the first N samples of ``split``, more than
             ``n_examples`` if asked (the noise check's power needs enough PGD-robust samples).
         eps: L_inf budget in 1/255 units.
+        robust_accuracy: "any-iterate" (default: a sample is broken once the clean input or
+            any point an attack visits is misclassified; AutoAttack then runs only on the
+            samples every other attack left unbroken and reports the union) or
+            "last-iterate" (each attack judged on its last iterate, AutoAttack alone on all
+            samples, as many papers report). See :data:`dhat_seg.evaluate.ROBUST_ACCURACY`.
     """
 
     attacks: str = ",".join(evaluate.DEFAULT_ATTACKS)
@@ -119,6 +124,7 @@ class EvalOptions:
     data: str | None = None
     split: str = "test"
     eps: float = 8.0
+    robust_accuracy: str = "any-iterate"
     batch_size: int = 256
     device: str = "auto"
     seed: int = 0
@@ -138,6 +144,7 @@ class EvalOptions:
         if gap not in ("none", "") and gap not in evaluate.EVAL_ATTACKS:
             raise UserError(f"--gap-attack {gap!r} is unknown; expected one of {', '.join(evaluate.EVAL_ATTACKS)} or 'none'")
         self.gap_attack = "none" if gap == "" else gap
+        evaluate.check_counted(self.robust_accuracy)
         if self.eps < 0:
             raise UserError(f"--eps {self.eps} is invalid; expected a non-negative number (units of 1/255)")
         if self.batch_size < 1:
@@ -147,7 +154,7 @@ class EvalOptions:
     def result_settings(self) -> dict[str, Any]:
         """The settings that change the numbers (compared by ``dhat-seg ablate`` to reuse a row)."""
         keys = ("attacks", "n_examples", "aa_examples", "gap_attack", "gap_examples", "bg_gap", "iou_examples",
-                "sanity", "sanity_examples", "data", "split", "eps", "seed")
+                "sanity", "sanity_examples", "data", "split", "eps", "robust_accuracy", "seed")
         out = {k: getattr(self, k) for k in keys}
         out["attacks"] = list(evaluate.parse_attacks(self.attacks))
         return out
@@ -188,25 +195,27 @@ def run_eval(target: str | Path, options: EvalOptions | None = None, *, log: Cal
     test_ds = _dataset(cfg, opts.split)
     x, y = evaluate.collect(test_ds, opts.n_examples)
     n_aa = len(x) if opts.aa_examples is None else min(opts.aa_examples, len(x))
-    common = dict(eps=opts.eps / 255, batch_size=opts.batch_size, device=dev, seed=opts.seed, show_progress=opts.show_progress)
+    common = dict(eps=opts.eps / 255, batch_size=opts.batch_size, device=dev, seed=opts.seed, show_progress=opts.show_progress,
+                  counted=opts.robust_accuracy)
 
-    def aa_state(split: str, xs: torch.Tensor, ys: torch.Tensor) -> Path:
-        # named by the weights, the exact samples and the settings: a stale state is never continued
-        path = evaluate.autoattack_state_file(out_dir / "aa_state", split, xs, ys, eps=opts.eps / 255, seed=opts.seed,
-                                              weights_sha=weights_sha)
-        log(f"AutoAttack on {split}: {'continuing' if path.exists() else 'starting afresh (no state for these samples and settings)'}"
-            f" with state {path}")
-        return path
+    def aa_state(split: str) -> Callable[[torch.Tensor | None, torch.Tensor, torch.Tensor], Path]:
+        def state(subset: torch.Tensor | None, xs: torch.Tensor, ys: torch.Tensor) -> Path:
+            # named by the weights, the exact samples attacked (and their indices) and the settings:
+            # a stale state, or one of another subset, is never continued
+            path = evaluate.autoattack_state_file(out_dir / "aa_state", split, xs, ys, eps=opts.eps / 255, seed=opts.seed,
+                                                  weights_sha=weights_sha, subset=subset)
+            what = "all samples" if subset is None else f"the {len(xs)} samples no other attack broke"
+            log(f"AutoAttack on {split} ({what}): "
+                f"{'continuing' if path.exists() else 'starting afresh (no state for these samples and settings)'}"
+                f" with state {path}")
+            return path
+        return state
 
     seconds: dict[str, float] = {}
     aa_warnings: list[str] = []
-    flags: dict[str, torch.Tensor] = {}
-    for name in opts.attack_names:
-        t0 = time.time()
-        state = aa_state(opts.split, x[:n_aa], y[:n_aa]) if name == "aa" else None
-        flags.update(evaluate.flags_for_attacks(model, x, y, [name], aa_examples=n_aa, aa_state_path=state,
-                                                aa_warnings=aa_warnings, **common))
-        seconds[name] = round(time.time() - t0, 2)
+    # clean once, then every attack; AutoAttack last (any-iterate: on what the others left)
+    flags = evaluate.flags_for_attacks(model, x, y, opts.attack_names, aa_examples=n_aa, aa_state_path=aa_state(opts.split),
+                                       aa_warnings=aa_warnings, seconds=seconds, **common)
     accuracy = {name: evaluate.percent(f) for name, f in flags.items()}
     examples = {name: len(f) for name, f in flags.items()}
     worst, n_worst = evaluate.worst_case(flags)
@@ -232,18 +241,18 @@ def run_eval(target: str | Path, options: EvalOptions | None = None, *, log: Cal
     if opts.gap_attack != "none" and opts.gap_examples != 0:
         t0 = time.time()
         gap = opts.gap_attack
+        # the same attacks on both sides: AutoAttack (any-iterate) after the evaluation's other attacks
+        chain = opts.attack_names if gap == "aa" and gap in flags and opts.robust_accuracy == "any-iterate" else [gap]
         if gap in flags:
             test_flags = flags[gap]
         else:
             n_test = n_aa if gap == "aa" else len(x)
-            state = aa_state(opts.split, x[:n_test], y[:n_test]) if gap == "aa" else None
-            test_flags = evaluate.flags_for_attacks(model, x[:n_test], y[:n_test], [gap], aa_state_path=state,
+            test_flags = evaluate.flags_for_attacks(model, x[:n_test], y[:n_test], chain, aa_state_path=aa_state(opts.split),
                                                     label="gap test ", aa_warnings=aa_warnings, **common)[gap]
         train_ds = _dataset(cfg, "train")
         n_train = opts.gap_examples if opts.gap_examples is not None else len(test_flags)
         xt, yt = evaluate.collect(train_ds, n_train)
-        state = aa_state("train", xt, yt) if gap == "aa" else None
-        train_flags = evaluate.flags_for_attacks(model, xt, yt, [gap], aa_state_path=state, label="gap train ",
+        train_flags = evaluate.flags_for_attacks(model, xt, yt, chain, aa_state_path=aa_state("train"), label="gap train ",
                                                  aa_warnings=aa_warnings, **common)[gap]
         report["robust_gap"] = {"attack": gap, **evaluate.robust_gap(train_flags, test_flags),
                                 "train_split": f"train (un-augmented), first {len(xt)} samples",
@@ -281,14 +290,15 @@ def run_eval(target: str | Path, options: EvalOptions | None = None, *, log: Cal
         surrogate, surrogate_desc = sanity.surrogate_for(cfg, model, dev, cache_dir=opts.cache_dir, log=log)
         results = sanity.run_checks(model, xs, ys, surrogate=surrogate, num_classes=test_ds.num_classes,
                                     eps=opts.eps / 255, batch_size=opts.batch_size, device=dev, seed=opts.seed,
-                                    show_progress=opts.show_progress)
+                                    show_progress=opts.show_progress, counted=opts.robust_accuracy)
         # alpha marks results of the statistical rules: `ablate` evaluates older ones again
         report["sanity"] = {"n": len(ys), "surrogate": surrogate_desc, "passed": all(r.passed for r in results),
                             "alpha": sanity.ALPHA, "rule": sanity.RULE, "checks": [r.to_dict() for r in results]}
         seconds["sanity"] = round(time.time() - t0, 2)
 
     report.update({
-        "attack_settings": evaluate.attack_settings(opts.attack_names, opts.eps / 255),
+        "attack_settings": evaluate.attack_settings(opts.attack_names, opts.eps / 255, counted=opts.robust_accuracy),
+        "robust_accuracy": opts.robust_accuracy,
         "eval_settings": opts.result_settings(),
         "autoattack_warnings": sorted(set(aa_warnings)),
         "seed": opts.seed,

@@ -382,7 +382,8 @@ class Trainer:
         model.eval()
         x, y = evaluate.collect(test_ds, c.test_examples)
         clean = evaluate.correct_under_attack(model, x, y, "clean", device=self.device, seed=c.seed)
-        pgd10 = evaluate.correct_under_attack(model, x, y, "pgd10", eps=c.eps / 255, device=self.device, seed=c.seed)
+        pgd10 = evaluate.correct_under_attack(model, x, y, "pgd10", eps=c.eps / 255, device=self.device, seed=c.seed,
+                                              counted="last-iterate")  # summary.json as before; eval.json: any-iterate
         best_state = load_state(ckpt_dir / pointers["best"] / "state.pt")
         summary = {
             "method": c.method,

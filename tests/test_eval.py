@@ -15,7 +15,7 @@ import yaml
 from torch import nn
 from typer.testing import CliRunner
 
-from dhat_seg import evaluate, sanity
+from dhat_seg import autoattack_run, evaluate, sanity
 from dhat_seg.checkpoint import save_weights
 from dhat_seg.cli import app
 from dhat_seg.config import TrainConfig, load_config
@@ -261,9 +261,10 @@ def test_run_eval_autoattack_matches_pyautoattack_and_enters_the_worst_case(tiny
     linear = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10)).eval()
     monkeypatch.setattr("dhat_seg.evaluation_report.load_weights", lambda path: linear)
     with one_thread():
+        # last-iterate: AutoAttack alone on all samples, comparable with a direct run
         rep = run_eval(run_dir, attacks="clean,pgd10,aa", n_examples=40, aa_examples=16, gap_attack="none", bg_gap=False,
                        iou_examples=0, cache_dir=str(cache), device="cpu", seed=0, show_progress=False,
-                       output=str(run_dir / "eval-linear.json"))
+                       output=str(run_dir / "eval-linear.json"), robust_accuracy="last-iterate")
         test = build_dataset("synthetic", "test", size=cfg.test_size, seed=cfg.seed, image_size=cfg.image_size)
         x, y = evaluate.collect(test, 16)
         direct = direct_autoattack(linear, x, y, 8 / 255)
@@ -314,7 +315,7 @@ def test_autoattack_state_is_not_continued_for_another_subset_of_the_same_size(t
     original = AutoAttack.run_standard_evaluation
     monkeypatch.setattr(AutoAttack, "run_standard_evaluation", lambda self, x, y, **k: calls.append(len(x)) or original(self, x, y, **k))
     options = dict(attacks="aa", n_examples=12, gap_attack="none", bg_gap=False, iou_examples=0, cache_dir=str(cache),
-                   device="cpu", seed=0, show_progress=False)
+                   device="cpu", seed=0, show_progress=False, robust_accuracy="last-iterate")  # AA on all 12
     with one_thread():
         run_eval(run, **options)
         assert calls == [12]
@@ -328,12 +329,12 @@ def test_autoattack_state_is_not_continued_for_another_subset_of_the_same_size(t
 def test_autoattack_version_is_checked(monkeypatch, linear_problem):
     model, x, y, eps = linear_problem
     evaluate.check_autoattack_version()  # the installed one is supported
-    monkeypatch.setattr(evaluate, "_installed_autoattack_version", lambda: "0.3.1")
+    monkeypatch.setattr(autoattack_run, "_installed_autoattack_version", lambda: "0.3.1")
     with pytest.raises(UserError) as info:
         evaluate.autoattack_flags(model, x, y, eps=eps, seed=0)
     message = str(info.value)
     assert "\n" not in message and "pyautoattack 0.3.1 is installed" in message and evaluate.AUTOATTACK_SUPPORTED in message
-    monkeypatch.setattr(evaluate, "_installed_autoattack_version", lambda: None)
+    monkeypatch.setattr(autoattack_run, "_installed_autoattack_version", lambda: None)
     with pytest.raises(UserError, match="pyautoattack is not installed"):
         evaluate.check_autoattack_version()
 
@@ -348,7 +349,7 @@ def test_autoattack_pin_in_pyproject_is_the_checked_range():
 
 def test_run_eval_checks_the_autoattack_version_before_any_attack(tiny_run, monkeypatch):
     run_dir, cache, _ = tiny_run
-    monkeypatch.setattr(evaluate, "_installed_autoattack_version", lambda: "0.1.0")
+    monkeypatch.setattr(autoattack_run, "_installed_autoattack_version", lambda: "0.1.0")
     monkeypatch.setattr(evaluate, "correct_under_attack", lambda *a, **k: pytest.fail("an attack ran before the check"))
     result = CliRunner().invoke(app, ["eval", str(run_dir), "--attacks", "clean,aa", "--n-examples", "8", "--device", "cpu",
                                       "--cache-dir", str(cache)])

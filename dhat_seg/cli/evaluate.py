@@ -30,6 +30,10 @@ def register(root: typer.Typer) -> None:
         data: Optional[str] = typer.Option(None, help="dataset (default: the run's)"),
         split: str = typer.Option("test", help="split to evaluate"),
         eps: float = typer.Option(8.0, help="L_inf budget in 1/255 units"),
+        robust_accuracy: str = typer.Option("any-iterate", metavar="any-iterate|last-iterate",
+                                            help="any-iterate: broken once the clean input or any attack iterate is misclassified "
+                                                 "(AutoAttack then runs on what the other attacks left, reported as the union); "
+                                                 "last-iterate: each attack judged on its last iterate, AutoAttack alone"),
         batch_size: int = typer.Option(256, help="evaluation batch size"),
         device: str = typer.Option("auto", help="auto | cpu | cuda"),
         seed: int = typer.Option(0, help="seed of the random starts"),
@@ -44,7 +48,7 @@ def register(root: typer.Typer) -> None:
                           aa_examples=parse_count(aa_examples, "--aa-examples"), gap_attack=gap_attack,
                           gap_examples=parse_count(gap_examples, "--gap-examples", allow_zero=True), bg_gap=bg_gap,
                           iou_examples=parse_count(iou_examples, "--iou-examples", allow_zero=True), sanity=sanity,
-                          sanity_examples=parse_count(sanity_examples, "--sanity-examples"), data=data, split=split, eps=eps,
+                          sanity_examples=parse_count(sanity_examples, "--sanity-examples"), data=data, split=split, eps=eps, robust_accuracy=robust_accuracy,
                           batch_size=batch_size, device=device, seed=seed, cache_dir=str(cache_dir) if cache_dir else None,
                           output=str(output) if output else None, log=log)
         acc, n = report["accuracy"], report["examples"]
