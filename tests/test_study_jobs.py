@@ -194,3 +194,17 @@ def test_bad_launcher_config_is_one_line_error(tmp_path, text, needle):
         path.write_text(text)
     result = invoke("ablate", ["--out", str(tmp_path / "o"), "--launcher", "submitit", "--launcher-config", str(path)])
     assert_one_line_error(result, f"--launcher-config {path}", needle)
+
+
+def test_cli_passes_the_launcher_to_the_study(tmp_path):
+    """--jobs reaches the study: with --report-only the fanned-out path runs nothing and
+    writes the table of pending rows."""
+    root = tmp_path
+    args = ["--attention", "-,gradcam,ig", "--out", str(root / "cli"), "--cache-dir", str(root / "cache"), "--report-only",
+            "--jobs", "2", "--epochs", "1", "--device", "cpu", "--n-examples", "16", "--gap-examples", "16",
+            "--sanity-examples", "16"]
+    result = invoke("ablate", args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads((root / "cli" / "ablation.json").read_text())["rows"]
+    assert [r["status"].split(":")[0] for r in rows] == ["pending", "pending", "pending"]
+    assert not (root / "cli" / "uiat").exists()

@@ -254,8 +254,6 @@ def fan_out(ctx: Any, work: list[tuple[Any, Any, Any]], launcher: Launcher, writ
         return write()
     cap = launcher.in_flight(len(planned))
     threads = launcher.threads(cap)
-    backend: _Pool | _Submitit = (_Submitit(launcher, ctx.out / ".submitit") if launcher.kind == "submitit"
-                                  else _Pool(cap))
     # the shared attention model and every training mask cache: built here, once each, before any job starts
     provisioned: dict[str, tuple[str, str] | None] = {}  # setting -> None, or (status, traceback) of its failure
     ready: collections.deque = collections.deque()
@@ -274,9 +272,13 @@ def fan_out(ctx: Any, work: list[tuple[Any, Any, Any]], launcher: Launcher, writ
                 write()
                 continue
         ready.append((row, dataclasses.replace(job, threads=threads, progress=False)))
+    if not ready:
+        return write()
     log(f"{command}: {len(ready)} row run(s) left, {cap} at once "
         f"({'submitit' if launcher.kind == 'submitit' else 'local worker processes'}"
         f"{f', {threads} torch thread(s) each' if threads else ''})")
+    backend: _Pool | _Submitit = (_Submitit(launcher, ctx.out / ".submitit") if launcher.kind == "submitit"
+                                  else _Pool(cap))
     running: dict[Any, tuple[Any, Any, float]] = {}
     try:
         while ready or running:
