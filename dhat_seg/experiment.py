@@ -119,6 +119,29 @@ def frozen_masks(cfg: TrainConfig, dataset, *, device, root: Path, log: Log = _s
                                        rebuild=rebuild, progress=progress, batch_size=batch_size, hint=hint, **kwargs)
 
 
+def provision_attention(cfg: TrainConfig, *, root: Path, log: Log = _stderr, progress: bool = True) -> None:
+    """Provision, once, what a run of ``cfg`` reads from the cache directory ``root``
+    before it trains: the frozen attention model and (``mask_source: cache``) the training
+    split's mask cache, each reused when present, else built (as :func:`build_parts` would).
+    Nothing for a method without attention nor for ``attention_source: self`` (its masks
+    come from the model being trained, in the run directory). A study fanned out over
+    processes calls it in the parent, row by row, before its workers start, so that no
+    two workers build the same cache."""
+    from dhat_seg.training_methods import TRAINING_METHODS
+
+    entry = TRAINING_METHODS.get(cfg.method)
+    if entry is None or not entry.cls.needs_attention or cfg.attention_source == "self":
+        return
+    device = select_device(cfg.device)
+    with deterministic_kernels(device):
+        seed_everything(cfg.seed)
+        train_ds = split_for(cfg, "train", augment=cfg.augment)
+        if cfg.mask_source == "online":
+            classifier_path(cfg, train_ds.fingerprint(), Path(root), log, progress=progress)
+        else:
+            frozen_masks(cfg, train_ds, device=device, root=Path(root), log=log, progress=progress)
+
+
 def _in_eval_mode(attention, model):
     """``attention`` called with ``model`` (the model being trained) in eval mode."""
 

@@ -325,13 +325,14 @@ def test_compare_cli_runs_the_rows(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(ablate.run, "run_eval", fake_eval(calls))
     monkeypatch.setattr(dhat_seg.experiment, "Experiment", FakeTrainer)
+    monkeypatch.setattr(dhat_seg.experiment, "provision_attention", lambda *a, **k: None)  # the fake trains no attention model
     monkeypatch.setattr(FakeTrainer, "runs", [])
     out = tmp_path / "out"
     result = invoke(["--methods", "at,dhat,sglr", "--out", str(out), "--cache-dir", str(tmp_path / "cache")] + SMALL_ARGS)
     assert result.exit_code == 0, result.output
     assert "| AT | 70.00 |" in result.output and "| SGLR |" in result.output and "not implemented" in result.output
     assert "3 rows in" in result.output and f"{out}/comparison.md" in result.output
-    assert [name for name, _ in calls] == ["at", "dhat"]
+    assert [name for name, _ in calls] == ["at", "dhat"], result.output
     assert json.loads((out / "comparison.json").read_text())["overrides"]["image_size"] == 16
 
 

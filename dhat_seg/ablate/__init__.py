@@ -39,7 +39,8 @@ attention study.
 
 Modules: :mod:`~dhat_seg.ablate.study` (the row specification), :mod:`~dhat_seg.ablate.rows`
 (presets, attention rows, seeds), :mod:`~dhat_seg.ablate.run` (training and evaluating the
-rows), :mod:`~dhat_seg.ablate.output` (tables and plot).
+rows), :mod:`~dhat_seg.ablate.launch` (rows fanned out: ``--jobs N`` worker processes or
+submitit jobs), :mod:`~dhat_seg.ablate.output` (tables and plot).
 """
 
 from dhat_seg.ablate.output import markdown_table, paper_table, plot, write_outputs
@@ -66,12 +67,13 @@ from dhat_seg.ablate.rows import (
     run_dir_for,
     sanity_status,
 )
-from dhat_seg.ablate.run import describe_config, metrics_from_report, run_ablation, run_study
+from dhat_seg.ablate.launch import LAUNCHERS, Launcher, make_launcher
+from dhat_seg.ablate.run import RowJob, describe_config, metrics_from_report, run_ablation, run_row, run_study
 from dhat_seg.ablate.study import Study
 
 __all__ = [
-    "ABLATE_PRESETS", "ATTENTION_STUDY", "NEEDS_DOWNLOAD", "NO_DOWNLOAD_HINT", "PAPER_ORDER", "ROW_ORDER", "UIAT",
-    "AblatePreset", "Row", "SeedRows", "Study", "attention_study", "base_config", "combined_status", "describe_config",
+    "ABLATE_PRESETS", "ATTENTION_STUDY", "LAUNCHERS", "NEEDS_DOWNLOAD", "NO_DOWNLOAD_HINT", "PAPER_ORDER", "ROW_ORDER",
+    "UIAT", "AblatePreset", "Launcher", "RowJob", "make_launcher", "run_row", "Row", "SeedRows", "Study", "attention_study", "base_config", "combined_status", "describe_config",
     "markdown_table", "mean_std", "metrics_from_report", "ordered_methods", "paper_table", "parse_rows", "parse_seeds",
     "plot", "readiness", "row_config", "run_ablation", "run_dir_for", "run_study", "sanity_status", "write_outputs",
 ]

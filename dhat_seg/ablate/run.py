@@ -19,6 +19,7 @@ from dhat_seg.errors import UserError
 from dhat_seg.evaluation_report import EVAL_FILE, EvalOptions, run_eval
 from dhat_seg.ablate.rows import (AblatePreset, Row, SeedRows, _alternate_dir, attention_study, run_dir_for,
     sanity_status)
+from dhat_seg.ablate.launch import Launcher, failure_status, fan_out, plan_all, provision_all
 from dhat_seg.ablate.output import write_outputs
 from dhat_seg.ablate.study import Study
 
@@ -118,6 +119,7 @@ def run_ablation(
     trainer_factory: Callable[..., Any] | None = None,
     report_only: bool = False,
     convergence_threshold: float = DEFAULT_THRESHOLD,
+    launcher: Launcher | None = None,
 ) -> dict[str, Any]:
     """The attention ablation: :func:`run_study` of the attention rows ("-" and method
     names) with the methods' checkpoints and options; returns ablation.json's content."""
@@ -127,7 +129,7 @@ def run_ablation(
     return run_study(attention_study(checkpoints, attention_options), rows, base, eval_options, out, seeds=seeds,
                      cache_dir=cache_dir, unavailable=unavailable, preset=preset, overrides=overrides, log=log,
                      progress=progress, trainer_factory=trainer_factory, report_only=report_only,
-                     convergence_threshold=convergence_threshold)
+                     convergence_threshold=convergence_threshold, launcher=launcher)
 
 
 def run_study(
@@ -147,6 +149,7 @@ def run_study(
     trainer_factory: Callable[..., Any] | None = None,
     report_only: bool = False,
     convergence_threshold: float = DEFAULT_THRESHOLD,
+    launcher: Launcher | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate every row (its config: ``study.config``) with the sanity checks
     once per seed (default: the base config's seed), write the table files
@@ -159,12 +162,16 @@ def run_study(
 
     Seed by seed: every row of the first seed, then of the next, so that a complete
     table of the first seed exists early. Training and evaluation of seed ``s`` run with
-    ``seed=s`` (data, training, attacks)."""
+    ``seed=s`` (data, training, attacks).
+
+    ``launcher`` (:mod:`dhat_seg.ablate.launch`): None or one job at a time on the local
+    machine runs the rows here, one after another; otherwise the rows to run are fanned out
+    (local worker processes or submitit jobs), with the attention models and mask caches
+    provisioned here first; reuse, resume, failures and the table are the same.
+    ``trainer_factory`` must then be picklable (a top-level class)."""
     from dhat_seg.attention_model import cache_root
     from dhat_seg.data import split_for
-    from dhat_seg.experiment import Experiment
 
-    trainer_factory = trainer_factory or Experiment
     study = study.for_preset(preset.name if preset else None)
     command = study.command
     seeds = list(seeds) if seeds else [base.seed]
@@ -199,69 +206,168 @@ def run_study(
     def write() -> dict[str, Any]:
         return write_outputs(out, table, meta | {"seconds": round(time.time() - started, 1)}, preset, study)
 
-    for seed in seeds:
-        seed_base = dataclasses.replace(base, seed=seed)
-        seed_eval = dataclasses.replace(eval_options, seed=seed)
-        seed_settings = seed_eval.result_settings()
-        for entry in table:
-            row = entry.runs[seed]
-            name = f"{row.label}, seed {seed}" if multi else row.label
-            run_dir = run_dir_for(out, row.key, seed, multi)
-            row.run_dir = str(run_dir)
-            t0 = time.time()
-            try:
-                if row.name in unavailable:
-                    row.status = f"skipped: {unavailable[row.name]}"
-                    continue
-                cfg = study.config(seed_base, row.name)
-                row.trains = describe_config(cfg)
-                problem = study.readiness(row.name, cfg)
-                if problem:
-                    row.status = f"skipped: {problem}"
-                    continue
-                report = _finished(run_dir, cfg, seed_settings)
-                if report is None:  # finished in the other layout (single seed <-> several seeds)?
-                    other = _alternate_dir(out, row.key, seed, multi)
-                    report = _finished(other, cfg, seed_settings)
-                    if report is not None:
-                        run_dir = other
-                        row.run_dir = str(run_dir)
-                reused = report is not None
-                if not reused and report_only:
-                    row.status = PENDING_REPORT_ONLY
-                    continue
-                if reused:
-                    log(f"{command}: row {name}: finished earlier in {run_dir}, reused")
-                else:
-                    done = (run_dir / "summary.json").is_file() and \
-                        json.loads((run_dir / "summary.json").read_text()).get("config_digest") == cfg.digest()
-                    if not done:
-                        resume = (run_dir / "config.yaml").is_file()
-                        log(f"{command}: row {name}: {'resuming' if resume else 'training'} {describe_config(cfg)} in {run_dir}")
-                        trainer_factory(cfg, run_dir, cache_dir=root, log=log, progress=progress).run(resume=resume)
-                    log(f"{command}: row {name}: evaluating")
-                    report = run_eval(run_dir, dataclasses.replace(seed_eval, cache_dir=str(root), output=None), log=log)
-                row.metrics, row.sanity = metrics_from_report(report), report["sanity"]
-                row.status = sanity_status(row.sanity, reused)
-                row.convergence = run_verdict(run_dir, threshold=convergence_threshold).to_dict()
-                if row.climbing:
-                    log(f"{command}: row {name}: {row.climbing} (validation accuracy; see {run_dir / 'metrics.jsonl'})")
-                if row.suspect:
-                    log(f"{command}: row {name}: {row.status} (details in {run_dir / EVAL_FILE}, \"sanity\")")
-            except KeyboardInterrupt:
-                row.status = "failed: interrupted"
-                write()
-                raise
-            except Exception as exc:  # one failing row must not lose the others
-                message = str(exc).splitlines()[0] if str(exc) else ""
-                row.status = f"failed: {type(exc).__name__}: {message}" if not isinstance(exc, UserError) else f"failed: {message}"
-                try:
-                    Path(row.run_dir).mkdir(parents=True, exist_ok=True)
-                    (Path(row.run_dir) / "error.log").write_text(traceback.format_exc())
-                except OSError:
-                    pass
-                log(f"{command}: row {name} {row.status} (traceback in {row.run_dir}/error.log)")
-            finally:
-                row.seconds = round(time.time() - t0, 1)
-                write()
+    ctx = _StudyRun(study=study, out=out, multi=multi, unavailable=unavailable, report_only=report_only, root=root,
+                    log=log, progress=progress, trainer_factory=trainer_factory,
+                    convergence_threshold=convergence_threshold)
+    work = [(entry.runs[seed], dataclasses.replace(base, seed=seed), dataclasses.replace(eval_options, seed=seed))
+            for seed in seeds for entry in table]
+    if launcher is not None and launcher.fans_out:
+        return fan_out(ctx, work, launcher, write, run_row_job)
+    for row, job in provision_all(ctx, plan_all(ctx, work, write), write):
+        t0 = time.time()
+        try:
+            ctx.conclude(row, run_row(job, log=log), reused=False)
+        except KeyboardInterrupt:
+            row.status = "failed: interrupted"
+            write()
+            raise
+        except Exception as exc:  # one failing row must not lose the others
+            ctx.fail(row, failure_status(exc), traceback.format_exc())
+        finally:
+            row.seconds = round(time.time() - t0, 1)
+            write()
     return write()
+
+
+# ---------------------------------------------------------------------------------
+# One row x seed: planned and concluded by the study's process, run by run_row anywhere
+# ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RowJob:
+    """One row x seed to train (or resume) and evaluate in its run directory: what
+    :func:`run_row` needs, picklable (it travels to worker processes and submitit jobs)."""
+
+    command: str
+    #: the row's name in messages, e.g. "Grad-CAM, seed 1"
+    name: str
+    cfg: TrainConfig
+    run_dir: str
+    #: the seed's evaluation options (with the cache directory, no output file)
+    eval_options: EvalOptions
+    cache_dir: str
+    #: train first (False: training finished, evaluate only)
+    train: bool
+    #: resume the training in ``run_dir`` (its config.yaml exists)
+    resume: bool
+    progress: bool = True
+    #: torch threads of the process running it (None: leave them)
+    threads: int | None = None
+    #: the trainer (default :class:`~dhat_seg.experiment.Experiment`)
+    trainer_factory: Callable[..., Any] | None = None
+
+
+def run_row(job: RowJob, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train (or resume) and evaluate one row x seed in its run directory; returns the
+    evaluation's report (eval.json). The one function that runs a row, whether the study
+    runs its rows here one after another, in local worker processes or as submitit jobs."""
+    from dhat_seg.experiment import Experiment
+
+    if log is None:
+        def log(message: str) -> None:
+            print(message, file=sys.stderr, flush=True)
+    if job.threads:
+        import torch
+
+        torch.set_num_threads(job.threads)
+    run_dir = Path(job.run_dir)
+    if job.train:
+        log(f"{job.command}: row {job.name}: {'resuming' if job.resume else 'training'} {describe_config(job.cfg)} in {run_dir}")
+        factory = job.trainer_factory or Experiment
+        factory(job.cfg, run_dir, cache_dir=Path(job.cache_dir), log=log, progress=job.progress).run(resume=job.resume)
+    log(f"{job.command}: row {job.name}: evaluating")
+    return run_eval(run_dir, job.eval_options, log=log)
+
+
+def run_row_job(job: RowJob) -> dict[str, Any]:
+    """:func:`run_row` as a job of its own process: never raises; returns ``{"report":
+    ...}``, or ``{"error": status, "traceback": text}`` as the study reports a failed row."""
+    try:
+        return {"report": run_row(job)}
+    except (Exception, KeyboardInterrupt) as exc:  # KeyboardInterrupt: SIGINT/SIGTERM of this job (Interrupted)
+        status = failure_status(exc) if isinstance(exc, Exception) else f"failed: interrupted ({exc})".replace(" ()", "")
+        return {"error": status, "traceback": traceback.format_exc()}
+
+
+@dataclasses.dataclass
+class _StudyRun:
+    """The settings shared by the rows of one :func:`run_study` call, and what the study's
+    own process does for a row before (:meth:`plan`) and after (:meth:`conclude`,
+    :meth:`fail`) it runs."""
+
+    study: Study
+    out: Path
+    multi: bool
+    unavailable: Mapping[str, str]
+    report_only: bool
+    root: Path
+    log: Callable[[str], None]
+    progress: bool
+    trainer_factory: Callable[..., Any] | None
+    convergence_threshold: float
+
+    @property
+    def command(self) -> str:
+        return self.study.command
+
+    def name(self, row: Row) -> str:
+        return f"{row.label}, seed {row.seed}" if self.multi else row.label
+
+    def plan(self, row: Row, seed_base: TrainConfig, seed_eval: EvalOptions) -> RowJob | None:
+        """The row's job, or None when nothing is left to run: skipped, reused (concluded
+        here) or pending (``report_only``); sets its run directory and what it trains."""
+        seed = seed_base.seed
+        run_dir = run_dir_for(self.out, row.key, seed, self.multi)
+        row.run_dir = str(run_dir)
+        if row.name in self.unavailable:
+            row.status = f"skipped: {self.unavailable[row.name]}"
+            return None
+        cfg = self.study.config(seed_base, row.name)
+        row.trains = describe_config(cfg)
+        problem = self.study.readiness(row.name, cfg)
+        if problem:
+            row.status = f"skipped: {problem}"
+            return None
+        seed_settings = seed_eval.result_settings()
+        report = _finished(run_dir, cfg, seed_settings)
+        if report is None:  # finished in the other layout (single seed <-> several seeds)?
+            other = _alternate_dir(self.out, row.key, seed, self.multi)
+            report = _finished(other, cfg, seed_settings)
+            if report is not None:
+                run_dir = other
+                row.run_dir = str(run_dir)
+        if report is not None:
+            self.log(f"{self.command}: row {self.name(row)}: finished earlier in {run_dir}, reused")
+            self.conclude(row, report, reused=True)
+            return None
+        if self.report_only:
+            row.status = PENDING_REPORT_ONLY
+            return None
+        summary = run_dir / "summary.json"
+        done = summary.is_file() and json.loads(summary.read_text()).get("config_digest") == cfg.digest()
+        return RowJob(command=self.command, name=self.name(row), cfg=cfg, run_dir=str(run_dir),
+                      eval_options=dataclasses.replace(seed_eval, cache_dir=str(self.root), output=None),
+                      cache_dir=str(self.root), train=not done, resume=(run_dir / "config.yaml").is_file(),
+                      progress=self.progress, trainer_factory=self.trainer_factory)
+
+    def conclude(self, row: Row, report: Mapping[str, Any], *, reused: bool) -> None:
+        """The row's table values, sanity status and convergence verdict from its report."""
+        run_dir = Path(row.run_dir)
+        row.metrics, row.sanity = metrics_from_report(report), report["sanity"]
+        row.status = sanity_status(row.sanity, reused)
+        row.convergence = run_verdict(run_dir, threshold=self.convergence_threshold).to_dict()
+        if row.climbing:
+            self.log(f"{self.command}: row {self.name(row)}: {row.climbing} (validation accuracy; see {run_dir / 'metrics.jsonl'})")
+        if row.suspect:
+            self.log(f"{self.command}: row {self.name(row)}: {row.status} (details in {run_dir / EVAL_FILE}, \"sanity\")")
+
+    def fail(self, row: Row, status: str, trace: str) -> None:
+        """A failed row: its status, the traceback in RUN/error.log, one line in the log."""
+        row.status = status
+        try:
+            Path(row.run_dir).mkdir(parents=True, exist_ok=True)
+            (Path(row.run_dir) / "error.log").write_text(trace)
+        except (OSError, TypeError):
+            pass
+        self.log(f"{self.command}: row {self.name(row)} {row.status} (traceback in {row.run_dir}/error.log)")

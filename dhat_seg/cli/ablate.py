@@ -28,6 +28,24 @@ CONVERGENCE = typer.Option(2.0, "--convergence-threshold", min=0.0, help="points
                            "accuracy moved by more over its last 2 epochs is marked 'still climbing' in the status column")
 REPORT_ONLY = typer.Option(False, "--report-only", help="train and evaluate nothing: write the table of the "
                            "rows finished so far (the others pending)")
+JOBS = typer.Option(None, "--jobs", metavar="N", help="rows x seeds run at once: 1 (the default) = one after another "
+                   "in this process; N = N local worker processes (the CPU cores' torch threads divided among them); with "
+                   "--launcher submitit at most N jobs at once (default there: all; one per core on its local executor)")
+LAUNCHER = typer.Option("local", "--launcher", help="local (this machine) | submitit (one job per row x seed: Slurm, or "
+                        "submitit's local executor with --launcher-opt cluster=local); finished rows are reused either way")
+LAUNCHER_CONFIG = typer.Option(None, "--launcher-config", metavar="YAML", help="submitit executor options, a YAML "
+                               "mapping (e.g. slurm_partition, gpus_per_node, timeout_min, cpus_per_task, mem_gb, cluster)")
+LAUNCHER_OPT = typer.Option(None, "--launcher-opt", metavar="KEY=VALUE", help="one submitit executor option, over "
+                            "--launcher-config's (repeatable), e.g. slurm_partition=gpu or cluster=local")
+
+
+def study_launcher(launcher: str, jobs: int | None, config: Path | None, opts: list[str] | None):
+    """The :class:`~dhat_seg.ablate.launch.Launcher` of the launcher options, checked
+    (a UserError names a bad value; more jobs than cores only warns)."""
+    from dhat_seg.ablate import make_launcher
+    from dhat_seg.cli.common import log
+
+    return make_launcher(launcher, jobs, config, opts, log=log)
 
 
 def study_settings(command: str, preset: str, *, epochs: int | None, seed: int | None, seeds: str | None,
@@ -108,16 +126,22 @@ def register(root: typer.Typer) -> None:
         sanity_examples: Optional[str] = SANITY_EXAMPLES,
         report_only: bool = REPORT_ONLY,
         convergence_threshold: float = CONVERGENCE,
+        jobs: Optional[int] = JOBS,
+        launcher: str = LAUNCHER,
+        launcher_config: Optional[Path] = LAUNCHER_CONFIG,
+        launcher_opt: Optional[List[str]] = LAUNCHER_OPT,
         set_: Optional[List[str]] = typer.Option(None, "--set", help="any training config option KEY=VALUE (repeatable)"),
     ):
         """Train and evaluate one run per attention method with identical settings: the paper's Table 10
         (Clean, PGD-10, C&W, AA, Robust Gap; plus BG-gap and attention IoU on the built-in data).
         Every row runs the gradient-masking sanity checks of `eval --sanity`; a row failing one is marked suspect.
         With --seeds, every row runs once per seed and the table shows mean ± std over the seeds.
-        Writes ablation.md/.csv/.json/.png; finished rows are reused, interrupted ones resume."""
+        Writes ablation.md/.csv/.json/.png; finished rows are reused, interrupted ones resume.
+        --jobs N runs N rows at once; --launcher submitit runs each row x seed as a submitit (Slurm) job."""
         from dhat_seg import ablate as ab
         from dhat_seg.errors import UserError
 
+        fan = study_launcher(launcher, jobs, launcher_config, launcher_opt)
         s = study_settings("ablate", preset, epochs=epochs, seed=seed, seeds=seeds, device=device, set_=set_,
                            counts={"n_examples": n_examples, "aa_examples": aa_examples, "gap_examples": gap_examples,
                                    "sanity_examples": sanity_examples})
@@ -138,5 +162,5 @@ def register(root: typer.Typer) -> None:
         result = ab.run_ablation(rows, base, s.eval_options, out, seeds=s.seeds, cache_dir=cache_dir, checkpoints=checkpoints,
                                  attention_options=options, unavailable=unavailable, preset=s.preset, overrides=s.overrides,
                                  log=log, progress=show_progress(), report_only=report_only,
-                                 convergence_threshold=convergence_threshold)
+                                 convergence_threshold=convergence_threshold, launcher=fan)
         print_study(result, study, s, rows, out)

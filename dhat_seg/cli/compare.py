@@ -11,8 +11,9 @@ import typer
 
 def register(root: typer.Typer) -> None:
     """Adds the ``compare`` command to the root app."""
-    from dhat_seg.cli.ablate import (AA_EXAMPLES, CONVERGENCE, DEVICE, EPOCHS, GAP_EXAMPLES, N_EXAMPLES, REPORT_ONLY, SANITY_EXAMPLES,
-                                     SEED, SEEDS, print_study, study_settings)
+    from dhat_seg.cli.ablate import (AA_EXAMPLES, CONVERGENCE, DEVICE, EPOCHS, GAP_EXAMPLES, JOBS, LAUNCHER, LAUNCHER_CONFIG,
+                                     LAUNCHER_OPT, N_EXAMPLES, REPORT_ONLY, SANITY_EXAMPLES, SEED, SEEDS, print_study,
+                                     study_launcher, study_settings)
     from dhat_seg.cli.common import log, show_progress, user_errors
 
     @root.command()
@@ -40,6 +41,10 @@ def register(root: typer.Typer) -> None:
         sanity_examples: Optional[str] = SANITY_EXAMPLES,
         report_only: bool = REPORT_ONLY,
         convergence_threshold: float = CONVERGENCE,
+        jobs: Optional[int] = JOBS,
+        launcher: str = LAUNCHER,
+        launcher_config: Optional[Path] = LAUNCHER_CONFIG,
+        launcher_opt: Optional[List[str]] = LAUNCHER_OPT,
         set_: Optional[List[str]] = typer.Option(None, "--set", help="a training config option KEY=VALUE shared by every row "
                                                  "(repeatable; not method, base, awp*, attention: the rows set those)"),
     ):
@@ -47,9 +52,11 @@ def register(root: typer.Typer) -> None:
         (Clean, PGD-10, C&W, AA, Robust Gap; plus BG-gap on the built-in data); the paper preset prints the DHAT
         paper's main results beside them. Every row runs the gradient-masking sanity checks of `eval --sanity`.
         With --seeds, every row runs once per seed and the table shows mean ± std over the seeds.
-        Writes comparison.md/.csv/.json/.png; finished rows are reused, interrupted ones resume."""
+        Writes comparison.md/.csv/.json/.png; finished rows are reused, interrupted ones resume.
+        --jobs N runs N rows at once; --launcher submitit runs each row x seed as a submitit (Slurm) job."""
         from dhat_seg import compare as cmp
 
+        fan = study_launcher(launcher, jobs, launcher_config, launcher_opt)
         s = study_settings("compare", preset, epochs=epochs, seed=seed, seeds=seeds, device=device, set_=set_,
                            counts={"n_examples": n_examples, "aa_examples": aa_examples, "gap_examples": gap_examples,
                                    "sanity_examples": sanity_examples}, check_overrides=cmp.check_overrides)
@@ -66,5 +73,5 @@ def register(root: typer.Typer) -> None:
         result = cmp.run_comparison(rows, base, s.eval_options, out, attention=attention, seeds=s.seeds,
                                     cache_dir=cache_dir, unavailable=unavailable, preset=s.preset, overrides=s.overrides,
                                     log=log, progress=show_progress(), report_only=report_only,
-                                    convergence_threshold=convergence_threshold)
+                                    convergence_threshold=convergence_threshold, launcher=fan)
         print_study(result, study, s, rows, out)
