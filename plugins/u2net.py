@@ -40,11 +40,11 @@ Foreground IoU with the true masks of 32 built-in training images, input 320
 at omega 0.3-0.7 and with Otsu (issue 9 measured 0.60-0.63); Grad-CAM reaches about
 0.15. Smaller inputs cost less and find less: 0.5-0.64 at 224, 0.3-0.5 at 160.
 
-Speed (benchmarks/bench_u2net.py --threads 1, 2 busy CPU cores, best of 3 interleaved
-rounds): at input 320 the onnxruntime backend makes 2.4 maps/s, as many as
-onnxruntime's one-image loop of the shipped file (1.00x), the torch path 1.4 (0.58x;
-torch's oneDNN convolutions are slower than onnxruntime's on this CPU); at 224, 5.1 and
-4.2. Masks are computed once per training image and cached, and on a GPU the batched
+Speed (benchmarks/bench_u2net.py --threads 1, 2 busy CPU cores, interleaved rounds, two
+runs): at input 320 the onnxruntime backend makes 2.4-2.6 maps/s, 0.96-1.00x
+onnxruntime's one-image loop of the shipped file (the same engine: batching gains
+nothing at one thread), the torch path 1.4-2.1 (0.58-0.77x; torch's oneDNN
+convolutions are slower than onnxruntime's on this CPU); at 224, 5.1-5.4 and 4.1-4.2. Masks are computed once per training image and cached, and on a GPU the batched
 torch path is the one that applies.
 
 Other weights: ``--attention-checkpoint PATH`` to a U^2-Net or U^2-Net-p ``.onnx``
