@@ -184,6 +184,8 @@ def main() -> None:
         return {**overrides, "data_seed": seeds[0]} if fixed else overrides
     cores = os.cpu_count() or 1
     threads = max(1, cores // max(1, args.jobs))
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # a cap set by the caller (other jobs share the machine)
+        threads = min(threads, max(1, int(os.environ["OMP_NUM_THREADS"])))
     jobs = [{"data": d, "method": m, "seed": s, "set": seed_set(s), "threads": threads, "cache_dir": args.cache_dir,
              "test_n": args.test_n, "report_only": args.report_only,
              "out": str(Path(args.out) / d / m / f"seed-{s}")}
