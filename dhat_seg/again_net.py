@@ -29,7 +29,7 @@ dhat-seg's form of it (:class:`AgainNet`, for every registry model):
   output); PreAct ResNet-18: likewise, after the block's BN-ReLU, and after the final
   BN-ReLU; the small CNN: the input of its last conv-BN-ReLU block (``cam_layer``).
 * The forward returns the logits only. The labels of a train-mode forward are given with
-  :func:`labelled` (the mixing weight 0.6 is ``again_alpha``); a train-mode forward without
+  :func:`labelled` (the mixing weight 0.6 is ``again.alpha``); a train-mode forward without
   labels (none of dhat-seg's code-form passes makes one) modulates with W[pred], as eval mode.
   :func:`recording` collects each forward's auxiliary logits.
 * The auxiliary heads have ``num_classes`` outputs (the official ones are fixed at 10, so its
@@ -51,7 +51,7 @@ from dhat_seg.errors import UserError
 
 #: Suffix of the registry names of models with AGAIN's auxiliary heads (``resnet18_again``, ...).
 SUFFIX = "_again"
-#: The true label's share of the training mask (the official 0.6; ``again_alpha``).
+#: The true label's share of the training mask (the official 0.6; ``again.alpha``).
 DEFAULT_ALPHA = 0.6
 
 

@@ -57,8 +57,8 @@ class MethodRow:
     #: AWP warm-up epochs at the paper's 100 epochs (``awp_epochs``); scaled with the row's epochs
     awp_warmup: int = 0
     awp_epochs: int = 100
-    #: AGAIN's form (method again): "code" trains the shared model with the auxiliary heads (``<model>_again``)
-    again_form: str = "paper"
+    #: the row's method settings (``{"again": {"form": "code"}}``: AGAIN as released, on ``<model>_again``)
+    options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 #: Every known row, in the table's order for ``--methods all``. AT-AWP: gamma 1e-2,
@@ -91,7 +91,7 @@ METHOD_ROWS: dict[str, MethodRow] = {
         MethodRow("part-m", "PART-M", "part", base="mart"),
         MethodRow("again", "AT+AGAIN", "again"),
         MethodRow("again-code", "AT+AGAIN (as released)", "again", awp=True, awp_gamma=AGAIN_CODE_AWP_GAMMA,
-                  awp_warmup=AGAIN_CODE_AWP_WARMUP - 1, awp_epochs=AGAIN_CODE_EPOCHS, again_form="code"),
+                  awp_warmup=AGAIN_CODE_AWP_WARMUP - 1, awp_epochs=AGAIN_CODE_EPOCHS, options={"again": {"form": "code"}}),
     )
 }
 ALIASES = {"at-awp": "awp", "at-again": "again", "again-paper": "again", "again-released": "again-code", "at-fsr": "fsr", "trades-fsr": "fsr-trades", "mart-fsr": "fsr-mart",
@@ -157,14 +157,30 @@ COMPARE_DESCRIPTIONS = {
 #: Settings a row defines, refused in ``--set`` (the option to use instead).
 ROW_SETTINGS = {"method": "--methods", "base": "--methods (e.g. dhat-trades)", "awp": "--methods (e.g. awp, dhat-awp)",
                 "awp_gamma": "--methods", "awp_warmup": "--methods", "attention": "--attention",
-                "again_form": "--methods (again: the paper's form; again-code: as released)"}
+                "again.form": "--methods (again: the paper's form; again-code: as released)"}
 
 
 def check_overrides(overrides: Mapping[str, Any]) -> None:
     """Refuse ``--set`` of a setting that the rows define."""
+    from dhat_seg.config import explicit_keys, migrate
+
+    given = explicit_keys(migrate(dict(overrides)))
     for key, option in ROW_SETTINGS.items():
-        if key in overrides:
+        if key in given:
             raise UserError(f"--set {key}=... is not allowed: every row sets its own {key}; use {option}")
+
+
+def method_rows() -> dict[str, MethodRow]:
+    """:data:`METHOD_ROWS`, then a row of its own name for every registered training method that no row
+    trains (a method added with :func:`~dhat_seg.training_methods.register_training_method`)."""
+    from dhat_seg.training_methods import TRAINING_METHODS
+
+    rows = dict(METHOD_ROWS)
+    covered = {row.method for row in rows.values()}
+    for name in TRAINING_METHODS:
+        if name not in covered and name not in rows:
+            rows[name] = MethodRow(name, name, name)
+    return rows
 
 
 def parse_methods(value: str, attention: str, installed: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
@@ -177,22 +193,23 @@ def parse_methods(value: str, attention: str, installed: Mapping[str, Any]) -> t
     from dhat_seg.plugin_manager import BUILTIN_PLUGINS
 
     value = (value or "").strip().lower()
-    names = list(METHOD_ROWS) if value == "all" else list(PAPER_ROWS) if value == "paper" else []
+    rows = method_rows()
+    names = list(rows) if value == "all" else list(PAPER_ROWS) if value == "paper" else []
     for part in ([] if names else value.split(",")):
         part = part.strip().replace("_", "-")
         if not part:
             continue
         name = ALIASES.get(part, part)
-        if name not in METHOD_ROWS:
+        if name not in rows:
             raise UserError(f"--methods {part!r} is unknown; expected 'all', 'paper' or a comma list of "
-                            f"{', '.join(METHOD_ROWS)}")
+                            f"{', '.join(rows)}")
         if name not in names:
             names.append(name)
     if not names:
         raise UserError(f"--methods is empty; expected 'all', 'paper' or a comma list such as {DEFAULT_METHODS}")
     unavailable = {}
     for name in names:
-        row = METHOD_ROWS[name]
+        row = rows[name]
         if row.method is None:
             unavailable[name] = NOT_IMPLEMENTED
         elif needs_attention(row.method) and attention not in installed:
@@ -215,18 +232,23 @@ def method_config(base: TrainConfig, name: str, attention: str,
     ``attention`` with its preset options (``options``) under the base's."""
     from dhat_seg.training_methods import TRAINING_METHODS, reads_base
 
-    row = METHOD_ROWS.get(name)
+    row = method_rows().get(name)
     if row is None or row.method is None:
         raise UserError(f"method row {name!r} is {'unknown' if row is None else NOT_IMPLEMENTED}")
-    values: dict[str, Any] = {"method": row.method, "base": row.base, "awp": row.awp, "again_form": row.again_form}
+    method_options = {owner: dict(dataclasses.asdict(s) if dataclasses.is_dataclass(s) else s)
+                      for owner, s in base.method_options.items()}
+    for owner, settings in row.options.items():
+        method_options.setdefault(owner, {}).update(settings)
+    values: dict[str, Any] = {"method": row.method, "base": row.base, "awp": row.awp, "method_options": method_options}
     if row.awp:
         values.update(awp_gamma=row.awp_gamma, awp_warmup=scaled_warmup(row.awp_warmup, base.epochs, row.awp_epochs))
     if "cfa" in (row.method, row.base if reads_base(row.method) else None):
         # CFA's start epochs are for the paper's schedule (calibration from epoch 10, the
         # weight average from 50, of 100 epochs): scaled like AWP's warm-up unless set with --set
-        for key, paper in (("cfa_begin", CFA_BEGIN), ("fawa_begin", FAWA_BEGIN)):
-            if getattr(base, key) == paper:
-                values[key] = scaled_warmup(paper, base.epochs)
+        cfa = base.options("cfa")
+        for key, paper in (("begin", CFA_BEGIN), ("fawa_begin", FAWA_BEGIN)):
+            if getattr(cfa, key) == paper:
+                method_options.setdefault("cfa", {})[key] = scaled_warmup(paper, base.epochs)
     entry = TRAINING_METHODS[row.method]
     variant = entry.model_variant(dataclasses.replace(base, **values)) if entry.model_variant else None
     if variant:  # FSR's module, AGAIN's heads: the method picks its variant of the shared model (the registry's)
@@ -251,7 +273,7 @@ def part_settings(base: TrainConfig, attention: str, options: Mapping[str, Any])
 def _describe(name: str, attention: str) -> dict[str, Any]:
     from dhat_seg.training_methods import reads_base
 
-    row = METHOD_ROWS[name]
+    row = method_rows()[name]
     if row.method is None:
         return {"method": None, "base": None, "awp": None, "attention": None}
     return {"method": row.method, "base": row.base if reads_base(row.method) else None, "awp": row.awp,
@@ -280,7 +302,7 @@ def method_study(attention: str, options: Mapping[str, Mapping[str, Any]] | None
     return Study(
         command="compare", stem="comparison", title="training methods", reference="DHAT main results",
         row_header="method", parse=parse, config=lambda base, name: method_config(base, name, attention, options),
-        label=lambda name: METHOD_ROWS[name].label, key=lambda name: name,
+        label=lambda name: method_rows()[name].label, key=lambda name: name,
         describe=lambda name: _describe(name, attention), describe_keys=("method", "base", "awp", "attention"),
         readiness=ready, columns=COMPARE_COLUMNS, extra_columns=COMPARE_EXTRA_COLUMNS, paper=PAPER_MAIN_RESULTS,
         paper_labels=PAPER_LABELS, paper_caption="the DHAT paper's main results (WRN-28-10, CIFAR-10, eps 8/255)",

@@ -74,16 +74,10 @@ class TrainConfig:
     dhlr_form: str = "code"
     floe_form: str = "paper"
     floe_p: float = 2.0
-    # the loss UIAT and DHAT add their terms to (ignored by the other methods): "at" =
-    # CE(f(x_adv), y) on PGD examples (the paper); "trades" or "mart" = that method's loss
-    # with its own x_adv, from which x_inv and x_B are made
+    # the loss UIAT, DHAT, FSR and PART build on (ignored by the other methods): "at" =
+    # CE(f(x_adv), y) on PGD examples (the paper); another method with is_base (trades, mart,
+    # cfa, sglr) = that method's loss with its own x_adv, from which x_inv and x_B are made
     base: str = "at"
-    # TRADES (method trades, or base trades): beta of KL(p_nat || p_adv); 6.0 = the
-    # authors' CIFAR-10 script (their trades_loss defaults to 1.0)
-    trades_beta: float = 6.0
-    # MART (method mart, or base mart): beta of the weighted KL; 6.0 = the authors'
-    # WRN-34-10 script (their ResNet-18 script uses 5.0)
-    mart_beta: float = 6.0
     # adversarial weight perturbation (AWP, Wu et al. 2020) around any method's loss: the
     # weights are perturbed by awp_gamma times each layer's norm for the loss and restored
     # before the step; no AWP in the first awp_warmup epochs (the official scripts' --awp-warmup W
@@ -91,50 +85,11 @@ class TrainConfig:
     awp: bool = False
     awp_gamma: float = 5e-3
     awp_warmup: int = 0
-    # CFA (Wei et al., CVPR 2023; method cfa, or base cfa = DHAT-CFA; training_methods/cfa.py):
-    # cfa_base "at" = AT+CFA (CCM + FAWA), "trades" = TRADES+CFA (CCM + CCR + FAWA). CCM:
-    # class k's radius (cfa_lambda1 + t_k) eps, t_k = its train robust accuracy in the
-    # previous epoch (null = the paper's 0.5 for at, 0.3 for trades); CCR: TRADES' beta
-    # (cfa_lambda2 + t_k) trades_beta; both from 0-based epoch cfa_begin (official code: 10)
-    cfa_base: str = "at"
-    cfa_lambda1: float | None = None
-    cfa_lambda2: float = 0.5
-    cfa_begin: int = 10
-    # FAWA: after each epoch from 0-based epoch fawa_begin (paper: 50) whose worst class
-    # reaches fawa_threshold (a fraction; paper: 0.2) in validation robust accuracy, the
-    # evaluated weights become fawa_decay (paper: 0.85) x themselves + (1 - fawa_decay) x the
-    # trained ones (the first such epoch: a copy of the trained ones)
-    fawa_decay: float = 0.85
-    fawa_threshold: float = 0.2
-    fawa_begin: int = 50
-    # SGLR (Li et al., CVPR 2024; method sglr, or base sglr; training_methods/sglr.py): from
-    # 0-based epoch sglr_start (null = 10 epochs before the first LR milestone, the official
-    # script's placement) each training sample's soft label t, one-hot at first, becomes
-    # sglr_momentum t + (1 - sglr_momentum) (sglr_clean_weight p(x) + (1 - sglr_clean_weight)
-    # p(x_adv)) at each visit and the loss is CE(f(x_adv), t); 0.9 and 0.2: the official code
-    sglr_momentum: float = 0.9
-    sglr_clean_weight: float = 0.2
-    sglr_start: int | None = None
-    # FSR (Kim et al., CVPR 2023; method fsr on a model <name>_fsr, with base at | trades | mart;
-    # training_methods/fsr.py): L_base + fsr_lambda_sep [CE(aux(f+), y) + CE(aux(f-), y')] +
-    # fsr_lambda_rec CE(aux(f~-), y) on x_adv's features, y' the highest-scoring wrong class;
-    # the mask is a Gumbel-sigmoid at temperature fsr_tau (saved with the model's weights); the
-    # FSR terms are added from 0-based epoch fsr_begin (0 = the paper and code; a later start lets
-    # short runs of small models leave chance first, see training_methods/fsr.py)
-    fsr_lambda_sep: float = 1.0
-    fsr_lambda_rec: float = 1.0
-    fsr_tau: float = 0.1
-    fsr_begin: int = 0
-    # PART (Zhang et al., ICML 2024; method part on base at | trades | mart; training_methods/part.py): the
-    # attack's budget is eps on the pixels the foreground mask marks important, part_eps_low elsewhere (units of
-    # 1/255; null = eps - 1, the paper's); paper masks: threshold_policy mean_std, attention_source self
-    part_eps_low: float | None = None
-    # AGAIN (method again): "paper" = the supplementary (training_methods/again.py), "code" = as released
-    # (again_code.py; model <name>_again, AWP on unless awp* are given)
-    again_form: str = "paper"
-    again_alpha: float = 0.6  # y's share of the mixed logit (paper) or of the mixed mask (code); 0.6 in both
-    again_fake_label: str = "random"  # paper form's y': a "random" wrong class, or the "highest"-scoring one
-    again_hff: bool | None = None  # the official code's HFF on the first stage; null: on for paper, off for code
+    # the settings each training method owns, by method name (TRADES' beta, CFA's calibration, ...):
+    # YAML ``method_options: {trades: {beta: 3.0}}``, CLI ``--set trades.beta=3``; each method's
+    # frozen settings dataclass (its module, e.g. training_methods/cfa.py CFASettings) holds the
+    # defaults, types and ranges. A run's config.yaml lists the settings of every method it reads.
+    method_options: dict[str, Any] = field(default_factory=dict)
     # attacks used for training
     eps: float = 8.0
     step_size: float = 2.0
@@ -233,29 +188,9 @@ class TrainConfig:
             (0 <= self.attention_burn_in < self.epochs or self.attention_burn_in == 0, "attention_burn_in",
              f"a non-negative integer smaller than epochs ({self.epochs})"),
             (self.max_abs_logit >= 0, "max_abs_logit", "a non-negative number (0 = no logit limit)"),
-            (self.trades_beta >= 0, "trades_beta", "a non-negative number"),
-            (self.mart_beta >= 0, "mart_beta", "a non-negative number"),
             (self.awp_gamma >= 0, "awp_gamma", "a non-negative number (relative size of the weight perturbation)"),
             (0 <= self.awp_warmup < self.epochs or self.awp_warmup == 0, "awp_warmup",
              f"a non-negative integer smaller than epochs ({self.epochs})"),
-            (self.cfa_lambda1 is None or self.cfa_lambda1 >= 0, "cfa_lambda1",
-             "a non-negative number or null (the paper's value for cfa_base)"),
-            (self.cfa_lambda2 >= 0, "cfa_lambda2", "a non-negative number"),
-            (self.cfa_begin >= 0, "cfa_begin", "a non-negative integer (0-based epoch)"),
-            (0 <= self.fawa_decay < 1, "fawa_decay", "a number in [0, 1)"),
-            (0 <= self.fawa_threshold <= 1, "fawa_threshold", "a number in [0, 1] (a fraction of a class's samples)"),
-            (self.fawa_begin >= 0, "fawa_begin", "a non-negative integer (0-based epoch)"),
-            (0 <= self.sglr_momentum <= 1, "sglr_momentum", "a number in [0, 1]"),
-            (0 <= self.sglr_clean_weight <= 1, "sglr_clean_weight", "a number in [0, 1]"),
-            (self.fsr_lambda_sep >= 0, "fsr_lambda_sep", "a non-negative number"),
-            (self.fsr_lambda_rec >= 0, "fsr_lambda_rec", "a non-negative number"),
-            (self.fsr_tau > 0, "fsr_tau", "a positive number (the Gumbel-sigmoid temperature)"),
-            (self.fsr_begin >= 0, "fsr_begin", "a non-negative integer (0-based epoch)"),
-            (self.part_eps_low is None or 0 <= self.part_eps_low <= self.eps, "part_eps_low",
-             f"a number in [0, eps={self.eps:g}] (units of 1/255) or null (eps - 1)"),
-            (0 <= self.again_alpha <= 1, "again_alpha", "a number in [0, 1] (the true label's share of the mixed logit)"),
-            (self.sglr_start is None or self.sglr_start >= 0, "sglr_start",
-             "a non-negative integer (0-based epoch) or null (10 epochs before the first milestone)"),
         ]
         for ok, name, expected in checks:
             if not ok:
@@ -272,6 +207,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value not in allowed:
                 raise UserError(f"{name} {value!r} is unknown; expected one of {', '.join(map(str, allowed))}")
+        self.method_options = resolve_method_options(self)
         from dhat_seg.training_methods import check_method_config
 
         check_method_config(self)  # the method's bases and own constraints (the registry's)
@@ -290,23 +226,34 @@ class TrainConfig:
         """The seed of the data and of the frozen attention model: ``data_seed``, else ``seed``."""
         return self.seed if self.data_seed is None else self.data_seed
 
+    def options(self, method: str) -> Any:
+        """The settings of training method ``method`` (its frozen settings dataclass): the run's
+        ``method_options[method]``, else the method's defaults."""
+        from dhat_seg.training_methods import settings_class
+
+        cls = settings_class(method)
+        return cls.build(method, self.method_options.get(method))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def digest(self) -> str:
         """Short hash of the settings that change results (for traceability, and to tell
-        whether a finished run can be reused). Keys added in a later version are left
-        out while they hold the value that reproduces the earlier behaviour
-        (``DIGEST_NEUTRAL``), so runs finished before they existed stay reusable."""
-        values = self.to_dict()
-        # again_hff null is the form's default: on for paper (true, the old default), off for code
-        values["again_hff"] = values["again_form"] == "paper" if values["again_hff"] is None else values["again_hff"]
+        whether a finished run can be reused). The settings of :data:`ALWAYS_DIGESTED` enter
+        it always; every other shared setting, and every method's setting, only where it
+        differs from its default, so a setting added later never changes the digest of a run
+        that leaves it alone (and runs finished before it existed stay reusable)."""
         from dhat_seg.training_methods import attack_mode_of
 
+        values = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "method_options" or f.name not in ALWAYS_DIGESTED and value == _default(f):
+                continue
+            values[f.name] = value
         values["attack_mode"] = attack_mode_of(self)  # null = the method's: "train" (the old default) for at, uiat, dhat
-        values = {k: v for k, v in values.items() if k not in DIGEST_NEUTRAL or v != DIGEST_NEUTRAL[k]}
-        if self.method == "again" and values.get("again_hff", True):  # HFF is the released code's, not the earlier MixStyle
-            values["again_hff_formula"] = "code"
+        for owner in sorted(self.method_options):
+            values.update(self.options(owner).digest_items(owner, self.method))
         from dhat_seg.data.registry import generator_version
 
         generator = generator_version(self.data)
@@ -316,16 +263,103 @@ class TrainConfig:
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
-#: Keys added after 0.1.0 + data_seed, at the value under which a run trains exactly as before they existed.
-DIGEST_NEUTRAL: dict[str, Any] = {"base": "at", "trades_beta": 6.0, "mart_beta": 6.0, "awp": False, "awp_gamma": 5e-3,
-                                  "awp_warmup": 0, "cfa_base": "at", "cfa_lambda1": None, "cfa_lambda2": 0.5,
-                                  "cfa_begin": 10, "fawa_decay": 0.85, "fawa_threshold": 0.2, "fawa_begin": 50,
-                                  "sglr_momentum": 0.9, "sglr_clean_weight": 0.2, "sglr_start": None,
-                                  "fsr_lambda_sep": 1.0, "fsr_lambda_rec": 1.0, "fsr_tau": 0.1,
-                                  "fsr_begin": 0, "part_eps_low": None, "again_alpha": 0.6, "again_fake_label": "random",
-                                  "again_form": "paper", "again_hff": True, "sync_every": 0, "sync_bn": False, "data_on_device": None, "channels_last": False,
-                                  "compile": False}
+#: The shared settings of dhat-seg 0.1 that every digest holds, at any value (frozen: a setting added
+#: later enters a digest only at a value other than its default, so this list never grows).
+ALWAYS_DIGESTED: frozenset[str] = frozenset((
+    "method", "model", "data", "data_root", "download", "image_size", "train_size", "test_size", "val_size", "rho",
+    "salience", "augment", "attention", "attention_options", "attention_checkpoint", "attention_model",
+    "attention_model_arch", "attention_model_epochs", "threshold_policy", "omega", "quantile", "mask_source",
+    "attention_source", "mask_refresh_every", "attention_burn_in", "lambda1", "lambda2", "dhlr_form", "floe_form",
+    "floe_p", "eps", "step_size", "attack_steps", "inv_eps", "inv_step_size", "inv_steps", "attack_mode",
+    "attack_precision", "attack_bn_update", "epochs", "batch_size", "lr", "momentum", "weight_decay", "milestones",
+    "gamma", "val_examples", "val_attack_steps", "test_examples", "seed", "data_seed", "device", "amp", "amp_dtype",
+    "num_workers", "max_abs_logit"))
 
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def resolve_method_options(cfg: TrainConfig) -> dict[str, Any]:
+    """``cfg.method_options`` as settings dataclasses (types and ranges checked), with the defaults of every
+    method whose settings the run reads (its own, its base's), so config.yaml shows them; a method's
+    settings the run does not read are kept only where they differ from the defaults (a 0.1 config
+    file lists every method's)."""
+    from dhat_seg.training_methods import TRAINING_METHODS, settings_class
+
+    if not isinstance(cfg.method_options, dict):
+        raise UserError(f"config option method_options={cfg.method_options!r} is invalid; expected a mapping of "
+                        "method: {setting: value}")
+    out = {owner: settings_class(owner).build(owner, values) for owner, values in cfg.method_options.items()}
+    entry = TRAINING_METHODS.get(cfg.method)
+    if entry is not None:
+        read = entry.settings_read(dataclasses.replace(cfg, method_options=out))
+        out = {owner: s for owner, s in out.items() if owner in read or s.changed()}
+        for owner in read:
+            out.setdefault(owner, settings_class(owner)())
+    for owner, settings in out.items():
+        settings.validate(owner, cfg)
+    return dict(sorted(out.items(), key=lambda item: list(TRAINING_METHODS).index(item[0])))
+
+
+def migrate(values: dict[str, Any]) -> dict[str, Any]:
+    """Config ``values`` in today's form: a method's setting given flat as in dhat-seg 0.1 (``trades_beta``) or
+    dotted (``trades.beta``) moves to ``method_options`` (``{trades: {beta: ...}}``), merged with what is there.
+    Imports the training-method registry only when a flat 0.1 key needs it."""
+    out = {k: v for k, v in values.items() if k != "method_options"}
+    options: dict[str, dict[str, Any]] = {}
+    given = values.get("method_options")
+    if given is not None and not isinstance(given, dict):
+        raise UserError(f"config option method_options={given!r} is invalid; expected a mapping of method: "
+                        "{setting: value}")
+    for owner, settings in (given or {}).items():
+        if not isinstance(settings, dict):
+            raise UserError(f"method_options.{owner} = {settings!r} is invalid; expected a mapping of setting: value")
+        options.setdefault(owner, {}).update(settings)
+    legacy = None
+    for key in list(out):
+        if "." in key:
+            owner, name = key.split(".", 1)
+        elif key not in FIELDS:
+            if legacy is None:
+                from dhat_seg.training_methods import legacy_keys
+
+                legacy = legacy_keys()
+            if key not in legacy:
+                continue  # load_config names the unknown key
+            owner, name = legacy[key]
+        else:
+            continue
+        options.setdefault(owner, {})[name] = out.pop(key)
+    if options or given is not None:
+        out["method_options"] = options
+    return out
+
+
+def explicit_keys(values: dict[str, Any]) -> set[str]:
+    """The keys of migrated ``values``, a method's settings as ``method.setting``."""
+    keys = {k for k in values if k != "method_options"}
+    keys |= {f"{owner}.{name}" for owner, settings in (values.get("method_options") or {}).items() for name in settings}
+    return keys
+
+
+def flat_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """Migrated ``values`` with ``method_options`` spread out as ``method.setting`` keys (to compare two configs)."""
+    out = {k: v for k, v in values.items() if k != "method_options"}
+    for owner, settings in (values.get("method_options") or {}).items():
+        out.update({f"{owner}.{name}": value for name, value in settings.items()})
+    return out
+
+
+def merge(values: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """``values`` updated by ``more`` (both migrated), ``method_options`` merged setting by setting."""
+    out = {**values, **{k: v for k, v in more.items() if k != "method_options"}}
+    if "method_options" in more:
+        options = {owner: dict(s) for owner, s in (values.get("method_options") or {}).items()}
+        for owner, settings in more["method_options"].items():
+            options.setdefault(owner, {}).update(settings)
+        out["method_options"] = options
+    return out
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -345,16 +379,14 @@ def _choices(cfg: TrainConfig) -> dict[str, tuple]:
     from dhat_seg.attention import THRESHOLD_POLICIES
     from dhat_seg.data import DATASETS
     from dhat_seg.losses import DHLR_FORMS, FLOE_FORMS
-    from dhat_seg.training_methods import AGAIN_FAKE_LABELS, AGAIN_FORMS, BASE_METHODS, TRAINING_METHODS
-    from dhat_seg.training_methods.cfa import CFA_BASES
+    from dhat_seg.training_methods import TRAINING_METHODS, base_methods
     from dhat_seg.models import MODELS
 
     choices = {
         "method": tuple(TRAINING_METHODS), "model": tuple(MODELS), "attention_model_arch": tuple(MODELS), "data": tuple(DATASETS),
         "dhlr_form": DHLR_FORMS, "floe_form": FLOE_FORMS, "threshold_policy": THRESHOLD_POLICIES,
         "attack_mode": ("train", "eval", None), "attack_precision": PRECISIONS, "mask_source": ("cache", "online"),
-        "attention_source": ("frozen", "self"), "amp_dtype": AMP_DTYPES, "base": tuple(BASE_METHODS),
-        "cfa_base": CFA_BASES, "again_fake_label": AGAIN_FAKE_LABELS, "again_form": AGAIN_FORMS,
+        "attention_source": ("frozen", "self"), "amp_dtype": AMP_DTYPES, "base": base_methods(),
     }
     if needs_attention(cfg.method):
         from dhat_seg.plugin_manager import get_attention_spec
@@ -378,15 +410,18 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
     The method's model variant where it needs one (``--method fsr`` on ``small_cnn``: ``small_cnn_fsr``),
     with one line in ``notes``. With ``check_unread`` (``dhat-seg train``), unless ``resumed``: a setting some method owns
-    (the registry's ``settings`` and ``base``) that the user gives (``overrides``, or a YAML file written
+    (a method's setting, ``base`` and the registry's ``owns``) that the user gives (``overrides``, or a YAML file written
     for the same method; not a built-in preset) at a value other than its default, and that the run's
     method does not read, is refused, naming the methods that read it
-    (:func:`dhat_seg.training_methods.unread_settings`)."""
+    (:func:`dhat_seg.training_methods.unread_settings`).
+
+    A method's settings are read flat as dhat-seg 0.1 wrote them (``trades_beta``), dotted
+    (``trades.beta``) or nested (``method_options: {trades: {beta: ...}}``) (:func:`migrate`)."""
     values: dict[str, Any] = {}
     file_keys, file_method = set(), None  # a YAML file's settings: the user's when written for the run's method
     explicit_milestones = False
     if path is not None and str(path) in PRESETS:
-        values.update(PRESETS[str(path)])
+        values.update(migrate(PRESETS[str(path)]))
     elif path is not None:
         path = Path(path)
         if not path.is_file():
@@ -397,16 +432,18 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise UserError(f"config file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
         if not isinstance(loaded, dict):
             raise UserError(f"config file {str(path)!r} must hold a mapping of option: value")
+        loaded = migrate(loaded)
         values.update(loaded)
         explicit_milestones = "milestones" in loaded and not resumed
-        file_keys, file_method = set(loaded), loaded.get("method", FIELDS["method"].default)
-    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+        file_keys, file_method = explicit_keys(loaded), loaded.get("method", FIELDS["method"].default)
+    given = migrate({k: v for k, v in (overrides or {}).items() if v is not None})
     base_epochs = values.get("epochs", FIELDS["epochs"].default)
     base_milestones = values.get("milestones", FIELDS["milestones"].default_factory())
-    values.update(given)
+    values = merge(values, given)
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
-        raise UserError(f"config option {unknown[0]!r} is unknown; known options: {', '.join(FIELDS)}")
+        raise UserError(f"config option {unknown[0]!r} is unknown; known options: {', '.join(FIELDS)}, and a "
+                        "training method's settings as METHOD.SETTING (e.g. trades.beta; `dhat-seg methods` lists them)")
     explicit_milestones = explicit_milestones or "milestones" in given
     epochs = values.get("epochs", base_epochs)
     if ("epochs" in given and "milestones" not in given and not resumed and isinstance(epochs, int)
@@ -416,14 +453,15 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         values["milestones"] = scaled_milestones(list(base_milestones), base_epochs, epochs)
     from dhat_seg.method_defaults import method_steps
 
-    explicit = (file_keys if file_method == values.get("method", FIELDS["method"].default) else set()) | set(given)
+    explicit = (file_keys if file_method == values.get("method", FIELDS["method"].default) else set()) | explicit_keys(given)
     method_steps(TrainConfig, values, explicit, check_unread and not resumed, notes)
     if values.get("method") == "part":  # PART's mask settings where neither the file nor an override gives them
         from dhat_seg.method_defaults import part_settings
 
         cfg = TrainConfig(**values)
         values.update(part_settings(cfg.epochs, cfg.attention, cfg.attention_options or {}, values.__contains__))
-    if values.get("method") == "again" and values.get("again_form") == "code":  # AWP as released, unless given
+    if values.get("method") == "again" and (values.get("method_options") or {}).get("again", {}).get("form") == "code":
+        # AWP as released, unless given
         from dhat_seg.method_defaults import again_code_settings
 
         values.update(again_code_settings(TrainConfig(**values).epochs, values.__contains__))

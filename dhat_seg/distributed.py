@@ -176,6 +176,6 @@ def check_distributable(cfg, dist: Dist) -> None:
     if cfg.sync_bn and not cfg.device.startswith("cuda"):
         raise UserError("sync_bn=true needs CUDA (torch's SyncBatchNorm has no CPU kernels); expected sync_bn=false "
                         "with gloo on CPU")
-    if cfg.sync_bn and cfg.method == "again" and cfg.again_form == "paper":
+    if cfg.sync_bn and cfg.method == "again" and cfg.options("again").form == "paper":
         raise UserError("sync_bn=true with method 'again' could deadlock: each process draws per batch whether it runs "
                         "AGAIN's forwards; expected sync_bn=false")

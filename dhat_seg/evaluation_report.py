@@ -34,7 +34,7 @@ import yaml
 
 from dhat_seg import __version__, evaluate
 from dhat_seg.checkpoint import load_weights, resolve_weights
-from dhat_seg.config import FIELDS, TrainConfig
+from dhat_seg.config import FIELDS, TrainConfig, migrate
 from dhat_seg.data import DATASETS, split_for
 from dhat_seg.data.registry import BACKGROUND_CHALLENGE_SPLITS
 from dhat_seg.errors import UserError
@@ -49,7 +49,7 @@ def run_config_for(target: Path) -> TrainConfig | None:
     for candidate in (target, target.parent, target.parent.parent, target.parent.parent.parent):
         path = candidate / "config.yaml"
         if path.is_file():
-            values = yaml.safe_load(path.read_text()) or {}
+            values = migrate(yaml.safe_load(path.read_text()) or {})  # a 0.1 run's flat method settings too
             return TrainConfig(**{k: v for k, v in values.items() if k in FIELDS})
     return None
 

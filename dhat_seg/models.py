@@ -10,7 +10,7 @@ pooling), ``head`` (its linear classifier) and ``again_entry`` (where its last b
 branch starts: (parent module, attribute name) of its first layer); ``<name>_fsr`` is ``<name>``
 with the FSR module between the two (:class:`dhat_seg.fsr_module.FSRNet`, for method ``fsr``),
 ``<name>_again`` with AGAIN's auxiliary heads at the entry of its last block and on its last
-feature map (:class:`dhat_seg.again_net.AgainNet`, for ``--method again`` with ``again_form: code``).
+feature map (:class:`dhat_seg.again_net.AgainNet`, for ``--method again`` with ``again.form: code``).
 """
 
 from __future__ import annotations
@@ -304,7 +304,7 @@ def _with_fsr(entry: ModelEntry) -> ModelEntry:
 def _with_again(entry: ModelEntry) -> ModelEntry:
     """``<name>_again``: the model with AGAIN's auxiliary heads (dhat_seg/again_net.py)."""
     return ModelEntry(again_model_name(entry.name), f"{entry.description}, with AGAIN's auxiliary heads (Yin et al. "
-                      "2023, as released; method again with again_form=code)", lambda k: AgainNet(entry.builder(k), k))
+                      "2023, as released; method again with again.form=code)", lambda k: AgainNet(entry.builder(k), k))
 
 
 _PLAIN = list(MODELS.items())

@@ -49,7 +49,7 @@ from dhat_seg.cache.dataset import MaskedDataset
 from dhat_seg.cache.store import batch_foreground
 from dhat_seg.checkpoint import (STATE, TRAIN_WEIGHTS, WEIGHTS, atomic_write_text, load_state, load_weights, read_pointers,
                                  replaced_atomically, save_checkpoint)
-from dhat_seg.config import TrainConfig, save_config
+from dhat_seg.config import TrainConfig, flat_settings, migrate, save_config
 from dhat_seg.distributed import SINGLE, Dist, convert_sync_batchnorm
 from dhat_seg.epoch_table import EpochPrinter
 from dhat_seg.errors import DivergenceError, Interrupted, UserError, write_error
@@ -132,8 +132,8 @@ class Trainer:
         if resume and config_path.exists():
             import yaml
 
-            saved = yaml.safe_load(config_path.read_text()) or {}
-            current = cfg.to_dict()
+            saved = flat_settings(migrate(yaml.safe_load(config_path.read_text()) or {}))  # a 0.1 run's config too
+            current = flat_settings(cfg.to_dict())
             diff = [k for k in current if k in saved and saved[k] != current[k]
                     and k not in ("device", "num_workers", "sync_every", "amp", "amp_dtype", "channels_last", "compile")]
             if diff:

@@ -17,7 +17,7 @@ from torch import nn
 
 from dhat_seg import compare, training_methods
 from dhat_seg.checkpoint import load_weights, resolve_weights
-from dhat_seg.config import DIGEST_NEUTRAL, TrainConfig, load_config
+from dhat_seg.config import TrainConfig, load_config
 from dhat_seg.errors import UserError
 from dhat_seg.experiment import Experiment
 from dhat_seg.feature_split import first_stage, last_linear, penultimate_and_head
@@ -255,39 +255,22 @@ def test_settings_are_validated(overrides, expected):
         cfg_of(**overrides)
 
 
-def _digest_before_again_form(cfg: TrainConfig) -> str:
-    """The digest as computed before again_form existed (again_hff a plain bool, true by default)."""
-    import hashlib
-
-    from dhat_seg.data.registry import generator_version
-
-    values = {k: v for k, v in cfg.to_dict().items() if k != "again_form"}
-    values["again_hff"] = True if values["again_hff"] is None else values["again_hff"]
-    values["attack_mode"] = cfg.attack_mode or "train"  # then every method's default
-    values = {k: v for k, v in values.items() if k not in DIGEST_NEUTRAL or v != DIGEST_NEUTRAL[k]}
-    values["data_generator"] = generator_version(cfg.data)
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def test_the_new_settings_leave_old_digests_alone():
+    """Old digests themselves: tests/test_method_settings.py (a fixture of 0.1 digests)."""
     defaults = TrainConfig()
-    for key in ("again_alpha", "again_fake_label", "again_form"):
-        assert DIGEST_NEUTRAL[key] == getattr(defaults, key)
-    assert defaults.again_hff is None and DIGEST_NEUTRAL["again_hff"] is True  # null: the form's default, on for paper
-    assert load_config(None, {"again_alpha": 0.5}).digest() != load_config(None, {}).digest()
-    for cfg in (defaults, TrainConfig(again_hff=True), TrainConfig(method="at"),
-                TrainConfig(method="again", again_hff=False, attack_mode="train")):
-        assert cfg.digest() == _digest_before_again_form(cfg)  # runs trained as before stay reusable
-    # AGAIN now attacks in eval mode by default (its official code's): a new digest
-    no_hff = TrainConfig(method="again", again_hff=False)
-    assert no_hff.digest() != _digest_before_again_form(no_hff)
-    # AGAIN with HFF: its formula changed (the official code's, no longer MixStyle), so those runs are not reused
-    with_hff = TrainConfig(method="again", model="small_cnn")
-    assert with_hff.digest() != _digest_before_again_form(with_hff)
-    assert with_hff.digest() == TrainConfig(method="again", model="small_cnn", again_hff=True).digest()
-    code = load_config(None, dict(method="again", again_form="code", model="small_cnn_again"))
-    assert code.digest() != load_config(None, dict(method="again", again_form="code", model="small_cnn_again",
-                                                   again_hff=True)).digest()
+    assert defaults.options("again").hff is None and defaults.options("again").hff_on  # null: on for paper
+    for key, value in (("again.alpha", 0.6), ("again.fake_label", "random"), ("again.form", "paper")):
+        assert load_config(None, {key: value}).digest() == load_config(None, {}).digest()
+    assert load_config(None, {"again.alpha": 0.5}).digest() != load_config(None, {}).digest()
+    assert load_config(None, {"again.hff": True}).digest() == load_config(None, {}).digest()  # = its null default
+    # AGAIN with HFF: its formula (the official code's, no longer MixStyle) is part of the digest
+    with_hff = load_config(None, {"method": "again", "model": "small_cnn"})
+    no_hff = load_config(None, {"method": "again", "model": "small_cnn", "again.hff": False})
+    assert with_hff.digest() != no_hff.digest()
+    assert with_hff.digest() == load_config(None, {"method": "again", "model": "small_cnn", "again.hff": True}).digest()
+    code = load_config(None, {"method": "again", "again.form": "code", "model": "small_cnn_again"})
+    assert code.digest() != load_config(None, {"method": "again", "again.form": "code", "model": "small_cnn_again",
+                                                "again.hff": True}).digest()
 
 
 def test_compare_row_is_again_on_at():

@@ -1,4 +1,4 @@
-"""AGAIN as released (``again_form: code``; training_methods/again_code.py, again_net.py): the
+"""AGAIN as released (``again.form: code``; training_methods/again_code.py, again_net.py): the
 modulation and the loss against a hand computation of the official formulas
 (InsLin/AGAIN, AGAIN_with_AWP/models/wideresnet_AGAIN_woHFF.py and train_awp_again_cifar.py),
 W[pred] in eval mode, the attack (eval mode, x + 0.001 N(0, 1), the auxiliary term in its
@@ -214,7 +214,7 @@ def test_awp_wraps_a_code_batch_with_the_labelled_proxy_loss_and_restores_the_we
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (dict(again_fake_label="highest"), "again_form=paper only"),
+    (dict(again_fake_label="highest"), "again.form=paper only"),
     (dict(again_form="released"), "paper, code"),
 ])
 def test_settings_are_validated(overrides, expected):
@@ -222,7 +222,7 @@ def test_settings_are_validated(overrides, expected):
         cfg_of(**overrides)
     assert cfg_of(model="small_cnn").model == "small_cnn_again"  # load_config picks the variant (train says so)
     with pytest.raises(UserError, match="small_cnn_again"):  # a config built without load_config is still checked
-        TrainConfig(method="again", again_form="code", model="small_cnn").validate()
+        TrainConfig(method="again", method_options={"again": {"form": "code"}}, model="small_cnn").validate()
     with pytest.raises(UserError, match="auxiliary heads"):
         load_config(None, dict(method="at", model="resnet18_again"))
 
@@ -303,9 +303,11 @@ def test_compare_has_both_rows():
     assert rows == ["again", "again-code"] and not skipped
     assert {"again", "again-code"} <= set(compare.parse_methods("all", "gradcam", {"gradcam": 1})[0])
     paper, code = (compare.method_config(base, name, "gradcam") for name in rows)
-    assert (paper.model, paper.again_form, paper.awp) == ("small_cnn", "paper", False)
-    assert (code.model, code.again_form, code.awp, code.awp_gamma) == ("small_cnn_again", "code", True, 5e-3)
+    assert (paper.model, paper.options("again").form, paper.awp) == ("small_cnn", "paper", False)
+    assert (code.model, code.options("again").form, code.awp, code.awp_gamma) == ("small_cnn_again", "code", True, 5e-3)
     assert code.awp_warmup == again_code_awp_warmup(base.epochs)
     assert compare.METHOD_ROWS["again-code"].label == "AT+AGAIN (as released)"
     with pytest.raises(UserError, match="again-code"):
-        compare.check_overrides({"again_form": "code"})
+        compare.check_overrides({"again.form": "code"})
+    with pytest.raises(UserError, match="again-code"):
+        compare.check_overrides({"again_form": "code"})  # the 0.1 name

@@ -282,9 +282,9 @@ def test_one_epoch_of_each_new_method_trains(tmp_path, settings, terms):
 
 # ------------------------------------------------------------------ settings
 @pytest.mark.parametrize("key, value, expected", [
-    ("base", "fgsm", "at, trades, mart"), ("trades_beta", -1, "non-negative"), ("mart_beta", -0.5, "non-negative"),
+    ("base", "fgsm", "at, trades, mart"), ("trades.beta", -1, "non-negative"), ("mart.beta", -0.5, "non-negative"),
     ("awp_gamma", -0.01, "non-negative"), ("awp_warmup", 5, "smaller than epochs"), ("awp_warmup", -1, "smaller than epochs"),
-    ("awp", "yes", "true or false"), ("trades_beta", "six", "a number"),
+    ("awp", "yes", "true or false"), ("trades.beta", "six", "a number"),
 ])
 def test_new_settings_are_validated(key, value, expected):
     with pytest.raises(UserError) as info:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from dhat_seg import attacks, compare, losses, training_methods
-from dhat_seg.config import DIGEST_NEUTRAL, TrainConfig, load_config
+from dhat_seg.config import TrainConfig, load_config
 from dhat_seg.errors import UserError
 from dhat_seg.experiment import Experiment
 from dhat_seg.training_methods.cfa import CFA, fawa_update
@@ -270,24 +270,24 @@ def test_dhat_cfa_is_the_cfa_loss_plus_dhlr_and_floe(variant):
 
 # ------------------------------------------------------------------ settings and rows
 @pytest.mark.parametrize("key, value, expected", [
-    ("cfa_base", "mart", "at, trades"), ("cfa_lambda1", -0.1, "non-negative"), ("cfa_lambda2", -1, "non-negative"),
-    ("cfa_begin", -1, "non-negative"), ("fawa_decay", 1.0, "[0, 1)"), ("fawa_threshold", 1.5, "[0, 1]"),
-    ("fawa_begin", -2, "non-negative"),
+    ("cfa.base", "mart", "at, trades"), ("cfa.lambda1", -0.1, "non-negative"), ("cfa.lambda2", -1, "non-negative"),
+    ("cfa.begin", -1, "non-negative"), ("cfa.fawa_decay", 1.0, "[0, 1)"), ("cfa.fawa_threshold", 1.5, "[0, 1]"),
+    ("cfa.fawa_begin", -2, "non-negative"),
 ])
 def test_cfa_settings_are_validated(key, value, expected):
     with pytest.raises(UserError) as info:
-        load_config(None, {key: value})
+        load_config(None, {"method": "cfa", key: value})
     assert key in str(info.value) and repr(value) in str(info.value) and expected in str(info.value)
 
 
 def test_defaults_are_the_papers_and_leave_old_digests_alone():
     cfg = TrainConfig()
-    assert (cfg.cfa_base, cfg.cfa_lambda1, cfg.cfa_lambda2, cfg.cfa_begin) == ("at", None, 0.5, 10)
-    assert (cfg.fawa_decay, cfg.fawa_threshold, cfg.fawa_begin) == (0.85, 0.2, 50)
-    assert all(DIGEST_NEUTRAL[k] == getattr(cfg, k) for k in ("cfa_base", "cfa_lambda1", "cfa_lambda2", "cfa_begin",
-                                                             "fawa_decay", "fawa_threshold", "fawa_begin"))
-    assert TrainConfig(fawa_decay=0.88).digest() != cfg.digest()
-    assert training_methods.BASE_METHODS["cfa"] is CFA and "cfa" in training_methods.TRAINING_METHODS
+    cfa = cfg.options("cfa")
+    assert (cfa.base, cfa.lambda1, cfa.lambda2, cfa.begin) == ("at", None, 0.5, 10)
+    assert (cfa.fawa_decay, cfa.fawa_threshold, cfa.fawa_begin) == (0.85, 0.2, 50)
+    assert load_config(None, {"method": "cfa"}).digest() == TrainConfig(method="cfa").digest()  # defaults: not hashed
+    assert load_config(None, {"cfa.fawa_decay": 0.88}).digest() != cfg.digest()
+    assert training_methods.TRAINING_METHODS["cfa"].cls is CFA and "cfa" in training_methods.base_methods()
     rows = compare.METHOD_ROWS
     assert (rows["cfa"].method, rows["dhat-cfa"].method, rows["dhat-cfa"].base) == ("cfa", "dhat", "cfa")
 

@@ -101,7 +101,8 @@ def test_row_configs(monkeypatch):
     u2net = cfg("dhat", attention="u2net")
     assert u2net.attention == "u2net" and u2net.attention_options == {"input_size": 224}  # the preset's options
     # rows differ only in what the row defines: data, model, schedule and evaluation are shared
-    shared = {k: v for k, v in base.to_dict().items() if k not in ("method", "base", "awp", "awp_gamma", "awp_warmup")}
+    shared = {k: v for k, v in base.to_dict().items()
+              if k not in ("method", "base", "awp", "awp_gamma", "awp_warmup", "method_options")}  # the methods' own
     for name in ("at", "dhat-trades", "trades-awp"):
         assert {k: v for k, v in cfg(name).to_dict().items() if k in shared} == shared
     assert (cfg("cfa").method, cfg("cfa").awp) == ("cfa", False)
@@ -399,7 +400,8 @@ def test_cfa_start_epochs_scale_with_the_schedule_unless_set():
     assert base.epochs == 15
     for name in ("cfa", "dhat-cfa"):
         cfg = method_config(base, name, "gradcam")
-        assert (cfg.cfa_begin, cfg.fawa_begin) == (2, 8)
-    assert method_config(base, "at", "gradcam").cfa_begin == 10  # rows without CFA: untouched
-    kept = method_config(dataclasses.replace(base, cfa_begin=2, fawa_begin=4), "cfa", "gradcam")
-    assert (kept.cfa_begin, kept.fawa_begin) == (2, 4)
+        assert (cfg.options("cfa").begin, cfg.options("cfa").fawa_begin) == (2, 8)
+    assert "cfa" not in method_config(base, "at", "gradcam").method_options  # rows without CFA: untouched
+    given = dataclasses.replace(base, method_options={"cfa": {"begin": 2, "fawa_begin": 4}})
+    kept = method_config(given, "cfa", "gradcam")
+    assert (kept.options("cfa").begin, kept.options("cfa").fawa_begin) == (2, 4)

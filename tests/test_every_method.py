@@ -21,7 +21,7 @@ from dhat_seg.training_methods import (TRAINING_METHODS, attack_mode_of, create_
                                        unread_settings)
 
 #: (method, extra settings): every registered method, and AGAIN's released form beside its paper form.
-CASES = [(name, {}) for name in TRAINING_METHODS] + [("again", {"again_form": "code"})]
+CASES = [(name, {}) for name in TRAINING_METHODS] + [("again", {"again.form": "code"})]
 #: The mode each official code crafts its training attacks in (REFERENCE section 4; the registry's sources).
 OFFICIAL_MODE = {"standard": None, "at": "train", "uiat": "train", "dhat": "train", "trades": "eval", "mart": "eval",
                  "cfa": "eval", "sglr": "eval", "fsr": "eval", "part": "eval", "again": "eval"}
@@ -30,9 +30,12 @@ OFFICIAL_MODE = {"standard": None, "at": "train", "uiat": "train", "dhat": "trai
 def tiny(method: str, **extra) -> TrainConfig:
     values = dict(method=method, data="synthetic", image_size=16, model="small_cnn", epochs=2, milestones=[],
                   batch_size=8, attack_steps=1, val_examples=8, val_attack_steps=1, device="cpu", **extra)
-    reads = TRAINING_METHODS[method].reads(TrainConfig(method=method, **extra))
+    probe = load_config(None, {"method": method, **extra})
+    entry = TRAINING_METHODS[method]
+    reads = entry.shared_read(probe) | {f"{owner}.{key}" for owner in entry.settings_read(probe)
+                                        for key in probe.options(owner).field_names()}
     # the methods' own short schedules, for the methods that read them (any other would be refused)
-    short = dict(inv_steps=1, attention_source="frozen", cfa_begin=0, fawa_begin=0, sglr_start=0)
+    short = {"inv_steps": 1, "attention_source": "frozen", "cfa.begin": 0, "cfa.fawa_begin": 0, "sglr.start": 0}
     return load_config(None, values | {k: v for k, v in short.items() if k in reads}, check_unread=True)
 
 
@@ -130,17 +133,21 @@ def test_train_prints_the_attack_mode_among_the_paper_differences():
 def test_a_setting_the_method_does_not_read_is_refused_naming_its_readers():
     with pytest.raises(UserError, match=r"base='trades' is not read by method 'at'.*uiat, dhat, fsr, part"):
         tiny("at", base="trades")
-    with pytest.raises(UserError, match=r"trades_beta=3.0 is not read by method 'mart'.*trades"):
+    with pytest.raises(UserError, match=r"trades.beta=3.0 is not read by method 'mart'.*trades, uiat with base="):
+        tiny("mart", **{"trades.beta": 3.0})
+    with pytest.raises(UserError, match=r"trades.beta=3.0 is not read by method 'cfa'.*cfa with cfa.base=trades"):
+        tiny("cfa", **{"trades.beta": 3.0})
+    with pytest.raises(UserError, match=r"cfa.begin"):
+        load_config(None, {"method": "trades", "cfa.begin": 3}, check_unread=True)
+    with pytest.raises(UserError, match=r"fsr.tau"):
+        tiny("dhat", **{"fsr.tau": 0.5})
+    with pytest.raises(UserError, match=r"trades.beta"):  # the 0.1 name: read as trades.beta
         tiny("mart", trades_beta=3.0)
-    with pytest.raises(UserError, match="cfa_begin"):
-        load_config(None, {"method": "trades", "cfa_begin": 3}, check_unread=True)
-    with pytest.raises(UserError, match="fsr_tau"):
-        tiny("dhat", fsr_tau=0.5)
     # read through the base, or at the default value, or by the method itself: accepted
-    assert tiny("dhat", base="trades", trades_beta=3.0).trades_beta == 3.0
-    assert tiny("cfa", cfa_base="trades", trades_beta=3.0).trades_beta == 3.0
-    assert tiny("at", base="at", trades_beta=6.0).method == "at"
-    assert tiny("part", base="mart", mart_beta=5.0).mart_beta == 5.0
+    assert tiny("dhat", base="trades", **{"trades.beta": 3.0}).options("trades").beta == 3.0
+    assert tiny("cfa", **{"cfa.base": "trades", "trades.beta": 3.0}).options("trades").beta == 3.0
+    assert tiny("at", base="at", **{"trades.beta": 6.0}).method == "at"
+    assert tiny("part", base="mart", **{"mart.beta": 5.0}).options("mart").beta == 5.0
 
 
 def test_the_cli_refuses_an_unread_setting(tmp_path):
@@ -171,13 +178,13 @@ def test_every_preset_and_config_file_still_loads():
         load_config(path)
     for preset in ABLATE_PRESETS.values():
         base = base_config(preset, {})
-        for row in compare.METHOD_ROWS.values():
+        for row in compare.method_rows().values():
             if row.method is not None:
                 compare.method_config(base, row.name, "gradcam")
     load_config("quick", {"method": "at"}, check_unread=True)  # the DHAT recipe's settings for another method
     load_config("configs/quick.yaml", {"method": "trades"}, check_unread=True)  # a file written for DHAT: not refused
-    with pytest.raises(UserError, match="trades_beta"):
-        load_config("configs/part.yaml", {"trades_beta": 3.0}, check_unread=True)  # PART on AT does not read it
+    with pytest.raises(UserError, match="trades.beta"):
+        load_config("configs/part.yaml", {"trades.beta": 3.0}, check_unread=True)  # PART on AT does not read it
 
 
 def test_a_method_picks_its_model_variant_and_says_so():
@@ -185,7 +192,7 @@ def test_a_method_picks_its_model_variant_and_says_so():
     cfg = load_config(None, {"method": "fsr", "model": "small_cnn"}, notes=notes)
     assert cfg.model == "small_cnn_fsr" and len(notes) == 1 and "small_cnn_fsr" in notes[0]
     notes.clear()
-    cfg = load_config(None, {"method": "again", "again_form": "code", "model": "resnet18"}, notes=notes)
+    cfg = load_config(None, {"method": "again", "again.form": "code", "model": "resnet18"}, notes=notes)
     assert cfg.model == "resnet18_again" and len(notes) == 1
     notes.clear()
     assert load_config(None, {"method": "fsr", "model": "small_cnn_fsr"}, notes=notes).model == "small_cnn_fsr"

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from dhat_seg import compare, training_methods
 from dhat_seg.checkpoint import load_weights, resolve_weights, save_weights
-from dhat_seg.config import DIGEST_NEUTRAL, TrainConfig, load_config
+from dhat_seg.config import TrainConfig, load_config
 from dhat_seg.errors import UserError
 from dhat_seg.experiment import Experiment
 from dhat_seg.fsr_module import (FSRModule, FSRNet, FSROutputs, deterministic_masks, gumbel_sigmoid, recording,
@@ -141,7 +141,7 @@ def test_method_adds_the_terms_of_the_x_adv_forward_to_the_base_loss(base):
     method.on_fit_start(model, None)
     x, y, x_adv = batch()
     loss, stats = method.loss(model, x, y, None, {"x_adv": x_adv})
-    base_loss, z_adv, _ = training_methods.BASE_METHODS[base](cfg).base_loss(model, x, y, x_adv)
+    base_loss, z_adv, _ = training_methods.TRAINING_METHODS[base].cls(cfg).base_loss(model, x, y, x_adv)
     with recording(model) as outs:
         model(x_adv)
     (out,) = outs
@@ -162,7 +162,7 @@ def test_terms_are_added_from_fsr_begin():
     model = tiny_model().eval()
     method.on_fit_start(model, None)
     x, y, x_adv = batch()
-    base_loss, _, _ = training_methods.BASE_METHODS["at"](method.cfg).base_loss(model, x, y, x_adv)
+    base_loss, _, _ = training_methods.TRAINING_METHODS["at"].cls(method.cfg).base_loss(model, x, y, x_adv)
     for epoch, added in ((0, False), (1, False), (2, True), (5, True)):
         method.on_epoch_start(model, epoch)
         loss, stats = method.loss(model, x, y, None, {"x_adv": x_adv})
@@ -250,10 +250,10 @@ def test_method_fsr_picks_the_model_with_the_fsr_module():
 
 
 def test_the_new_settings_leave_old_digests_alone():
-    defaults = TrainConfig()
-    for key in ("fsr_lambda_sep", "fsr_lambda_rec", "fsr_tau", "fsr_begin"):
-        assert DIGEST_NEUTRAL[key] == getattr(defaults, key)
-    assert load_config(None, {"fsr_tau": 0.2}).digest() != load_config(None, {}).digest()
+    defaults = load_config(None, {})
+    for key, value in (("fsr.lambda_sep", 1.0), ("fsr.lambda_rec", 1.0), ("fsr.tau", 0.1), ("fsr.begin", 0)):
+        assert load_config(None, {key: value}).digest() == defaults.digest()  # the defaults: no digest change
+    assert load_config(None, {"fsr.tau": 0.2}).digest() != defaults.digest()
     assert load_config(None, {"method": "at", "model": "resnet18_fsr"}).model == "resnet18_fsr"  # an ablation: allowed
 
 

@@ -41,7 +41,7 @@ PAPER_TABLE10: dict[str, dict[str, float]] = {
 #: training preset; configs/part.yaml holds the same for ``dhat-seg train`` (a test keeps them equal).
 PART_PAPER_TRAIN: dict[str, Any] = {"model": "resnet18", "epochs": 80, "batch_size": 128, "lr": 0.01, "momentum": 0.9,
                                     "weight_decay": 2e-4, "milestones": [60], "gamma": 0.1, "eps": 8.0, "step_size": 2.0,
-                                    "attack_steps": 10, "attack_mode": "eval", "trades_beta": 6.0, "mart_beta": 6.0}
+                                    "attack_steps": 10, "attack_mode": "eval", "trades.beta": 6.0, "mart.beta": 6.0}
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ def register(root: typer.Typer) -> None:
                                                         "add their terms to --set base=at|trades|mart|cfa|sglr; any method takes "
                                                         "--set awp=true; fsr trains the model <name>_fsr (picked by itself) and takes "
                                                         "--set base=at|trades|mart, as does part (PART, PART-T, PART-M); again "
-                                                        "--set again_form=code (as released) trains <name>_again; a setting the "
+                                                        "--set again.form=code (as released) trains <name>_again; a method's settings: "
+                                                        "--set METHOD.KEY=VALUE (`dhat-seg methods`); a setting the "
                                                         "method does not read is refused"),
         attention: Optional[str] = typer.Option(None, help="attention method (see `dhat-seg plugins`)"),
         attention_checkpoint: Optional[str] = typer.Option(None, help="weights file of the attention method (SAM, SOLO)"),
@@ -46,7 +47,7 @@ def register(root: typer.Typer) -> None:
         download: Optional[bool] = typer.Option(None, "--download", help="allow downloading CIFAR"),
         model: Optional[str] = typer.Option(None, help="small_cnn | resnet18 | preact_resnet18 | wrn28_10 | wrn34_10; "
                                                        "each + _fsr: with the FSR module (method fsr); + _again: with "
-                                                       "AGAIN's auxiliary heads (again_form=code)"),
+                                                       "AGAIN's auxiliary heads (again.form=code)"),
         epochs: Optional[int] = typer.Option(None, help="number of epochs"),
         batch_size: Optional[int] = typer.Option(None, help="mini-batch size"),
         lr: Optional[float] = typer.Option(None, help="initial learning rate"),
@@ -123,8 +124,9 @@ def register(root: typer.Typer) -> None:
 
             typer.echo(describe_part_masks(cfg), err=True)
         if cfg.method == "again" and rank0:
-            hff = "on" if cfg.again_hff or (cfg.again_hff is None and cfg.again_form == "paper") else "off"
-            typer.echo(f"AGAIN, {'as released (InsLin/AGAIN)' if cfg.again_form == 'code' else 'as the supplementary specifies'}: "
+            again = cfg.options("again")
+            hff = "on" if again.hff_on else "off"
+            typer.echo(f"AGAIN, {'as released (InsLin/AGAIN)' if again.form == 'code' else 'as the supplementary specifies'}: "
                        f"HFF {hff}; AWP {'on, gamma %g, after %d warm-up epoch(s)' % (cfg.awp_gamma, cfg.awp_warmup) if cfg.awp else 'off'}",
                        err=True)
         from dhat_seg.training_methods import reads_base

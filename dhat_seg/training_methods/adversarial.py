@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dhat_seg import attacks, losses
 from dhat_seg.training_methods.base import TrainingMethod, max_abs
+from dhat_seg.training_methods.settings import MethodSettings
+
+
+@dataclass(frozen=True)
+class TradesSettings(MethodSettings):
+    """``trades.beta``: the weight of KL(p_nat || p_adv); 6.0 = the authors' CIFAR-10 script (their
+    ``trades_loss`` defaults to 1.0). Read by TRADES and by every method on ``base: trades``."""
+
+    beta: float = 6.0
+
+    def checks(self, cfg):
+        return [(self.beta >= 0, "beta", "a non-negative number")]
+
+
+@dataclass(frozen=True)
+class MartSettings(MethodSettings):
+    """``mart.beta``: the weight of MART's weighted KL; 6.0 = the authors' WRN-34-10 script (their
+    ResNet-18 script uses 5.0). Read by MART and by every method on ``base: mart``."""
+
+    beta: float = 6.0
+
+    def checks(self, cfg):
+        return [(self.beta >= 0, "beta", "a non-negative number")]
 
 
 class Standard(TrainingMethod):
@@ -44,7 +68,7 @@ class TRADES(MadryAT):
     (:func:`dhat_seg.attacks.trades_kl_attack`, ``attack_steps`` signed steps of
     ``step_size``, radius ``eps``). The KL is batchmean, as
     ``KLDivLoss(size_average=False)(log_softmax(f(x_adv)), softmax(f(x))) / batch_size``
-    in the official code (yaodongyu/TRADES, trades.py). ``trades_beta`` = 6.0, the
+    in the official code (yaodongyu/TRADES, trades.py). ``trades.beta`` = 6.0, the
     authors' CIFAR-10 training script (``trades_loss``'s own default is 1.0). The official
     loss forwards x twice; dhat-seg once (one BN update for x, one for x_adv).
     """
@@ -59,7 +83,7 @@ class TRADES(MadryAT):
         ce = F.cross_entropy(z_nat, y)
         kl = losses.trades_regulariser(z_nat, z_adv)
         stats = {"ce": ce.detach(), "kl_adv": kl.detach(), "max_logit_clean": max_abs(z_nat), "max_logit_adv": max_abs(z_adv)}
-        return ce + self.cfg.trades_beta * kl, z_adv, stats
+        return ce + self.cfg.options("trades").beta * kl, z_adv, stats
 
 
 class MART(MadryAT):
@@ -70,7 +94,7 @@ class MART(MadryAT):
     p_nat = softmax f(x) (:func:`dhat_seg.losses.mart_terms`): boosted CE =
     CE(f(x_adv), y) + NLL(log(1.0001 - p_adv + 1e-12), y') with y' the most probable wrong
     class; robust = (1/B) sum_b KL(p_nat || p_adv)_b (1.0000001 - p_nat,b[y_b]). Official
-    code: YisenWang/MART, mart.py (``mart_loss``). ``mart_beta`` = 6.0, the authors'
+    code: YisenWang/MART, mart.py (``mart_loss``). ``mart.beta`` = 6.0, the authors'
     WRN-34-10 script (train_wideresnet.py); their ResNet-18 script uses 5.0.
     """
 
@@ -79,4 +103,4 @@ class MART(MadryAT):
         bce, robust = losses.mart_terms(z_nat, z_adv, y)
         stats = {"bce_adv": bce.detach(), "kl_weighted": robust.detach(), "max_logit_clean": max_abs(z_nat),
                  "max_logit_adv": max_abs(z_adv)}
-        return bce + self.cfg.mart_beta * robust, z_adv, stats
+        return bce + self.cfg.options("mart").beta * robust, z_adv, stats

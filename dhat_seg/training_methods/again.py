@@ -1,7 +1,7 @@
 """AGAIN: Adversarial training with Attribution span enlargement and hybrid feature fusIoN
-(Yin, Yao, Shi, Du, Xiao, CVPR 2023), as specified (``again_form: paper``, the default).
+(Yin, Yao, Shi, Du, Xiao, CVPR 2023), as specified (``again.form: paper``, the default).
 
-Two forms (``again_form``): ``paper`` (this module) follows the supplementary, the
+Two forms (``again.form``): ``paper`` (this module) follows the supplementary, the
 specification; ``code`` follows the authors' released code (github.com/InsLin/AGAIN), which
 produced their numbers and does something else: :mod:`.again_code` (the model side:
 :mod:`dhat_seg.again_net`). ``AGAIN(cfg)`` builds the form ``cfg`` names. HFF is shared.
@@ -27,7 +27,7 @@ W the last linear layer (bias b; the paper writes A^T W^k, dhat-seg's z_k = A^T 
             = logsumexp(z) - alpha z_y - (1 - alpha) z_y'
             = alpha CE(z, y) + (1 - alpha) CE(z, y')                  (:func:`again_loss`)
 
-batch mean, alpha = ``again_alpha`` = 0.6 (section 4.1). How the logits of the other classes
+batch mean, alpha = ``again.alpha`` = 0.6 (section 4.1). How the logits of the other classes
 enter: the proof of Theorem 1 (supplementary section 3, second line) writes the normaliser as
 sum_{j=0}^{K} exp(A^T W^j) over every class's own, unmixed logit (z_y included), and only the
 class-y term of the numerator mixed; its gradient in X = z_y - z_y', -alpha + e^X / (c + e^X),
@@ -36,7 +36,7 @@ and the stationary point X = log(alpha c / (1 - alpha)) hold for that form only.
 and the softmax's denominator is that of the plain logits; equivalently a soft label of mass
 alpha on y and 1 - alpha on y'.
 
-The fake label y' (the paper: "a fake label", nothing more): ``again_fake_label: random``
+The fake label y' (the paper: "a fake label", nothing more): ``again.fake_label: random``
 (default) draws it uniformly from the K - 1 wrong classes per sample, (y + r) mod K with
 r ~ U{1..K-1} from torch's global CPU generator, so that over the data set every wrong class
 is enlarged (the paper's discussion of property 1 ranges over all pairs i != j);
@@ -60,7 +60,7 @@ is close to a random two-way one). What the code leaves open, dhat-seg chooses: 
 output f of the model's first stage (:func:`dhat_seg.feature_split.first_stage`, where the
 statistics carry an image's style) in the training forward of x_adv, style = f[perm] for a
 random permutation of the batch; lam and perm from torch's global CPU generator
-(:func:`.again_hff.fused_first_stage`). ``again_hff`` (null = the form's default, :func:`hff_on`): on in
+(:func:`.again_hff.fused_first_stage`). ``again.hff`` (null = the form's default, :func:`hff_on`): on in
 the paper form (the paper's method; ``false`` is its "W/O HFF" ablation), off in the code form
 (as released). Until this version the paper form's HFF was a guess (MixStyle: per-sample
 Beta(0.1, 0.1) weights, detached statistics, another sample's mean and std only). HFF changes
@@ -77,6 +77,7 @@ AGAIN (its epoch mean: the share of AGAIN batches) and ``again_prob`` i / N.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -90,11 +91,45 @@ from dhat_seg.training_methods.again_hff import (HFF_EPS, adain, channel_statist
                                                  hff_on, hybrid_feature_fusion, simplex_weights)
 from dhat_seg.training_methods.base import max_abs
 from dhat_seg.training_methods.fsr import highest_wrong_class
+from dhat_seg.training_methods.settings import MethodSettings
 
-#: How y' is chosen (``again_fake_label``; the paper form's).
+#: How y' is chosen (``again.fake_label``; the paper form's).
 FAKE_LABELS = ("random", "highest")
-#: The two forms (``again_form``): the supplementary's, the released code's.
+#: The two forms (``again.form``): the supplementary's, the released code's.
 FORMS = ("paper", "code")
+
+
+@dataclass(frozen=True)
+class AGAINSettings(MethodSettings):
+    """AGAIN's settings (``--set again.KEY=VALUE``; see the module doc): ``form`` paper (the
+    supplementary) or code (as released); ``alpha``: y's share of the mixed logit (paper) or mask (code);
+    ``fake_label``: the paper form's y'; ``hff``: hybrid feature fusion (null: on for paper, off for code)."""
+
+    form: str = "paper"
+    alpha: float = 0.6
+    fake_label: str = "random"
+    hff: bool | None = None
+
+    @property
+    def hff_on(self) -> bool:
+        """Whether a run uses HFF: ``hff``, or (null) the form's default: on for paper, off for code."""
+        return self.form == "paper" if self.hff is None else bool(self.hff)
+
+    def checks(self, cfg):
+        return [(self.form in FORMS, "form", f"one of {', '.join(FORMS)}"),
+                (0 <= self.alpha <= 1, "alpha", "a number in [0, 1] (the true label's share of the mixed logit)"),
+                (self.fake_label in FAKE_LABELS, "fake_label", f"one of {', '.join(FAKE_LABELS)}")]
+
+    def digest_items(self, owner, method):
+        """As 0.1 hashed them: ``again_hff`` resolved (left out when on), and with method again and HFF on,
+        the HFF formula (the released code's, not the earlier MixStyle)."""
+        items = super().digest_items(owner, method)
+        items.pop("again_hff", None)
+        if not self.hff_on:
+            items["again_hff"] = False
+        if method == "again" and self.hff_on:
+            items["again_hff_formula"] = "code"
+        return items
 
 
 # ------------------------------------------------------------------ the math (pure)
@@ -122,18 +157,17 @@ def again_loss(logits: Tensor, y: Tensor, y_fake: Tensor, alpha: float) -> Tenso
 # ------------------------------------------------------------------ the method
 class AGAIN(MadryAT):
     """PGD-10 AT; with probability i / N a batch trains with AGAIN's loss and HFF instead (see the
-    module doc). With ``again_form: code`` the constructor returns the released form
+    module doc). With ``again.form: code`` the constructor returns the released form
     (:class:`~dhat_seg.training_methods.again_code.AGAINCode`)."""
 
     def __new__(cls, cfg):
-        if cls is AGAIN and getattr(cfg, "again_form", "paper") == "code":
+        if cls is AGAIN and cfg.options("again").form == "code":
             return AGAINCode(cfg)
         return super().__new__(cls)
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        if cfg.again_fake_label not in FAKE_LABELS:
-            raise UserError(f"again_fake_label {cfg.again_fake_label!r} is unknown; expected one of {', '.join(FAKE_LABELS)}")
+        self.settings: AGAINSettings = cfg.options("again")
         self.batches_per_epoch: int | None = None
         self._epoch, self._batch = 0, 0
         #: whether the current batch trains with AGAIN (drawn in :meth:`on_batch_start`)
@@ -156,18 +190,18 @@ class AGAIN(MadryAT):
         self.again_now = bool(torch.rand(()) < self.probability)
 
     def fake_labels(self, logits: Tensor, y: Tensor) -> Tensor:
-        """y' per ``again_fake_label``: a uniformly random wrong class, or the highest-scoring one."""
-        if self.cfg.again_fake_label == "highest":
+        """y' per ``again.fake_label``: a uniformly random wrong class, or the highest-scoring one."""
+        if self.settings.fake_label == "highest":
             return highest_wrong_class(logits, y)
         return random_wrong_class(y, logits.shape[1])
 
     def again_terms(self, model: nn.Module, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """(L_AGAIN, z) on x_adv, HFF in the forward unless it is off (:func:`hff_on`)."""
-        fusion = fused_first_stage(model) if hff_on(self.cfg) else contextlib.nullcontext()
+        fusion = fused_first_stage(model) if self.settings.hff_on else contextlib.nullcontext()
         with fusion:
             features, head = penultimate_and_head(model, x_adv, "method 'again'")
         z = head(features)
-        return again_loss(z, y, self.fake_labels(z, y), self.cfg.again_alpha), z
+        return again_loss(z, y, self.fake_labels(z, y), self.settings.alpha), z
 
     def loss(self, model, x, y, foreground=None, prepared=None):
         prepared = self.prepare(model, x, y) if prepared is None else prepared

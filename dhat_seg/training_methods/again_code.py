@@ -1,4 +1,4 @@
-"""AGAIN as the authors released it (``--method again --set again_form=code``; compare row
+"""AGAIN as the authors released it (``--method again --set again.form=code``; compare row
 ``again-code``, "AT+AGAIN (as released)"): the training method. The model side (auxiliary
 heads, channel-wise modulation) is :mod:`dhat_seg.again_net`, the paper's form
 :mod:`.again`.
@@ -27,12 +27,12 @@ produced the authors' numbers, and it departs from the supplementary's Algorithm
   ``awp: true``, ``awp_gamma: 0.005`` and that warm-up scaled to the run's epochs (9 of 200,
   :func:`dhat_seg.method_defaults.again_code_settings`) wherever the user leaves them out.
 * HFF is defined in the model file and never called: the released results are without it,
-  and so is this form by default (``again_hff`` null); ``--set again_hff=true`` adds it
+  and so is this form by default (``again.hff`` null); ``--set again.hff=true`` adds it
   (:func:`~dhat_seg.training_methods.again_hff.fused_first_stage`) to the training forward.
 
 Where dhat-seg departs from the release: the heads exist on every registry model
 (``<name>_again``; sites in :mod:`dhat_seg.again_net`) and have one output per class (the
-release's are fixed at 10); the mask's alpha is ``again_alpha`` (default 0.6, the release's
+release's are fixed at 10); the mask's alpha is ``again.alpha`` (default 0.6, the release's
 constant); the attack runs in eval mode as released (AGAIN's registry default; ``attack_mode`` overrides it); the
 training recipe is the run's (the release: 200 epochs, lr 0.1 decayed x0.1 at 100 and 150,
 batch 128, SGD momentum 0.9, weight decay 5e-4, no validation split; dhat-seg selects the
@@ -67,17 +67,18 @@ def check_config(cfg) -> None:
     other method need a model without them."""
     if cfg.method != "again":
         raise UserError(f"model {cfg.model!r} carries the auxiliary heads of AGAIN's code form; expected method=again "
-                        f"with again_form=code, or model={cfg.model[:-len('_again')]!r}")
-    if cfg.again_form == "code":
+                        f"with again.form=code, or model={cfg.model[:-len('_again')]!r}")
+    settings = cfg.options("again")
+    if settings.form == "code":
         if not is_again_model(cfg.model):
-            raise UserError(f"model {cfg.model!r} has no AGAIN auxiliary heads, which again_form=code trains; expected "
+            raise UserError(f"model {cfg.model!r} has no AGAIN auxiliary heads, which again.form=code trains; expected "
                             f"model={again_model_name(cfg.model)!r} (any model name + '_again')")
-        if cfg.again_fake_label != "random":
-            raise UserError(f"again_fake_label={cfg.again_fake_label!r} is read by again_form=paper only: the code form "
-                            "draws y' = y[randperm(B)], as released; expected again_fake_label=random")
+        if settings.fake_label != "random":
+            raise UserError(f"again.fake_label={settings.fake_label!r} is read by again.form=paper only: the code form "
+                            "draws y' = y[randperm(B)], as released; expected again.fake_label=random")
     elif is_again_model(cfg.model):
         raise UserError(f"model {cfg.model!r} carries the auxiliary heads of AGAIN's code form; expected "
-                        f"again_form=code, or model={cfg.model[:-len('_again')]!r} for the paper form")
+                        f"again.form=code, or model={cfg.model[:-len('_again')]!r} for the paper form")
 
 
 def code_loss(out: AgainOutputs, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -110,7 +111,7 @@ class AGAINCode(MadryAT):
     def loss(self, model, x, y, foreground=None, prepared=None):
         prepared = self.prepare(model, x, y) if prepared is None else prepared
         fusion = fused_first_stage(model) if hff_on(self.cfg) else contextlib.nullcontext()
-        with labelled(model, y, self.cfg.again_alpha), recording(model) as outputs, fusion:
+        with labelled(model, y, self.cfg.options("again").alpha), recording(model) as outputs, fusion:
             model(prepared["x_adv"])
         out = outputs[-1]
         loss, ce, aux = code_loss(out, y)

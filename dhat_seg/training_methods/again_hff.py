@@ -1,4 +1,4 @@
-"""AGAIN's hybrid feature fusion (HFF), shared by both forms of AGAIN (``again_hff``): the
+"""AGAIN's hybrid feature fusion (HFF), shared by both forms of AGAIN (``again.hff``): the
 official code's definition (InsLin/AGAIN, ``AGAIN_with_AWP/models/wideresnet_AGAIN_woHFF.py``:
 ``func1``, ``calc_mean_std``, ``adain``, ``HFF``; defined there, never called) applied to the
 first stage's output with a permuted batch as the style. The formulas and dhat-seg's choices
@@ -72,5 +72,5 @@ def fused_first_stage(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def hff_on(cfg) -> bool:
-    """Whether a run uses HFF: ``again_hff``, or (null) the form's default: on for paper, off for code."""
-    return cfg.again_form == "paper" if cfg.again_hff is None else bool(cfg.again_hff)
+    """Whether a run uses HFF: ``again.hff``, or (null) the form's default: on for paper, off for code."""
+    return cfg.options("again").hff_on

@@ -7,29 +7,29 @@ class k's *train robust accuracy* in the previous epoch (the fraction of its tra
 samples whose training-forward x_adv logits were classified correctly):
 
 * **CCM** (class-wise calibrated margin, eq. 6): class k is attacked with radius
-  eps_k = (lambda_1 + t_k) eps. ``cfa_lambda1``: the paper's 0.5 for AT and 0.3 for TRADES
+  eps_k = (lambda_1 + t_k) eps. ``cfa.lambda1``: the paper's 0.5 for AT and 0.3 for TRADES
   (section 5.1; the code's default is 0.5 for both); null picks the paper's value.
 * **CCR** (class-wise calibrated regularisation, eqs. 7-8; TRADES only): beta_k =
   (lambda_2 + t_k) beta and the loss (CE(f(x), y) + beta_y KL(p_nat || p_adv)) / (1 + beta_y),
   per sample, mean over the batch (code: ``(1 - b) CE + b KL`` with b = beta_y / (1 + beta_y),
-  the same). ``cfa_lambda2`` = 0.5 (paper and code), beta = ``trades_beta`` (6, both).
+  the same). ``cfa.lambda2`` = 0.5 (paper and code), beta = ``trades.beta`` (6, both).
   Before calibration starts beta_y = beta, so TRADES+CFA's loss is TRADES' divided by
   1 + beta throughout (paper eq. 8 from Algorithm 1's start; code ``trades_loss``).
 * **FAWA** (fairness-aware weight averaging, section 4.3): after an epoch, if the trained
   model's worst class robust accuracy on the validation split is >= delta, the average
   becomes decay avg + (1 - decay) theta (per epoch, not per step: Algorithm 1 and the
-  code). ``fawa_decay`` 0.85 and ``fawa_threshold`` 0.2 (paper; the code defaults to 0.88
-  and 0.24, its README example uses 0.2), ``fawa_begin`` 50 (paper: "the weight average
+  code). ``cfa.fawa_decay`` 0.85 and ``cfa.fawa_threshold`` 0.2 (paper; the code defaults to 0.88
+  and 0.24, its README example uses 0.2), ``cfa.fawa_begin`` 50 (paper: "the weight average
   processes begin at the 50-th epoch" of 200; the code has no such start). The average is
   what is validated, selected, saved and evaluated (:meth:`evaluation_model`).
 
 Choices where the sources are silent or differ (dhat-seg's):
 
-* ``cfa_base: at`` is the default: DHAT's loss is AT's (L_AT(z_adv, y)), the DHAT paper does
+* ``cfa.base: at`` is the default: DHAT's loss is AT's (L_AT(z_adv, y)), the DHAT paper does
   not say which CFA variant DHAT-CFA uses, and the official README's one example is AT+CFA.
   The CFA paper's best row is TRADES+CFA (Table 1: AA 50.1 avg / 26.5 worst, AT+CFA 50.1 /
-  24.4): ``--set cfa_base=trades``.
-* Calibration starts at 0-based epoch ``cfa_begin`` = 10 (code ``--begin``; the paper does
+  24.4): ``--set cfa.base=trades``.
+* Calibration starts at 0-based epoch ``cfa.begin`` = 10 (code ``--begin``; the paper does
   not say) and uses the stats of the epoch before; earlier epochs use eps (and beta) for
   every class, the float attack path, bit for bit AT's (TRADES') attack.
 * The step size stays ``step_size`` for every class (code: ``alpha`` 2/255 whatever eps_k).
@@ -52,6 +52,7 @@ Choices where the sources are silent or differ (dhat-seg's):
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -61,10 +62,37 @@ from torch import Tensor, nn
 from dhat_seg import attacks
 from dhat_seg.training_methods.adversarial import MadryAT
 from dhat_seg.training_methods.base import max_abs
+from dhat_seg.training_methods.settings import MethodSettings
 
-#: The CFA variants (config ``cfa_base``) and the paper's lambda_1 for each (section 5.1).
+#: The CFA variants (``cfa.base``) and the paper's lambda_1 for each (section 5.1).
 CFA_BASES = ("at", "trades")
 PAPER_LAMBDA1 = {"at": 0.5, "trades": 0.3}
+
+
+@dataclass(frozen=True)
+class CFASettings(MethodSettings):
+    """CFA's settings (``--set cfa.KEY=VALUE``; see the module doc). ``base``: at = AT+CFA (CCM + FAWA),
+    trades = TRADES+CFA (CCM + CCR + FAWA, with ``trades.beta``); ``lambda1`` null = the paper's value
+    for the base; ``begin``, ``fawa_begin``: 0-based epochs."""
+
+    LEGACY = {"fawa_decay": "fawa_decay", "fawa_threshold": "fawa_threshold", "fawa_begin": "fawa_begin"}
+
+    base: str = "at"
+    lambda1: float | None = None
+    lambda2: float = 0.5
+    begin: int = 10
+    fawa_decay: float = 0.85
+    fawa_threshold: float = 0.2
+    fawa_begin: int = 50
+
+    def checks(self, cfg):
+        return [(self.base in CFA_BASES, "base", f"one of {', '.join(CFA_BASES)}"),
+                (self.lambda1 is None or self.lambda1 >= 0, "lambda1", "a non-negative number or null (the paper's value for the base)"),
+                (self.lambda2 >= 0, "lambda2", "a non-negative number"),
+                (self.begin >= 0, "begin", "a non-negative integer (0-based epoch)"),
+                (0 <= self.fawa_decay < 1, "fawa_decay", "a number in [0, 1)"),
+                (0 <= self.fawa_threshold <= 1, "fawa_threshold", "a number in [0, 1] (a fraction of a class's samples)"),
+                (self.fawa_begin >= 0, "fawa_begin", "a non-negative integer (0-based epoch)")]
 #: Step size of the FAWA gate's attack (the code's and the trainer's validation PGD).
 GATE_STEP = 2 / 255
 
@@ -99,12 +127,14 @@ def fawa_update(average: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 class CFA(MadryAT):
-    """AT+CFA (``cfa_base: at``) or TRADES+CFA (``trades``); also a base of UIAT/DHAT (see the module doc)."""
+    """AT+CFA (``cfa.base: at``) or TRADES+CFA (``trades``); also a base of UIAT/DHAT (see the module doc)."""
 
     def __init__(self, cfg: Any):
         super().__init__(cfg)
-        self.variant = cfg.cfa_base
-        self.lambda1 = PAPER_LAMBDA1[self.variant] if cfg.cfa_lambda1 is None else cfg.cfa_lambda1
+        self.settings: CFASettings = cfg.options("cfa")
+        self.variant = self.settings.base
+        self.lambda1 = PAPER_LAMBDA1[self.variant] if self.settings.lambda1 is None else self.settings.lambda1
+        self.trades_beta = cfg.options("trades").beta
         self._model: nn.Module | None = None  # the trained model: only its forwards are counted
         self._correct: Tensor | None = None  # per class, this epoch, on the device
         self._seen: Tensor | None = None
@@ -131,7 +161,7 @@ class CFA(MadryAT):
         if self.variant == "trades":
             z_nat, z_adv = model(x), model(x_adv)
             ce, kl = trades_per_sample(z_nat, z_adv, y)
-            beta = self.cfg.trades_beta if self.class_beta is None else self.class_beta[y]
+            beta = self.trades_beta if self.class_beta is None else self.class_beta[y]
             loss = ((ce + beta * kl) / (1 + beta)).mean()  # CCR, eq. 8
             stats = {"ce": ce.detach().mean(), "kl_adv": kl.detach().mean(), "max_logit_clean": max_abs(z_nat),
                      "max_logit_adv": max_abs(z_adv)}
@@ -165,15 +195,15 @@ class CFA(MadryAT):
     def on_epoch_start(self, model, epoch):
         self._correct = self._seen = None
         self.class_eps = self.class_beta = None
-        if epoch >= self.cfg.cfa_begin and self.train_robust is not None:
+        if epoch >= self.settings.begin and self.train_robust is not None:
             t = self.train_robust.to(_device(model))
             self.class_eps = class_margins(t, self.lambda1, self.eps)
             if self.variant == "trades":
-                self.class_beta = class_betas(t, self.cfg.cfa_lambda2, self.cfg.trades_beta)
+                self.class_beta = class_betas(t, self.settings.lambda2, self.trades_beta)
 
     def on_epoch_end(self, model, epoch, val_x, val_y, device):
         """Update t_k and, from ``fawa_begin``, the FAWA average. One host sync per epoch."""
-        c = self.cfg
+        c = self.settings
         stats: dict[str, Any] = {"cfa_worst_train_acc": None, "cfa_eps_min": None, "cfa_eps_max": None,
                                  "fawa_worst_val_acc": None}
         if self._seen is not None:
@@ -184,7 +214,7 @@ class CFA(MadryAT):
             stats["cfa_eps_min"] = round(255 * self.class_eps.min().item(), 4)
             stats["cfa_eps_max"] = round(255 * self.class_eps.max().item(), 4)
         if epoch >= c.fawa_begin:
-            worst = self.worst_class_robustness(model, val_x, val_y, device, seed=c.seed + epoch)
+            worst = self.worst_class_robustness(model, val_x, val_y, device, seed=self.cfg.seed + epoch)
             stats["fawa_worst_val_acc"] = round(100 * worst, 2)
             if worst >= c.fawa_threshold:
                 self.accept(model)
@@ -196,7 +226,7 @@ class CFA(MadryAT):
         if self.average is None:
             self.average = self._copy(model)
         else:
-            fawa_update(self.average, model, self.cfg.fawa_decay)
+            fawa_update(self.average, model, self.settings.fawa_decay)
         self.updates += 1
 
     def worst_class_robustness(self, model: nn.Module, x: Tensor, y: Tensor, device: torch.device | str,

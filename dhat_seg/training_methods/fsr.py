@@ -14,7 +14,7 @@ x_adv's last feature map give:
 
     L_sep = CE(h(f+), y) + CE(h(f-), y')         y' = the highest-scoring wrong class of f(x_adv)
     L_rec = CE(h(f~-), y)
-    L     = L_base + fsr_lambda_sep L_sep + fsr_lambda_rec L_rec
+    L     = L_base + fsr.lambda_sep L_sep + fsr.lambda_rec L_rec
 
 lambdas 1 and 1 (paper; code defaults), CE batch means. y' is computed from the main
 classifier's logits of x_adv, detached (the code's ``get_pred(adv_outputs, targets)``: the top
@@ -31,9 +31,9 @@ Choices where the sources are silent or differ (dhat-seg's):
   included; ``attack_mode`` overrides it); BN statistics follow ``attack_bn_update``.
 * The training forwards (x_adv, and x for TRADES and MART) draw Gumbel noise; evaluation
   and test-time attacks run in eval mode, deterministic.
-* tau (``fsr_tau``) is written into the model's FSR module at the start of training and
+* tau (``fsr.tau``) is written into the model's FSR module at the start of training and
   saved with its weights, so ``dhat-seg eval`` rebuilds the same model.
-* ``fsr_begin`` (default 0: the paper and the code, which add the terms from the first step)
+* ``fsr.begin`` (default 0: the paper and the code, which add the terms from the first step)
   delays the terms to a later 0-based epoch; before it the loss is L_base (the module is in
   the model all along, its terms are logged with weight 0). Measured on the ``quick`` preset
   (small CNN, built-in data, 3000 samples, batches of 32): with the terms from the start the
@@ -47,17 +47,37 @@ Choices where the sources are silent or differ (dhat-seg's):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 from torch import Tensor
 
 from dhat_seg.errors import UserError
 from dhat_seg.fsr_module import (FSROutputs, deterministic_masks, fsr_model_name, is_fsr_model, recording, require_fsr,
                                  set_tau)
-from dhat_seg.training_methods.bases import BASE_METHODS
+from dhat_seg.training_methods.bases import build_base
 from dhat_seg.training_methods.base import OnBase
+from dhat_seg.training_methods.settings import MethodSettings
 
 #: The losses FSR's terms are added to (``base``), as in the paper's tables.
 FSR_BASES = ("at", "trades", "mart")
+
+
+@dataclass(frozen=True)
+class FSRSettings(MethodSettings):
+    """FSR's settings (``--set fsr.KEY=VALUE``; see the module doc): the weights of the separation and
+    recalibration terms, the Gumbel-sigmoid temperature, and the 0-based epoch the terms start."""
+
+    lambda_sep: float = 1.0
+    lambda_rec: float = 1.0
+    tau: float = 0.1
+    begin: int = 0
+
+    def checks(self, cfg):
+        return [(self.lambda_sep >= 0, "lambda_sep", "a non-negative number"),
+                (self.lambda_rec >= 0, "lambda_rec", "a non-negative number"),
+                (self.tau > 0, "tau", "a positive number (the Gumbel-sigmoid temperature)"),
+                (self.begin >= 0, "begin", "a non-negative integer (0-based epoch)")]
 
 
 def check_config(cfg) -> None:
@@ -112,17 +132,18 @@ class FSR(OnBase):
         super().__init__(cfg)
         if cfg.base not in FSR_BASES:
             raise UserError(f"base {cfg.base!r} is not available with method 'fsr'; expected one of {', '.join(FSR_BASES)}")
-        self.base = BASE_METHODS[cfg.base](cfg)
+        self.base = build_base(cfg)
+        self.settings: FSRSettings = cfg.options("fsr")
         self._epoch = 0
 
     def active(self) -> bool:
-        """Whether the current epoch adds FSR's terms (from 0-based epoch ``fsr_begin``)."""
-        return self._epoch >= self.cfg.fsr_begin
+        """Whether the current epoch adds FSR's terms (from 0-based epoch ``fsr.begin``)."""
+        return self._epoch >= self.settings.begin
 
     # the other trainer hooks go to the base (OnBase)
     def on_fit_start(self, model, state):
         require_fsr(model)
-        set_tau(model, self.cfg.fsr_tau)
+        set_tau(model, self.settings.tau)
         super().on_fit_start(model, state)
 
     def on_epoch_start(self, model, epoch):
@@ -142,7 +163,7 @@ class FSR(OnBase):
         with recording(model) as outputs:
             base, z_adv, base_stats = self.base.base_loss(model, x, y, p["x_adv"])
         on = self.active()  # before fsr_begin: the terms are computed and logged, with weight 0
-        loss, stats = fsr_loss(base, _forward_of(outputs, z_adv), y, self.cfg.fsr_lambda_sep if on else 0.0,
-                               self.cfg.fsr_lambda_rec if on else 0.0)
+        loss, stats = fsr_loss(base, _forward_of(outputs, z_adv), y, self.settings.lambda_sep if on else 0.0,
+                               self.settings.lambda_rec if on else 0.0)
         return loss, {**base_stats, **stats}
 

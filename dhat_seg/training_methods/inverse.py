@@ -8,7 +8,7 @@ from torch import Tensor
 
 from dhat_seg import attacks, losses
 from dhat_seg.errors import UserError
-from dhat_seg.training_methods.bases import BASE_METHODS
+from dhat_seg.training_methods.bases import build_base
 from dhat_seg.training_methods.base import OnBase, max_abs
 
 
@@ -26,7 +26,7 @@ class UIAT(OnBase):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.base = BASE_METHODS[cfg.base](cfg)
+        self.base = build_base(cfg)
 
     def inverse(self, model, x, y, x_adv) -> tuple[Tensor, Tensor]:
         """(x_inv, clean logits). p_nat and p_adv are fp32 targets of the inverse attack."""

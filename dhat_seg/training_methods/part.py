@@ -8,7 +8,7 @@ section 2) and the official code (github.com/tmlr-group/PART: ``craft_ae.part_pg
 
 The attack's budget differs per pixel. With M the important-pixel mask of the clean image
 (the trainer's foreground mask, B x 1 x H x W, from any attention method) and
-eps_low = ``part_eps_low`` / 255 (null: eps - 1/255, the paper's default):
+eps_low = ``part.eps_low`` / 255 (null: eps - 1/255, the paper's default):
 
     eps_i = eps if M_i else eps_low                      (paper: m_i = 1 or eps_low / eps, times eps)
     x_adv = argmax_{x'} l(f(x'), y)  s.t. |x'_i - x_i| <= eps_i for every pixel i, x' in [0, 1]^d   (eq. 3)
@@ -66,14 +66,16 @@ flipped with its image (the cache keeps soft maps as 8-bit values; crop padding 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from dhat_seg.errors import UserError
-from dhat_seg.training_methods.bases import BASE_METHODS
+from dhat_seg.training_methods.bases import build_base
 from dhat_seg.training_methods.base import OnBase
+from dhat_seg.training_methods.settings import MethodSettings
 
 #: The losses PART reweights the attack of (``base``): PART, PART-T, PART-M.
 PART_BASES = ("at", "trades", "mart")
@@ -81,9 +83,22 @@ PART_BASES = ("at", "trades", "mart")
 PAPER_EPS_DROP = 1.0
 
 
+@dataclass(frozen=True)
+class PARTSettings(MethodSettings):
+    """``part.eps_low``: the budget of the pixels the mask leaves out (units of 1/255; null = eps - 1,
+    the paper's). PART's masks are the shared attention settings (see the module doc)."""
+
+    eps_low: float | None = None
+
+    def checks(self, cfg):
+        return [(self.eps_low is None or 0 <= self.eps_low <= cfg.eps, "eps_low",
+                 f"a number in [0, eps={cfg.eps:g}] (units of 1/255) or null (eps - 1)")]
+
+
 def eps_low_of(cfg: Any) -> float:
-    """eps_low in units of 1 (not 1/255): ``part_eps_low`` / 255, or (eps - 1) / 255 (at least 0)."""
-    low = cfg.part_eps_low if cfg.part_eps_low is not None else max(0.0, cfg.eps - PAPER_EPS_DROP)
+    """eps_low in units of 1 (not 1/255): ``part.eps_low`` / 255, or (eps - 1) / 255 (at least 0)."""
+    given = cfg.options("part").eps_low
+    low = given if given is not None else max(0.0, cfg.eps - PAPER_EPS_DROP)
     return low / 255
 
 
@@ -105,7 +120,7 @@ class PART(OnBase):
         super().__init__(cfg)
         if cfg.base not in PART_BASES:
             raise UserError(f"base {cfg.base!r} is not available with method 'part'; expected one of {', '.join(PART_BASES)}")
-        self.base = BASE_METHODS[cfg.base](cfg)
+        self.base = build_base(cfg)
         self.eps_low = eps_low_of(cfg)
         self._foreground: Tensor | None = None  # the batch's mask while the trainer's AWP block prepares x_adv
 

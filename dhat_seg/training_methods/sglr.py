@@ -21,7 +21,7 @@ AT's, CE(f(x_adv), y), and nothing is refined. From the start epoch on, at each 
     t_i <- m t_i + (1 - m) q_i                                    (then used at once)
     loss = (1/B) sum_i -sum_c t_i,c log softmax(f(x_adv,i))_c
 
-m = ``sglr_momentum`` = 0.9 (code and script), w = ``sglr_clean_weight`` = 0.2 (a constant
+m = ``sglr.momentum`` = 0.9 (code and script), w = ``sglr.clean_weight`` = 0.2 (a constant
 in the code: ``0.2 * clean_prob + 0.8 * prob``). The "self-distilled models" are thus the
 model's own past states, through their predictions: t_i is the one-hot label with weight
 m^k after k refinements plus an exponentially weighted average of the k predictions (the
@@ -34,7 +34,7 @@ Choices where the sources are silent or differ (dhat-seg's):
 * The start. The script starts refining at its (1-based) epoch 90 of 200, ten epochs before
   its first LR decay at 100 (``--sat-es 90``; its ``main_adv.py`` defines ``--sgls-es``,
   default 0, so the script as published is refused by argparse; its 90 is taken as the
-  intended value). ``sglr_start`` null keeps that placement on dhat-seg's schedule: 0-based
+  intended value). ``sglr.start`` null keeps that placement on dhat-seg's schedule: 0-based
   epoch ``milestones[0] - 10`` (70 with DHAT's [80, 90]), or ``epochs - 10`` without
   milestones, at least 0; an integer sets the 0-based epoch itself.
 * Per-sample soft labels need the dataset index of every sample in a batch: the trainer
@@ -55,6 +55,7 @@ Choices where the sources are silent or differ (dhat-seg's):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -64,15 +65,34 @@ from torch import Tensor, nn
 from dhat_seg.errors import UserError
 from dhat_seg.training_methods.adversarial import MadryAT
 from dhat_seg.training_methods.base import max_abs
+from dhat_seg.training_methods.settings import MethodSettings
 
 #: Epochs of refinement before the first LR decay in the official script (its epochs 90-99).
 LEAD_EPOCHS = 10
 
 
+@dataclass(frozen=True)
+class SGLRSettings(MethodSettings):
+    """SGLR's settings (``--set sglr.KEY=VALUE``; see the module doc): the label momentum, the clean
+    prediction's weight in the guide, and the 0-based epoch refinement starts (null: 10 epochs before
+    the first LR milestone)."""
+
+    momentum: float = 0.9
+    clean_weight: float = 0.2
+    start: int | None = None
+
+    def checks(self, cfg):
+        return [(0 <= self.momentum <= 1, "momentum", "a number in [0, 1]"),
+                (0 <= self.clean_weight <= 1, "clean_weight", "a number in [0, 1]"),
+                (self.start is None or self.start >= 0, "start",
+                 "a non-negative integer (0-based epoch) or null (10 epochs before the first milestone)")]
+
+
 def start_epoch(cfg: Any) -> int:
-    """The 0-based epoch from which labels are refined (``sglr_start``, or its null default)."""
-    if cfg.sglr_start is not None:
-        return int(cfg.sglr_start)
+    """The 0-based epoch from which labels are refined (``sglr.start``, or its null default)."""
+    start = cfg.options("sglr").start
+    if start is not None:
+        return int(start)
     anchor = cfg.milestones[0] if cfg.milestones else cfg.epochs
     return max(0, anchor - LEAD_EPOCHS)
 
@@ -98,7 +118,7 @@ class SGLR(MadryAT):
     def __init__(self, cfg: Any):
         super().__init__(cfg)
         self.start = start_epoch(cfg)
-        self.momentum, self.clean_weight = cfg.sglr_momentum, cfg.sglr_clean_weight
+        self.momentum, self.clean_weight = cfg.options("sglr").momentum, cfg.options("sglr").clean_weight
         #: soft labels, one row per training sample (None until the first refinement)
         self.labels: Tensor | None = None
         self._model: nn.Module | None = None  # the trained model: only its forwards write labels
