@@ -59,7 +59,7 @@ def main(argv=None) -> None:
     from dhat_seg.attention_model import build_attention
     from dhat_seg.cache import MaskedDataset
     from dhat_seg.data import channel_stats, split_for
-    from dhat_seg.experiment import frozen_masks
+    from dhat_seg.experiment import frozen_masks, resolve_runtime
     from dhat_seg.runtime import seed_everything
     from dhat_seg.trainer import RunParts, Trainer
     from dhat_seg.checkpoint import save_weights
@@ -94,7 +94,9 @@ def main(argv=None) -> None:
     cfg = load_config(None, base)
     train_ds = split_for(cfg, "train", augment=cfg.augment)  # augmented (random crop + flip), as in training
     # the training loop itself, on parts filled in per variant below
-    trainer = Trainer(cfg, work / "run", RunParts(train_ds, None, None, None, None), progress=False, log=lambda m: None)
+    run_device, amp_dtype = resolve_runtime(cfg)  # what Experiment resolves once per run
+    trainer = Trainer(cfg, work / "run", RunParts(train_ds, None, None, None, None), device=run_device, amp_dtype=amp_dtype,
+                      progress=False, log=lambda m: None)
     seed_everything(0)
     model0 = create_model("small_cnn", train_ds.num_classes, *channel_stats(train_ds)).to(device)
     method = create_training_method(cfg)

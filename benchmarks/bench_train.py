@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
     from dhat_seg.config import load_config
     from dhat_seg.data import channel_stats, split_for
     from dhat_seg.errors import UserError
-    from dhat_seg.experiment import frozen_masks
+    from dhat_seg.experiment import frozen_masks, resolve_runtime
     from dhat_seg.models import create_model
     from dhat_seg.runtime import deterministic_kernels, seed_everything, select_device
     from dhat_seg.speed import prepare_model
@@ -113,8 +113,9 @@ def main(argv=None) -> dict:
         warm, timed = Subset(data, range(n_warm)), Subset(data, range(n_warm, n_warm + n_timed))
         model = copy.deepcopy(model0)
         method = create_training_method(cfg)
-        trainer = Trainer(cfg, work / "run", RunParts(train_ds, None, None, model, method), progress=False,
-                          log=lambda m: None)
+        run_device, amp_dtype = resolve_runtime(cfg)  # what Experiment resolves once per run
+        trainer = Trainer(cfg, work / "run", RunParts(train_ds, None, None, model, method), device=run_device,
+                          amp_dtype=amp_dtype, progress=False, log=lambda m: None)
         prepare_model(model, cfg)  # as Trainer.fit does
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         scaler = torch.amp.GradScaler("cuda", enabled=trainer.amp)

@@ -53,7 +53,7 @@ class SelfAttentionMasks(Callback):
                      f"weights of epoch {epoch} (this run now differs from an uninterrupted one)")
         # before the epoch's reseeding: the build forks its own RNG, the epoch's draws stay the same
         built = provision.self_mask_cache(self.cfg, parts.train, parts.model, refresh, self.root, device=self.device,
-                                          log=self.log, progress=self.progress)
+                                          log=self.log, progress=self.progress, stop=trainer.stop)
         remove_other_caches(self.root, built.directory)
         self.current = parts.masks = built
 

@@ -5,7 +5,16 @@ Data flows one way::
     TrainConfig --build_parts--> RunParts (datasets, model, training method,
         |                                  attention function or mask cache, callbacks)
         |                                         |
-        +--> Trainer(cfg, out, parts).fit()  <----+   (fits, validates, checkpoints, resumes)
+        +--> Trainer(cfg, out, parts, device=, amp_dtype=, stop=).fit()  <----+
+                                              (fits, validates, checkpoints, resumes)
+
+A run is resolved once, here: :class:`Experiment` validates the config, picks the device
+and the autocast dtype, checks the speed options, takes the run directory's lock, enters
+the run scope (SIGINT/SIGTERM as a stop request, deterministic kernels:
+:func:`dhat_seg.runtime.run_scope`) and builds the training method, each once; the
+trainer, the mask builds and a nested attention-model run receive the results (the
+device, the dtype, the entered :class:`~dhat_seg.runtime.GracefulStop`) and enter
+nothing again.
 
 Attention provisioning lives here and only here: the frozen attention model (a
 normally trained classifier, itself trained through this module as a plain run and
@@ -39,14 +48,14 @@ from dhat_seg.cache import provision
 from dhat_seg.cache.key import REBUILD_HINT
 from dhat_seg.checkpoint import resolve_weights
 from dhat_seg.cache.sharded import Shard
-from dhat_seg.config import TrainConfig
+from dhat_seg.config import TrainConfig, needs_attention
 from dhat_seg.distributed import SINGLE, Dist, check_distributable
 from dhat_seg.epoch_table import EpochPrinter
 from dhat_seg.data import channel_stats, split_for
 from dhat_seg.errors import Interrupted, UserError
 from dhat_seg.models import CIFAR_MEAN, CIFAR_STD, create_model, module_mode
-from dhat_seg.runtime import (deterministic_kernels, directory_lock, graceful_stop, resolve_amp_dtype, seed_everything,
-                              select_device)
+from dhat_seg.runtime import (GracefulStop, directory_lock, resolve_amp_dtype, run_scope, seed_everything, select_device,
+                              signal_name)
 from dhat_seg.train_loop import batches_per_epoch
 from dhat_seg.speed import check_speed_options
 from dhat_seg.trainer import RunParts, Trainer
@@ -65,9 +74,10 @@ def _stderr(msg: str) -> None:
 
 
 def ensure_attention_model(cfg: TrainConfig, train_fingerprint: str, root: Path, log: Log = _stderr,
-                           progress: bool = True) -> Path:
+                           progress: bool = True, stop: GracefulStop | None = None) -> Path:
     """The attention model's weights: ``cfg.attention_model``, or the cached one, or one
-    trained now as a plain run (said in the output) and cached for later runs."""
+    trained now as a plain run (said in the output) and cached for later runs. ``stop``:
+    the GracefulStop of the enclosing run scope, handed to that run (None: it enters its own)."""
     found = find_attention_model(cfg, train_fingerprint, root)
     run_dir = attention_model_dir(cfg, train_fingerprint, root)
     if found is not None:
@@ -87,8 +97,8 @@ def ensure_attention_model(cfg: TrainConfig, train_fingerprint: str, root: Path,
             f"{cfg.attention_model_epochs} epochs first, as the paper does; it is saved in {run_dir} and reused by later runs")
         try:
             Experiment(attention_model_config(cfg), run_dir, log=log, cache_dir=root, progress=progress,
-                       on_epoch=EpochPrinter(log, prefix="attention model: ")).run(
-                resume=(run_dir / "config.yaml").is_file())
+                       on_epoch=EpochPrinter(log, prefix="attention model: "), stop=stop).run(
+                resume=(run_dir / "config.yaml").is_file(), locked=True)  # its lock is held here
         except Interrupted as exc:
             exc.message = f"while training the attention model in {run_dir}: {exc.message}"
             raise
@@ -96,27 +106,29 @@ def ensure_attention_model(cfg: TrainConfig, train_fingerprint: str, root: Path,
 
 
 def classifier_path(cfg: TrainConfig, train_fingerprint: str, root: Path, log: Log = _stderr, *, train: bool = True,
-                    progress: bool = True) -> Path | None:
+                    progress: bool = True, stop: GracefulStop | None = None) -> Path | None:
     """The frozen classifier that ``cfg``'s attention method reads: None when it reads
     none, or (``train`` False) when it does not exist yet."""
     spec, options = resolve_attention_method(cfg)
     if not spec.needs_classifier(options):
         return None
     if train:
-        return ensure_attention_model(cfg, train_fingerprint, root, log, progress)
+        return ensure_attention_model(cfg, train_fingerprint, root, log, progress, stop)
     return find_attention_model(cfg, train_fingerprint, root)
 
 
 def frozen_masks(cfg: TrainConfig, dataset, *, device, root: Path, log: Log = _stderr, train_fingerprint: str | None = None,
                  rebuild: bool = False, progress: bool = True, batch_size: int | None = None, hint: str = REBUILD_HINT,
-                 **kwargs: Any):
+                 stop: GracefulStop | None = None, **kwargs: Any):
     """The frozen-attention mask cache of ``dataset`` (reused, resumed or built), with its
     attention model provisioned first. ``train_fingerprint``: the training split's
-    fingerprint, which keys the attention model (default: ``dataset``'s own)."""
+    fingerprint, which keys the attention model (default: ``dataset``'s own). ``stop``:
+    the GracefulStop of the enclosing run scope (None: each piece enters its own)."""
     root = Path(root)
-    path = classifier_path(cfg, train_fingerprint or dataset.fingerprint(), root, log, progress=progress)
+    path = classifier_path(cfg, train_fingerprint or dataset.fingerprint(), root, log, progress=progress, stop=stop)
     return provision.ensure_mask_cache(cfg, dataset, classifier_path=path, device=device, root=root, log=log,
-                                       rebuild=rebuild, progress=progress, batch_size=batch_size, hint=hint, **kwargs)
+                                       rebuild=rebuild, progress=progress, batch_size=batch_size, hint=hint, stop=stop,
+                                       **kwargs)
 
 
 def provision_attention(cfg: TrainConfig, *, root: Path, log: Log = _stderr, progress: bool = True) -> None:
@@ -126,20 +138,21 @@ def provision_attention(cfg: TrainConfig, *, root: Path, log: Log = _stderr, pro
     Nothing for a method without attention nor for ``attention_source: self`` (its masks
     come from the model being trained, in the run directory). A study fanned out over
     processes calls it in the parent, row by row, before its workers start, so that no
-    two workers build the same cache."""
-    from dhat_seg.training_methods import TRAINING_METHODS
-
-    entry = TRAINING_METHODS.get(cfg.method)
-    if entry is None or not entry.cls.needs_attention or cfg.attention_source == "self":
+    two workers build the same cache. Within one run scope (a stop asked by SIGINT/SIGTERM
+    ends it at the next safe point, or after the provisioning when none came)."""
+    if not needs_attention(cfg.method) or cfg.attention_source == "self":
         return
     device = select_device(cfg.device)
-    with deterministic_kernels(device):
+    with run_scope(device) as stop:
         seed_everything(cfg.seed)
         train_ds = split_for(cfg, "train", augment=cfg.augment)
         if cfg.mask_source == "online":
-            classifier_path(cfg, train_ds.fingerprint(), Path(root), log, progress=progress)
+            classifier_path(cfg, train_ds.fingerprint(), Path(root), log, progress=progress, stop=stop)
         else:
-            frozen_masks(cfg, train_ds, device=device, root=Path(root), log=log, progress=progress)
+            frozen_masks(cfg, train_ds, device=device, root=Path(root), log=log, progress=progress, stop=stop)
+        if (signum := stop.requested()) is not None:  # asked where nothing polled it: not swallowed
+            raise Interrupted(signum, f"{signal_name(signum)} received; stopped after provisioning the attention of "
+                                      f"{cfg.attention} (what it wrote is complete)")
 
 
 def _in_eval_mode(attention, model):
@@ -158,9 +171,11 @@ def _in_eval_mode(attention, model):
 
 
 def build_parts(cfg: TrainConfig, out: Path, *, device, root: Path, log: Log = _stderr, progress: bool = True,
-                rebuild_masks: bool = False, dist: Dist = SINGLE) -> RunParts:
-    """Resolve ``cfg`` into the datasets, model, training method and attention of a run
-    (``dist``: the ranks of a torchrun job build the mask cache together)."""
+                rebuild_masks: bool = False, dist: Dist = SINGLE, stop: GracefulStop | None = None) -> RunParts:
+    """Resolve ``cfg`` into the datasets, model, training method (built here, once) and
+    attention of a run (``dist``: the ranks of a torchrun job build the mask cache
+    together; ``stop``: the run scope's GracefulStop, handed to the mask build and the
+    attention model's run)."""
     from dhat_seg.callbacks import SelfAttentionMasks
 
     c = cfg
@@ -187,13 +202,24 @@ def build_parts(cfg: TrainConfig, out: Path, *, device, root: Path, log: Log = _
     if c.mask_refresh_every:
         log("mask_refresh_every is ignored with attention_source='frozen': the frozen model's masks never change")
     if c.mask_source == "online":
-        path = classifier_path(c, train_ds.fingerprint(), root, log, progress=progress)
+        path = classifier_path(c, train_ds.fingerprint(), root, log, progress=progress, stop=stop)
         parts.attention = build_attention(c, num_classes=train_ds.num_classes, device=device, classifier_path=path)
     else:
         shard = Shard(dist.rank, dist.world, dist.barrier) if dist.enabled else None
         parts.masks = frozen_masks(c, train_ds, device=device, root=root, log=log, rebuild=rebuild_masks, progress=progress,
-                                   shard=shard)
+                                   shard=shard, stop=stop)
     return parts
+
+
+def resolve_runtime(cfg: TrainConfig, dist: Dist = SINGLE) -> tuple[Any, Any]:
+    """The device and the training passes' autocast dtype (None: fp32) of the validated
+    ``cfg``, refusing before any work an impossible precision, a compile that cannot work
+    on that device, or a setting that cannot be distributed."""
+    check_distributable(cfg, dist)
+    device = select_device(cfg.device)
+    amp_dtype = resolve_amp_dtype(cfg, device)
+    check_speed_options(cfg, device)
+    return device, amp_dtype
 
 
 class Experiment:
@@ -201,37 +227,39 @@ class Experiment:
     its parts (:func:`build_parts`) and fits them with a :class:`Trainer`; returns the
     summary (also in ``out/summary.json``).
 
-    ``on_epoch``: called with each epoch's metrics record (default: a JSON line on stdout)."""
+    The run is resolved here, once: the config validated, the device, the autocast dtype
+    and the speed options checked on construction; the lock, the run scope and the
+    training method in :meth:`run`. ``on_epoch``: called with each epoch's metrics record
+    (default: a JSON line on stdout). ``stop``: the GracefulStop of an enclosing run scope
+    (a run nested in another, e.g. the attention model's); None: :meth:`run` enters its own."""
 
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, *, log: Log | None = None, cache_dir: str | Path | None = None,
                  progress: bool = True, rebuild_masks: bool = False, on_epoch: Callable[[dict], None] | None = None,
-                 dist: Dist = SINGLE):
+                 dist: Dist = SINGLE, stop: GracefulStop | None = None):
         self.cfg = cfg.validate()
         self.out = Path(out_dir)
         self.log = log or _stderr
         self.cache_root = cache_root(cache_dir)
         self.progress, self.rebuild_masks, self.on_epoch = progress, rebuild_masks, on_epoch
-        self.dist = dist
-        check_distributable(self.cfg, dist)
-        resolve_amp_dtype(self.cfg, select_device(self.cfg.device))  # refuse an impossible precision before any work
-        check_speed_options(self.cfg, select_device(self.cfg.device))  # and a compile that cannot work here
+        self.dist, self.stop = dist, stop
+        self.device, self.amp_dtype = resolve_runtime(self.cfg, dist)
+        self.parts: RunParts | None = None  # what the last run trained on
 
-    def run(self, resume: bool = False) -> dict[str, Any]:
-        """Build the parts and fit them, holding the run directory's lock, with
-        deterministic kernels, stopping at a safe point on SIGINT/SIGTERM
-        (:class:`~dhat_seg.errors.Interrupted`)."""
-        device = select_device(self.cfg.device)
-        if create_training_method(self.cfg).needs_attention:
+    def run(self, resume: bool = False, *, locked: bool = False) -> dict[str, Any]:
+        """Build the parts and fit them, holding the run directory's lock (``locked``: the
+        caller holds it already), within the run scope (deterministic kernels, stopping at
+        a safe point on SIGINT/SIGTERM: :class:`~dhat_seg.errors.Interrupted`)."""
+        if needs_attention(self.cfg.method):
             resolve_attention_method(self.cfg)  # options and checkpoint refused before the run directory is made
         main = self.dist.main  # torchrun: rank 0 alone holds and writes the run directory
-        lock = (directory_lock(self.out, wait=False, busy="run directory", hint="choose another --out") if main
-                else contextlib.nullcontext())
-        with lock, graceful_stop(), deterministic_kernels(device):
+        lock = (directory_lock(self.out, wait=False, busy="run directory", hint="choose another --out")
+                if main and not locked else contextlib.nullcontext())
+        with lock, run_scope(self.device, self.stop) as stop:
             if main:
                 Trainer.prepare_out_dir(self.cfg, self.out, resume)  # under the lock: no other process writes here now
             self.dist.barrier()
-            parts = build_parts(self.cfg, self.out, device=device, root=self.cache_root, log=self.log,
-                                progress=self.progress, rebuild_masks=self.rebuild_masks, dist=self.dist)
-            trainer = Trainer(self.cfg, self.out, parts, log=self.log, progress=self.progress, on_epoch=self.on_epoch,
-                              dist=self.dist)
+            self.parts = build_parts(self.cfg, self.out, device=self.device, root=self.cache_root, log=self.log,
+                                     progress=self.progress, rebuild_masks=self.rebuild_masks, dist=self.dist, stop=stop)
+            trainer = Trainer(self.cfg, self.out, self.parts, device=self.device, amp_dtype=self.amp_dtype, stop=stop,
+                              log=self.log, progress=self.progress, on_epoch=self.on_epoch, dist=self.dist)
             return trainer.fit(resume=resume)

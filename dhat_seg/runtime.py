@@ -1,6 +1,10 @@
 """Where and how a run computes: device selection, the training passes' autocast dtype,
 seeding the global random number generators, deterministic kernels, stopping at a safe
-point on SIGINT/SIGTERM, and one process at a time in a directory (``flock``)."""
+point on SIGINT/SIGTERM, and one process at a time in a directory (``flock``).
+
+No module state: a stop request is held by a :class:`GracefulStop` object and a lock by
+its open file; the orchestration layer enters them once per run (:func:`run_scope`,
+:func:`directory_lock`) and hands the stop object to the work that polls it."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import random
 import signal
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 import numpy as np
 import torch
@@ -100,54 +104,81 @@ def deterministic_kernels(device: torch.device) -> Iterator[None]:
 # Stopping at a safe point on SIGINT / SIGTERM
 # ---------------------------------------------------------------------------------
 
-_STOP: dict[str, Any] = {"depth": 0, "signum": None}
 
+class GracefulStop:
+    """SIGINT/SIGTERM as a stop request, held by this object (``with GracefulStop() as stop``).
 
-@contextlib.contextmanager
-def graceful_stop() -> Iterator[None]:
-    """Within the block, SIGINT (Ctrl-C) and SIGTERM only record a stop request, which the
-    work honours at its next safe point (:func:`stop_requested`: the trainer after a
-    batch, a mask build after a batch, both discarding only unfinished work); a second
+    Within the block, SIGINT (Ctrl-C) and SIGTERM only record a stop request
+    (:meth:`requested`), which the work honours at its next safe point (the trainer after
+    a batch, a mask build after a batch, both discarding only unfinished work); a second
     signal stops at once (:class:`~dhat_seg.errors.Interrupted`; everything on disk is
-    written atomically). Re-entrant; the previous handlers are restored when the
-    outermost block ends; a no-op outside the main thread."""
-    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
-        yield
-        return
-    if _STOP["depth"]:
-        _STOP["depth"] += 1
-        try:
-            yield
-        finally:
-            _STOP["depth"] -= 1
-        return
+    written atomically). The previous handlers are restored when the block ends; a no-op
+    outside the main thread (the stop is then never requested).
 
-    def handler(signum, frame):
-        if _STOP["signum"] is not None:
+    Entered once, by the outermost caller (:func:`run_scope`); nested work is handed the
+    entered object (:func:`stop_scope`) instead of installing handlers again. An object
+    that is never entered is a stop that is never requested."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] | None = None
+        self._active = False
+
+    def requested(self) -> int | None:
+        """The signal number of a pending stop request, else None."""
+        return self.signum
+
+    def __enter__(self) -> "GracefulStop":
+        if self._active:
+            raise RuntimeError("this GracefulStop is installed already: hand it down instead of entering it again")
+        self.signum, self._active = None, True
+        if threading.current_thread() is threading.main_thread():  # signal handlers belong to the main thread
+            self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                for s in self._previous:
+                    signal.signal(s, self._handle)
+            except BaseException:
+                self._restore()
+                raise
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for s, h in (self._previous or {}).items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+        self._previous, self._active, self.signum = None, False, None
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
             raise Interrupted(signum, f"{signal.Signals(signum).name} received a second time; stopped at once "
                                       "(checkpoints and cache chunks on disk are complete: they are written atomically)")
-        _STOP["signum"] = signum
+        self.signum = signum
         try:  # a raw write: print() here could re-enter a stream the interrupted code is writing
             os.write(2, f"\n{signal.Signals(signum).name} received: stopping at the next safe point (the end of the "
                         "current batch); send it again to stop at once\n".encode())
         except OSError:
             pass
 
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    _STOP.update(depth=1, signum=None)
-    try:
-        for s in previous:
-            signal.signal(s, handler)
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
-        _STOP.update(depth=0, signum=None)
+
+def stop_scope(stop: GracefulStop | None) -> ContextManager[GracefulStop]:
+    """``stop``, the entered GracefulStop of an enclosing block, as it is (nothing installed
+    again), or (None) a new GracefulStop to enter."""
+    return contextlib.nullcontext(stop) if stop is not None else GracefulStop()
 
 
-def stop_requested() -> int | None:
-    """The signal number of a pending stop request (see :func:`graceful_stop`), else None."""
-    return _STOP["signum"]
+@contextlib.contextmanager
+def run_scope(device: torch.device, stop: GracefulStop | None = None) -> Iterator[GracefulStop]:
+    """What a run needs of the process for its whole length, entered once by the
+    orchestration layer: SIGINT/SIGTERM as a stop request (yielded, to be handed to the
+    work that polls it) and :func:`deterministic_kernels`. Given ``stop``, the GracefulStop
+    of an enclosing run scope (whose kernels hold already), it enters nothing."""
+    if stop is not None:
+        yield stop
+        return
+    with GracefulStop() as stop, deterministic_kernels(device):
+        yield stop
 
 
 def signal_name(signum: int) -> str:
@@ -167,7 +198,6 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
 # ---------------------------------------------------------------------------------
 
 LOCK_FILE = ".lock"
-_HELD: dict[str, int] = {}
 
 
 @contextlib.contextmanager
@@ -180,7 +210,11 @@ def directory_lock(directory: Path, *, wait: bool, busy: str = "directory", hint
     ``wait=False``: a UserError at once when another process holds it, ``busy`` (e.g.
     "run directory") naming what is in use, with the holder's pid, and ``hint`` (e.g.
     "choose another --out"). ``wait=True``: wait for it, calling ``on_wait(pid)`` first.
-    Re-entrant within a process. Yields whether it had to wait."""
+    Yields whether it had to wait.
+
+    Not re-entrant: a second block on the same directory inside the first is a
+    RuntimeError; code that runs under a lock its caller holds is told so (e.g.
+    ``locked=True``) and takes none."""
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -189,18 +223,20 @@ def directory_lock(directory: Path, *, wait: bool, busy: str = "directory", hint
     except OSError as exc:
         raise UserError(f"{busy} {str(directory)!r} cannot be written ({os_reason(exc)}); expected a writable folder"
                         + (f"; {hint}" if hint else "")) from None
-    ident = str(path.resolve())
     try:
         import fcntl
     except ImportError:  # Windows
         fcntl = None
     waited = False
     try:
-        if fcntl is not None and not _HELD.get(ident):
+        if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _holder(fd)
+                if holder == str(os.getpid()):  # the pid is cleared on release: this process holds it
+                    raise RuntimeError(f"{busy} {str(directory)!r} is locked by this process already; a lock is not "
+                                       "re-entered: the code holding it hands that down") from None
                 if not wait:
                     raise UserError(f"{busy} {str(directory)!r} is in use by another dhat-seg process (pid {holder}); "
                                     f"wait for it to finish" + (f" or {hint}" if hint else "")) from None
@@ -213,13 +249,14 @@ def directory_lock(directory: Path, *, wait: bool, busy: str = "directory", hint
                 os.pwrite(fd, str(os.getpid()).encode(), 0)
             except OSError:
                 pass  # a full disk: the pid is only informative
-        _HELD[ident] = _HELD.get(ident, 0) + 1
         try:
             yield waited
         finally:
-            _HELD[ident] -= 1
-            if not _HELD[ident]:
-                del _HELD[ident]
+            if fcntl is not None:
+                try:  # no pid while nobody holds it
+                    os.ftruncate(fd, 0)
+                except OSError:
+                    pass
     finally:
         os.close(fd)  # releases the flock with the last descriptor of this open
 

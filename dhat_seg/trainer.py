@@ -20,17 +20,18 @@ restarted with ``resume=True`` redoes the interrupted epoch and ends with the sa
 (on CPU; on CUDA some kernels stay nondeterministic, see
 :func:`dhat_seg.runtime.deterministic_kernels`).
 
-Faults: during :meth:`Trainer.fit` the run directory is locked (``RUN/.lock``: a second
-process fitting into it fails at once), SIGINT/SIGTERM stop at the end of the current
-batch (:class:`~dhat_seg.errors.Interrupted`; the last finished epoch's checkpoint is the
-resume point and the interrupted epoch is redone exactly), and a write that fails (full
-disk, read-only file system) is a :class:`~dhat_seg.errors.WriteError` that leaves the
-previous checkpoint and every complete metrics line in place.
+Faults: the orchestration layer holds the run directory's lock and the SIGINT/SIGTERM
+handling around :meth:`Trainer.fit` (entered once per run, :func:`dhat_seg.runtime.run_scope`)
+and hands the trainer its :class:`~dhat_seg.runtime.GracefulStop`: a stop request ends the
+fit at the end of the current batch (:class:`~dhat_seg.errors.Interrupted`; the last
+finished epoch's checkpoint is the resume point and the interrupted epoch is redone
+exactly). A write that fails (full disk, read-only file system) is a
+:class:`~dhat_seg.errors.WriteError` that leaves the previous checkpoint and every
+complete metrics line in place.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -53,9 +54,8 @@ from dhat_seg.config import TrainConfig, flat_settings, migrate, save_config
 from dhat_seg.distributed import SINGLE, Dist, convert_sync_batchnorm
 from dhat_seg.epoch_table import EpochPrinter
 from dhat_seg.errors import DivergenceError, Interrupted, UserError, write_error
-from dhat_seg.runtime import (deterministic_kernels, directory_lock, graceful_stop, resolve_amp_dtype, seed_everything,
-                              select_device, signal_name, stop_requested, worker_count)
-from dhat_seg.speed import check_speed_options, prepare_model
+from dhat_seg.runtime import GracefulStop, seed_everything, signal_name, worker_count
+from dhat_seg.speed import prepare_model
 from dhat_seg.speed import describe as describe_speed
 from dhat_seg.train_loop import DeviceStats, EpochLoader, sync_interval
 from dhat_seg.training_methods import reads_base
@@ -102,20 +102,24 @@ class Callback:
 class Trainer:
     """Fits one run into ``out_dir`` (config.yaml, metrics.jsonl, checkpoints/, summary.json).
 
+    It receives what the orchestration layer resolved once (:class:`dhat_seg.experiment.Experiment`):
+    ``cfg`` validated, ``parts`` built, ``device`` and ``amp_dtype`` (the training passes'
+    autocast dtype, None: fp32) checked, and ``stop``, the entered
+    :class:`~dhat_seg.runtime.GracefulStop` polled after each batch (None: nothing asks it to
+    stop). It validates nothing again and enters no lock, signal handling or kernel setting.
     ``on_epoch``: called with every epoch's metrics record (default: a line of an epoch
     table on stdout, :class:`dhat_seg.epoch_table.EpochPrinter`)."""
 
-    def __init__(self, cfg: TrainConfig, out_dir: str | Path, parts: RunParts, *, log: Callable[[str], None] | None = None,
+    def __init__(self, cfg: TrainConfig, out_dir: str | Path, parts: RunParts, *, device: torch.device,
+                 amp_dtype: torch.dtype | None, stop: GracefulStop | None = None, log: Callable[[str], None] | None = None,
                  progress: bool = True, on_epoch: Callable[[dict], None] | None = None, dist: Dist = SINGLE):
-        self.cfg = cfg.validate()
+        self.cfg = cfg
         self.out = Path(out_dir)
         self.parts = parts
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.progress = progress
         self.on_epoch = on_epoch or EpochPrinter(lambda line: print(line, flush=True))
-        self.device = select_device(cfg.device)
-        self.amp_dtype = resolve_amp_dtype(self.cfg, self.device)
-        check_speed_options(self.cfg, self.device)
+        self.device, self.amp_dtype, self.stop = device, amp_dtype, stop
         # loss scaling only for float16; bfloat16 has fp32's range
         self.amp = self.amp_dtype == torch.float16
         self.dist = dist  # torchrun: this process's rank; rank 0 alone writes the run directory
@@ -149,14 +153,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ main
     def fit(self, resume: bool = False) -> dict[str, Any]:
-        """Train (or, with ``resume``, continue) the run; returns the summary. Holds the run
-        directory's lock and stops at a safe point on SIGINT/SIGTERM (handlers restored after)."""
-        lock = (directory_lock(self.out, wait=False, busy="run directory", hint="choose another --out") if self.dist.main
-                else contextlib.nullcontext())
-        with lock, graceful_stop(), deterministic_kernels(self.device):
-            return self._fit(resume)
-
-    def _fit(self, resume: bool) -> dict[str, Any]:
+        """Train (or, with ``resume``, continue) the run; returns the summary. Stops at a
+        safe point when ``stop`` is requested; the caller holds the run directory's lock."""
         c, parts = self.cfg, self.parts
         model, method = parts.model, parts.training_method
         if c.sync_bn and self.dist.enabled:  # BN statistics over the global batch (the model object stays the same)
@@ -248,7 +246,8 @@ class Trainer:
     def _stop_if_asked(self, epoch: int, batches: int | None, ckpt_dir: Path) -> None:
         """Interrupted when SIGINT/SIGTERM asked to stop: ``batches`` done in 0-based
         ``epoch`` (whose work is discarded and redone on resume), or None between epochs."""
-        signum = self.dist.agreed_signal(stop_requested())  # every rank stops at the same batch
+        requested = self.stop.requested() if self.stop is not None else None
+        signum = self.dist.agreed_signal(requested)  # every rank stops at the same batch
         if signum is None:
             return
         last = read_pointers(ckpt_dir).get("last")

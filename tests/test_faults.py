@@ -356,8 +356,11 @@ def test_a_run_directory_in_use_is_refused_at_once(tmp_path):
     finally:
         holder.kill()  # SIGKILL: the kernel drops its lock, none is left stale
         holder.wait()
-    with directory_lock(out, wait=False):
-        with directory_lock(out, wait=False):  # re-entrant within a process
-            pass
+    for wait in (False, True):  # not re-entered: the holder hands it down (a nested wait would wait for itself)
+        with directory_lock(out, wait=False):
+            with pytest.raises(RuntimeError, match="is locked by this process already"):
+                with directory_lock(out, wait=wait):
+                    pass
+    assert (out / ".lock").read_text() == ""  # no holder's pid once released
     run(out, epochs=1, milestones=[])
     assert (out / "summary.json").is_file()

@@ -19,7 +19,7 @@ from dhat_seg.checkpoint import load_weights, resolve_weights
 from dhat_seg.cli import app
 from dhat_seg.config import ALWAYS_DIGESTED, TrainConfig, load_config
 from dhat_seg.errors import UserError
-from dhat_seg.experiment import Experiment, build_parts
+from dhat_seg.experiment import Experiment
 from dhat_seg.models import create_model
 from dhat_seg.trainer import Trainer
 from cli_helpers import assert_one_line_error
@@ -36,12 +36,12 @@ def tiny(**overrides) -> TrainConfig:
 
 
 def fit(cfg: TrainConfig, out, cache, logs=None, on_epoch=None):
-    """The trained model and the run's summary (Experiment.run's steps, keeping the model)."""
-    Trainer.prepare_out_dir(cfg, out, resume=False)
-    parts = build_parts(cfg, out, device=torch.device("cpu"), root=cache, progress=False)
+    """The trained model and the run's summary (an Experiment's run, keeping its parts)."""
     logs = logs if logs is not None else []
-    summary = Trainer(cfg, out, parts, log=logs.append, progress=False, on_epoch=on_epoch or (lambda r: None)).fit()
-    return parts.model, summary
+    experiment = Experiment(cfg, out, cache_dir=cache, log=logs.append, progress=False,
+                            on_epoch=on_epoch or (lambda r: None))
+    summary = experiment.run()
+    return experiment.parts.model, summary
 
 
 def metrics(out) -> list[dict]:

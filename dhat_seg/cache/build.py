@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from dhat_seg.attention import validate_attention
 from dhat_seg.checkpoint import atomic_write_text, write_atomic
 from dhat_seg.errors import Interrupted, PluginError, UserError, write_error
-from dhat_seg.runtime import directory_lock, graceful_stop, ignore_stop_signals, signal_name, stop_requested
+from dhat_seg.runtime import GracefulStop, directory_lock, ignore_stop_signals, signal_name, stop_scope
 from dhat_seg.cache.key import _jsonable, sha256_file
 from dhat_seg.cache.key import CHUNK_SIZE, FORMAT, META, check_key, key_hash
 from dhat_seg.cache.store import MaskCache, _chunk_name, _chunk_ok, read_meta
@@ -112,6 +112,8 @@ def build_masks(
     progress: bool = True,
     method_name: str | None = None,
     extra_meta: Mapping[str, Any] | None = None,
+    locked: bool = False,
+    stop: GracefulStop | None = None,
 ) -> MaskCache:
     """Compute (or finish computing) the masks of every sample of ``dataset`` into
     ``directory`` and return the verified cache.
@@ -124,6 +126,11 @@ def build_masks(
     ``rebuild`` discards whatever the directory holds first; without it a directory
     holding a cache of another key is an error. Several processes building one cache
     together (the ranks of a torchrun job): :func:`dhat_seg.cache.sharded.build_sharded`.
+
+    ``locked``: the caller holds ``directory``'s lock already (it has checked, after any
+    wait, whether another process finished the cache), so none is taken here. ``stop``:
+    the GracefulStop of the enclosing run, polled after each batch; None: SIGINT/SIGTERM
+    handling is installed for the build.
     """
     directory = Path(directory)
     device = torch.device(device)
@@ -132,7 +139,7 @@ def build_masks(
     method_name = method_name or str(key.get("method", {}).get("name", "attention"))
     if batch_size < 1 or chunk_size < 1:
         raise UserError(f"mask batch size {batch_size} / chunk size {chunk_size} is invalid; expected positive integers")
-    with _build_lock(directory, log) as waited, graceful_stop():
+    with (contextlib.nullcontext(False) if locked else _build_lock(directory, log)) as waited, stop_scope(stop) as stop:
         if rebuild and not waited:  # after a wait, the other process has just rebuilt it
             _clear(directory)
         meta = read_meta(directory)
@@ -165,7 +172,7 @@ def build_masks(
                 lo, hi = k * chunk_size, min(n, (k + 1) * chunk_size)
                 t0 = time.time()
                 rows, storage = _compute_chunk(fn, dataset, lo, hi, k, device, batch_size, num_workers, meta["storage"],
-                                               method_name, bar, _stopper(directory, k, n_chunks, meta))
+                                               method_name, bar, _stopper(stop, directory, k, n_chunks, meta))
                 meta["storage"] = storage
                 name = _chunk_name(k)
                 with _kept_on_failure(directory / name, meta, n_chunks):
@@ -215,10 +222,10 @@ def _kept_on_failure(path: Path, meta: dict, n_chunks: int) -> Iterator[None]:
                           "cache") from None
 
 
-def _stopper(directory: Path, k: int, n_chunks: int, meta: dict) -> Callable[[], None]:
-    """The safe point of a build (after each batch): Interrupted when SIGINT/SIGTERM asked to stop."""
+def _stopper(stop: GracefulStop, directory: Path, k: int, n_chunks: int, meta: dict) -> Callable[[], None]:
+    """The safe point of a build (after each batch): Interrupted when SIGINT/SIGTERM asked ``stop`` to stop."""
     def check() -> None:
-        signum = stop_requested()
+        signum = stop.requested()
         if signum is not None:
             raise Interrupted(signum, f"{signal_name(signum)} received; stopped building the mask cache {directory} in "
                                       f"chunk {k + 1}/{n_chunks}; the {_finished(meta)} finished chunk(s) are kept and "

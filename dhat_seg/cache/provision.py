@@ -14,7 +14,7 @@ from dhat_seg.attention import AttentionSpec
 from dhat_seg.data import split_args, split_for
 from dhat_seg.errors import UserError
 from dhat_seg.models import module_mode
-from dhat_seg.runtime import directory_lock, worker_count
+from dhat_seg.runtime import GracefulStop, directory_lock, worker_count
 from dhat_seg.cache.build import Threshold, build_masks
 from dhat_seg.cache.sharded import Shard, build_sharded
 from dhat_seg.cache.key import CHUNK_SIZE, REBUILD_HINT, cache_dir_for, cache_name, check_key, mask_key, sha256_file, sha256_state
@@ -63,12 +63,14 @@ def ensure_mask_cache(
     hint: str = REBUILD_HINT,
     chunk_size: int = CHUNK_SIZE,
     shard: Shard | None = None,
+    stop: GracefulStop | None = None,
 ) -> MaskCache:
     """Reuse, finish or build the frozen-attention mask cache of ``dataset`` for the
     attention settings of ``cfg`` and the attention model at ``classifier_path`` (None
     for methods that read no classifier); says which in ``log``. The attention model
     is provisioned by the caller (:func:`dhat_seg.experiment.frozen_masks`). ``shard``: this
-    process's part of a build shared by the ranks of a torchrun job (every rank calls this)."""
+    process's part of a build shared by the ranks of a torchrun job (every rank calls this).
+    ``stop``: the GracefulStop of the enclosing run (None: the build installs its own)."""
     from dhat_seg.attention_model import build_attention
 
     root = Path(root)
@@ -95,7 +97,7 @@ def ensure_mask_cache(
             return build_sharded(attention, dataset, directory, key, shard, device=device,
                                  batch_size=batch_size or cfg.batch_size, chunk_size=chunk_size, num_workers=workers,
                                  threshold=threshold, rebuild=rebuild, log=log, progress=progress, method_name=spec.name,
-                                 extra_meta=extra)
+                                 extra_meta=extra, locked=shard.rank == 0, stop=stop)
     meta = None if rebuild else read_meta(directory)
     if meta is not None and meta.get("complete"):  # no lock needed (nor a writable cache) to reuse a complete cache
         cache = MaskCache.open(directory, key, hint=hint)
@@ -122,7 +124,7 @@ def ensure_mask_cache(
         attention = build_attention(cfg, num_classes=dataset.num_classes, device=device, classifier_path=path)
         return build_masks(attention, dataset, directory, key, device=device, batch_size=batch_size or cfg.batch_size,
                            chunk_size=chunk_size, num_workers=workers, threshold=threshold, rebuild=rebuild, log=log,
-                           progress=progress, method_name=spec.name, extra_meta=extra)
+                           progress=progress, method_name=spec.name, extra_meta=extra, locked=True, stop=stop)
 
 
 def self_mask_cache(
@@ -135,11 +137,13 @@ def self_mask_cache(
     device: torch.device,
     log: Callable[[str], None],
     progress: bool = True,
+    stop: GracefulStop | None = None,
 ) -> MaskCache:
     """Masks of ``dataset`` from the model being trained (``attention_source: self``),
     taken in eval mode at the start of ``epoch``; keyed by the SHA-256 of its state and
     the epoch, kept under ``directory_root`` (the run's ``masks/``). Reused when a
-    complete cache of the same weights exists (a resumed run), else built."""
+    complete cache of the same weights exists (a resumed run), else built (``stop``: the
+    run's GracefulStop, polled after each batch)."""
     from dhat_seg.attention_model import build_attention
 
     spec, options = resolve_method(cfg)
@@ -165,7 +169,7 @@ def self_mask_cache(
     workers = worker_count(cfg.num_workers, torch.device(device))
     return build_masks(fn, dataset, directory, key, device=device, batch_size=cfg.batch_size, num_workers=workers,
                        threshold=threshold, log=log, progress=progress, method_name=spec.name,
-                       extra_meta={"dataset_args": split_args(cfg, dataset.split)})
+                       extra_meta={"dataset_args": split_args(cfg, dataset.split)}, stop=stop)
 
 
 def open_self_cache(directory_root: Path, dataset, cfg, weights_sha256: str, epoch: int) -> MaskCache | None:

@@ -11,6 +11,7 @@ chunks they name, so it simply recomputes unrecorded chunks).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -22,7 +23,7 @@ import torch
 
 from dhat_seg.checkpoint import atomic_write_text
 from dhat_seg.errors import PluginError, UserError
-from dhat_seg.runtime import graceful_stop
+from dhat_seg.runtime import GracefulStop, stop_scope
 from dhat_seg.cache.build import (Threshold, _build_lock, _clear, _complete, _compute_chunk, _kept_on_failure, _new_meta,
                                   _stopper, _write_npy)
 from dhat_seg.cache.key import CHUNK_SIZE, check_key
@@ -65,9 +66,11 @@ def build_sharded(fn, dataset, directory: str | Path, key: Mapping[str, Any], sh
                   batch_size: int = 128, chunk_size: int = CHUNK_SIZE, num_workers: int = 0,
                   threshold: Threshold | None = None, rebuild: bool = False, log: Callable[[str], None] | None = None,
                   progress: bool = True, method_name: str | None = None,
-                  extra_meta: Mapping[str, Any] | None = None) -> MaskCache:
+                  extra_meta: Mapping[str, Any] | None = None, locked: bool = False,
+                  stop: GracefulStop | None = None) -> MaskCache:
     """:func:`~dhat_seg.cache.build.build_masks` by ``shard.world`` processes, each calling
-    this with its ``shard`` (see the module doc); the same arguments otherwise."""
+    this with its ``shard`` (see the module doc); the same arguments otherwise
+    (``locked``: rank 0's caller holds ``directory``'s lock for the whole build)."""
     directory, device = Path(directory), torch.device(device)
     log = log or (lambda msg: print(msg, file=sys.stderr))
     threshold = threshold or Threshold()
@@ -106,11 +109,11 @@ def build_sharded(fn, dataset, directory: str | Path, key: Mapping[str, Any], sh
     bar = tqdm(total=remaining, desc=f"masks [{method_name}] rank {shard.rank}", unit="img", leave=False, file=sys.stderr,
                disable=not (progress and main) or None, dynamic_ncols=True)
     try:
-        with graceful_stop():
+        with stop_scope(stop) as stop:
             for k in mine:
                 lo, hi = k * chunk_size, min(n, (k + 1) * chunk_size)
                 rows, storage = _compute_chunk(fn, dataset, lo, hi, k, device, batch_size, num_workers, storage, method_name,
-                                               bar, _stopper(directory, k, n_chunks, meta))
+                                               bar, _stopper(stop, directory, k, n_chunks, meta))
                 name = _chunk_name(k)
                 with _kept_on_failure(directory / name, meta, n_chunks):
                     own[name] = {"sha256": _write_npy(directory / name, rows), "samples": [lo, hi], "storage": storage}
@@ -119,7 +122,7 @@ def build_sharded(fn, dataset, directory: str | Path, key: Mapping[str, Any], sh
         bar.close()
     shard.barrier()
     if main:
-        with _build_lock(directory, log):
+        with contextlib.nullcontext() if locked else _build_lock(directory, log):
             _finalise(directory, meta, n_chunks, threshold)
     shard.barrier()
     return MaskCache.open(directory, key)
