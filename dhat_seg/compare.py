@@ -162,7 +162,7 @@ ROW_SETTINGS = {"method": "--methods", "base": "--methods (e.g. dhat-trades)", "
 
 def check_overrides(overrides: Mapping[str, Any]) -> None:
     """Refuse ``--set`` of a setting that the rows define."""
-    from dhat_seg.config import explicit_keys, migrate
+    from dhat_seg.method_options import explicit_keys, migrate
 
     given = explicit_keys(migrate(dict(overrides)))
     for key, option in ROW_SETTINGS.items():

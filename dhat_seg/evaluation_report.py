@@ -34,7 +34,8 @@ import yaml
 
 from dhat_seg import __version__, evaluate
 from dhat_seg.checkpoint import load_weights, resolve_weights
-from dhat_seg.config import FIELDS, TrainConfig, migrate
+from dhat_seg.config import FIELDS, TrainConfig
+from dhat_seg.method_options import migrate
 from dhat_seg.data import DATASETS, split_for
 from dhat_seg.data.registry import BACKGROUND_CHALLENGE_SPLITS
 from dhat_seg.errors import UserError

@@ -24,7 +24,8 @@ from typer.testing import CliRunner
 
 from dhat_seg import compare, training_methods
 from dhat_seg.cli import app
-from dhat_seg.config import load_config, migrate, save_config
+from dhat_seg.config import load_config, save_config
+from dhat_seg.method_options import migrate
 from dhat_seg.errors import UserError
 from dhat_seg.models import create_model
 from dhat_seg.training_methods import TrainingMethodEntry, create_training_method, register_training_method

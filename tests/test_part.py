@@ -17,7 +17,8 @@ import yaml
 
 from dhat_seg import ablate, attacks, compare, training_methods
 from dhat_seg.attention import foreground_mask
-from dhat_seg.config import TrainConfig, flat_settings, load_config, migrate
+from dhat_seg.config import TrainConfig, load_config
+from dhat_seg.method_options import flat_settings, migrate
 from dhat_seg.errors import UserError
 from dhat_seg.evaluation_report import EvalOptions
 from dhat_seg.experiment import Experiment
