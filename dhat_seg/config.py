@@ -340,7 +340,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     file_keys, file_method = set(), None  # a YAML file's settings: the user's when written for the run's method
     explicit_milestones = False
     if path is not None and str(path) in PRESETS:
-        values.update(migrate(PRESETS[str(path)]))
+        values.update(migrate(PRESETS[str(path)], FIELDS))
     elif path is not None:
         path = Path(path)
         if not path.is_file():
@@ -351,11 +351,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise UserError(f"config file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
         if not isinstance(loaded, dict):
             raise UserError(f"config file {str(path)!r} must hold a mapping of option: value")
-        loaded = migrate(loaded)
+        loaded = migrate(loaded, FIELDS)
         values.update(loaded)
         explicit_milestones = "milestones" in loaded and not resumed
         file_keys, file_method = explicit_keys(loaded), loaded.get("method", FIELDS["method"].default)
-    given = migrate({k: v for k, v in (overrides or {}).items() if v is not None})
+    given = migrate({k: v for k, v in (overrides or {}).items() if v is not None}, FIELDS)
     base_epochs = values.get("epochs", FIELDS["epochs"].default)
     base_milestones = values.get("milestones", FIELDS["milestones"].default_factory())
     values = merge(values, given)

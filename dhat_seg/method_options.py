@@ -38,10 +38,11 @@ def resolve_method_options(cfg: Any) -> dict[str, Any]:
     return dict(sorted(out.items(), key=lambda item: list(TRAINING_METHODS).index(item[0])))
 
 
-def migrate(values: dict[str, Any]) -> dict[str, Any]:
+def migrate(values: dict[str, Any], fields: Any = None) -> dict[str, Any]:
     """Config ``values`` in today's form: a method's setting given flat as in dhat-seg 0.1 (``trades_beta``) or
     dotted (``trades.beta``) moves to ``method_options`` (``{trades: {beta: ...}}``), merged with what is there.
-    Imports the training-method registry only when a flat 0.1 key needs it."""
+    ``fields``: the shared settings' names (``config.FIELDS``), so that the training-method registry (and
+    torch) is imported only when a key outside them needs it; None: every flat key is looked up."""
     out = {k: v for k, v in values.items() if k != "method_options"}
     options: dict[str, dict[str, Any]] = {}
     given = values.get("method_options")
@@ -56,7 +57,7 @@ def migrate(values: dict[str, Any]) -> dict[str, Any]:
     for key in list(out):
         if "." in key:
             owner, name = key.split(".", 1)
-        elif key not in _fields():
+        elif fields is None or key not in fields:
             if legacy is None:
                 from dhat_seg.training_methods import legacy_keys
 
@@ -96,9 +97,3 @@ def merge(values: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
             options.setdefault(owner, {}).update(settings)
         out["method_options"] = options
     return out
-
-
-def _fields() -> set[str]:
-    from dhat_seg.config import FIELDS
-
-    return set(FIELDS)
