@@ -198,10 +198,20 @@ class TrainConfig:
                 raise UserError(f"config option {name}={getattr(self, name)!r} is invalid; expected {expected}")
         return self
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        object.__setattr__(self, "_validated", False)  # any change: validate again
+
+    @property
+    def validated(self) -> bool:
+        """Whether :meth:`validate` passed and no setting was assigned since (a run is validated once)."""
+        return getattr(self, "_validated", False)
+
     def validate(self) -> "TrainConfig":
         """Check types, enumerated settings (against their registries) and ranges.
 
-        Raises a UserError naming the key, the value and what is allowed.
+        Raises a UserError naming the key, the value and what is allowed. :attr:`validated` is then true
+        until a setting is assigned.
         """
         self.check_ranges()
         for name, allowed in _choices(self).items():
@@ -220,6 +230,7 @@ class TrainConfig:
             raise UserError("config option attention_burn_in=0 is invalid with attention_source='self': the first masks "
                             "would come from the randomly initialised model; expected attention_burn_in >= 1 epochs "
                             "(PART uses 20 epochs of plain AT), or attention_source='frozen'")
+        object.__setattr__(self, "_validated", True)
         return self
 
     @property
