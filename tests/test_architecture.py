@@ -146,6 +146,7 @@ def test_an_upward_import_is_refused():
     assert upward_imports({"dhat_seg.studies.run": {"dhat_seg.cli.common"}})
     assert upward_imports({"dhat_seg.models": {"dhat_seg.training_methods"}})
     assert upward_imports({"dhat_seg.cache.build": {"dhat_seg.run.trainer"}})
+    assert upward_imports({"dhat_seg.evaluation": {"dhat_seg.evaluation.report"}})  # a package __init__ stays empty
     assert upward_imports({"dhat_seg.run.trainer": {"dhat_seg.evaluation.evaluate", "dhat_seg.run.stopping"}}) == []
     assert upward_imports({"dhat_seg.cli.train": {"dhat_seg.studies.ablate"}}) == []
 
