@@ -20,7 +20,7 @@ from dhat_seg.config import TrainConfig, load_config
 from dhat_seg.errors import UserError
 from dhat_seg.run.experiment import Experiment
 from dhat_seg.models.fsr_module import (FSRModule, FSRNet, FSROutputs, deterministic_masks, gumbel_sigmoid, recording,
-                                 require_fsr, set_tau)
+                                        require_fsr, set_tau)
 from dhat_seg.models import MODELS, create_model, module_mode
 from dhat_seg.training_methods.fsr import FSR, fsr_loss, highest_wrong_class
 

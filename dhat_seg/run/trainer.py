@@ -49,8 +49,8 @@ from dhat_seg.evaluation import evaluate
 from dhat_seg.attention import foreground_mask
 from dhat_seg.cache.dataset import MaskedDataset
 from dhat_seg.cache.store import batch_foreground
-from dhat_seg.run.checkpoint import (STATE, TRAIN_WEIGHTS, WEIGHTS, atomic_write_text, load_state, load_weights, read_pointers,
-                                 replaced_atomically, save_checkpoint)
+from dhat_seg.run.checkpoint import (STATE, TRAIN_WEIGHTS, WEIGHTS, atomic_write_text, load_state, load_weights,
+                                     read_pointers, replaced_atomically, save_checkpoint)
 from dhat_seg.config import TrainConfig, save_config
 from dhat_seg.method_options import flat_settings, migrate
 from dhat_seg.run.distributed import SINGLE, Dist, convert_sync_batchnorm

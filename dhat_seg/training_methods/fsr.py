@@ -53,8 +53,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dhat_seg.errors import UserError
-from dhat_seg.models.fsr_module import (FSROutputs, deterministic_masks, fsr_model_name, is_fsr_model, recording, require_fsr,
-                                 set_tau)
+from dhat_seg.models.fsr_module import (FSROutputs, deterministic_masks, fsr_model_name, is_fsr_model, recording,
+                                        require_fsr, set_tau)
 from dhat_seg.training_methods.bases import build_base
 from dhat_seg.training_methods.base import OnBase
 from dhat_seg.training_methods.settings import MethodSettings
