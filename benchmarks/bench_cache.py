@@ -54,15 +54,15 @@ def main(argv=None) -> None:
                    help="torch CPU threads (0: torch's default); one thread gives steady timings on a busy machine")
     args = p.parse_args(argv)
 
-    from dhat_seg import hookimpl, plugin_manager
-    from dhat_seg.attention import AttentionSpec
-    from dhat_seg.attention_model import build_attention
+    from dhat_seg import hookimpl
+    from dhat_seg.attention import AttentionSpec, plugin_manager
+    from dhat_seg.attention.model import build_attention
     from dhat_seg.cache import MaskedDataset
     from dhat_seg.data import channel_stats, split_for
-    from dhat_seg.experiment import frozen_masks, resolve_runtime
-    from dhat_seg.runtime import seed_everything
-    from dhat_seg.trainer import RunParts, Trainer
-    from dhat_seg.checkpoint import save_weights
+    from dhat_seg.run.experiment import frozen_masks, resolve_runtime
+    from dhat_seg.run.determinism import seed_everything
+    from dhat_seg.run.trainer import RunParts, Trainer
+    from dhat_seg.run.checkpoint import save_weights
     from dhat_seg.config import load_config
     from dhat_seg.training_methods import create_training_method
     from dhat_seg.models import create_model

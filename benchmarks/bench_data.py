@@ -50,9 +50,9 @@ def main(argv=None) -> dict:
 
     from dhat_seg import cache as C
     from dhat_seg.data import build_dataset
-    from dhat_seg.plugin_manager import attention_methods
-    from dhat_seg.runtime import select_device
-    from dhat_seg.train_loop import EpochLoader
+    from dhat_seg.attention.plugin_manager import attention_methods
+    from dhat_seg.run.devices import select_device
+    from dhat_seg.run.train_loop import EpochLoader
 
     device = select_device(args.device)
     ds = build_dataset("synthetic", "train", size=args.size, seed=0, val_size=0, augment=True)

@@ -79,11 +79,12 @@ def main(argv=None) -> dict:
     from dhat_seg.config import load_config
     from dhat_seg.data import channel_stats, split_for
     from dhat_seg.errors import UserError
-    from dhat_seg.experiment import frozen_masks, resolve_runtime
+    from dhat_seg.run.experiment import frozen_masks, resolve_runtime
     from dhat_seg.models import create_model
-    from dhat_seg.runtime import deterministic_kernels, seed_everything, select_device
-    from dhat_seg.speed import prepare_model
-    from dhat_seg.trainer import RunParts, Trainer
+    from dhat_seg.run.determinism import deterministic_kernels, seed_everything
+    from dhat_seg.run.devices import select_device
+    from dhat_seg.run.speed import prepare_model
+    from dhat_seg.run.trainer import RunParts, Trainer
     from dhat_seg.training_methods import create_training_method
 
     if args.threads:

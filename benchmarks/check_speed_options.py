@@ -64,7 +64,7 @@ def main(argv=None) -> dict:
 
     from dhat_seg.config import load_config
     from dhat_seg.errors import UserError
-    from dhat_seg.experiment import Experiment
+    from dhat_seg.run.experiment import Experiment
 
     overrides: dict = {}
     for item in args.set_:

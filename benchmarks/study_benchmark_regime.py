@@ -56,9 +56,9 @@ def _one(job: dict) -> dict:
 
     torch.set_num_threads(job["threads"])
     from dhat_seg.config import load_config
-    from dhat_seg.convergence import read_metrics, run_verdict
-    from dhat_seg.evaluation_report import EVAL_FILE, run_eval
-    from dhat_seg.experiment import Experiment
+    from dhat_seg.evaluation.convergence import read_metrics, run_verdict
+    from dhat_seg.evaluation.report import EVAL_FILE, run_eval
+    from dhat_seg.run.experiment import Experiment
 
     out = Path(job["out"])
     cfg = load_config("quick", {**METHODS[job["method"]], "data": job["data"], "seed": job["seed"], **job["set"]})

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from dhat_seg.config import load_config
 from dhat_seg.errors import DivergenceError
-from dhat_seg.experiment import Experiment
+from dhat_seg.run.experiment import Experiment
 
 
 def main() -> None:

@@ -132,13 +132,13 @@ class TrainConfig:
     # loss scaling needed), else float16 with a GradScaler
     amp: bool = False
     amp_dtype: str = "auto"
-    # speed only, results equal up to float rounding (dhat_seg/speed.py): channels-last model and
+    # speed only, results equal up to float rounding (dhat_seg/run/speed.py): channels-last model and
     # inputs; torch.compile of the model's forward (opt-in: the first batches compile)
     channels_last: bool = False
     compile: bool = False
     num_workers: int = 0  # DataLoader workers; -1 = none on CPU, min(8, CPUs - 1) on CUDA
     sync_every: int = 0  # batches between reads of the loss statistics (0: 1 on CPU, 50 on CUDA)
-    # the training set on the device, cropped and flipped there a batch at a time (dhat_seg/device_data.py):
+    # the training set on the device, cropped and flipped there a batch at a time (dhat_seg/run/device_data.py):
     # null = on CUDA for in-memory data (synthetic, CIFAR), true = on any device, false = the DataLoader
     data_on_device: bool | None = None
     sync_bn: bool = False  # torchrun: BatchNorm statistics over the global batch (SyncBatchNorm; CUDA only)
@@ -319,7 +319,7 @@ def _choices(cfg: TrainConfig) -> dict[str, tuple]:
         "attention_source": ("frozen", "self"), "amp_dtype": AMP_DTYPES, "base": base_methods(),
     }
     if needs_attention(cfg.method):
-        from dhat_seg.plugin_manager import get_attention_spec
+        from dhat_seg.attention.plugin_manager import get_attention_spec
 
         spec = get_attention_spec(cfg.attention)  # a UserError naming the installed methods
         spec.resolve_options(cfg.attention_options)  # option names and types, before anything is built

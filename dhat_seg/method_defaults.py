@@ -2,7 +2,7 @@
 :func:`method_steps`, which reads the training-method registry once types and ranges are checked).
 
 One place for them, used by ``dhat-seg train`` (through :func:`dhat_seg.config.load_config`) and
-by ``dhat-seg compare``'s rows (:func:`dhat_seg.compare.method_config`):
+by ``dhat-seg compare``'s rows (:func:`dhat_seg.studies.compare.method_config`):
 
 * :func:`scaled_warmup`: a warm-up of a paper's schedule scaled to a shorter run.
 * :func:`part_settings`: PART's masks, as the PART paper takes them.
@@ -66,7 +66,7 @@ def part_settings(epochs: int, attention: str, options: Mapping[str, Any],
     cache, thresholded by the run's policy (foreground masks, not importance maps: mean + std
     marks nothing on a near-binary map whose object covers more than half the image). Burn-in:
     20 of 80 epochs, scaled to ``epochs``, whatever the attention method."""
-    from dhat_seg.plugin_manager import get_attention_spec
+    from dhat_seg.attention.plugin_manager import get_attention_spec
 
     spec = get_attention_spec(attention)
     reads_model = spec.needs_classifier(spec.resolve_options(options))

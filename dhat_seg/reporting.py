@@ -30,7 +30,7 @@ from dhat_seg.errors import UserError
 
 from dhat_seg.epoch_table import MISSING, _GAP, EpochTable, _is_loss_term, _is_number, default_columns, format_value, header_for  # noqa: F401
 
-# The run directory layout (the same names as dhat_seg.trainer, which imports torch).
+# The run directory layout (the same names as dhat_seg.run.trainer, which imports torch).
 CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "summary.json"
 
 # ----------------------------------------------------------------------------- loading

@@ -1,7 +1,7 @@
 """Grad-CAM attention (Selvaraju et al., 2017) through Captum's ``LayerGradCam``.
 
 As in DHAT, the map is taken from a classifier (by default a separately trained and
-frozen ResNet-18, see ``dhat_seg.attention_model``) at its last convolutional stage
+frozen ResNet-18, see ``dhat_seg.attention.model``) at its last convolutional stage
 (``cam_layer``), for the true label, with ReLU, min-max normalised per image and
 upsampled bilinearly to the input size. The whole batch stays on its device: no numpy
 round trip, no per-image loop.

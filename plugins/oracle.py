@@ -244,7 +244,7 @@ def _build(ctx: AttentionContext) -> OracleAttention:
     cfg = ctx.config
     if cfg is None:
         raise UserError("attention method 'oracle' needs the run's data settings to find the ground-truth masks: build "
-                        "it through dhat_seg.attention_model.build_attention (or give AttentionContext(config=...))")
+                        "it through dhat_seg.attention.model.build_attention (or give AttentionContext(config=...))")
     from dhat_seg.cache import dataset_for
 
     def source(split: str):

@@ -13,7 +13,7 @@ import torch
 
 from dhat_seg.cache import mask_key
 from dhat_seg.cache.sharded import Shard, build_sharded
-from dhat_seg.distributed import init_from_env, shutdown
+from dhat_seg.run.distributed import init_from_env, shutdown
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_fixtures import TEST_SPEC, grad_inputs, noisy_attention, tiny_data, tiny_linear_model  # noqa: E402

@@ -10,8 +10,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dhat_seg import ablate, hookimpl, plugin_manager
-from dhat_seg.attention import AttentionSpec
+from dhat_seg import hookimpl
+from dhat_seg.studies import ablate
+from dhat_seg.studies import run as study_run
+from dhat_seg.attention import AttentionSpec, plugin_manager
 from dhat_seg.cli import app
 from dhat_seg.errors import UserError
 from cli_helpers import assert_one_line_error
@@ -199,9 +201,9 @@ def fake_eval(calls, failing=("gradcam",)):
 def fake_ablation(tmp_path, monkeypatch, calls, failing=("gradcam",), seeds=None):
     import dataclasses
 
-    from dhat_seg.evaluation_report import EvalOptions
+    from dhat_seg.evaluation.report import EvalOptions
 
-    monkeypatch.setattr(ablate.run, "run_eval", fake_eval(calls, failing))
+    monkeypatch.setattr(study_run, "run_eval", fake_eval(calls, failing))
     preset = ablate.ABLATE_PRESETS["quick"]
     base = ablate.base_config(preset, {"image_size": 16, "train_size": 100, "test_size": 40, "device": "cpu"})
     options = dataclasses.replace(EvalOptions(), **preset.eval, device="cpu").validate()
@@ -357,7 +359,7 @@ def test_report_only_writes_the_finished_rows_and_runs_nothing(tmp_path, monkeyp
     calls.clear()
     import dataclasses
 
-    from dhat_seg.evaluation_report import EvalOptions
+    from dhat_seg.evaluation.report import EvalOptions
 
     class NoTraining(FakeTrainer):
         def run(self, resume=False):
@@ -379,7 +381,7 @@ def test_report_only_writes_the_finished_rows_and_runs_nothing(tmp_path, monkeyp
 
 
 def test_table_cells_keep_the_precision_of_their_column():
-    from dhat_seg.ablate.output import _fmt, _fmt_std
+    from dhat_seg.studies.output import _fmt, _fmt_std
 
     # a Robust Gap of 0.6 points is printed like every other point value, not as a fraction
     assert (_fmt(0.6, "robust_gap"), _fmt(63.2, "bg_gap"), _fmt(0.0, "clean")) == ("0.60", "63.20", "0.00")

@@ -15,15 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dhat_seg import compare, training_methods
-from dhat_seg.checkpoint import load_weights, resolve_weights
+from dhat_seg import training_methods
+from dhat_seg.studies import compare
+from dhat_seg.run.checkpoint import load_weights, resolve_weights
 from dhat_seg.config import TrainConfig, load_config
 from dhat_seg.errors import UserError
-from dhat_seg.experiment import Experiment
-from dhat_seg.feature_split import first_stage, last_linear, penultimate_and_head
+from dhat_seg.run.experiment import Experiment
+from dhat_seg.models.feature_split import first_stage, last_linear, penultimate_and_head
 from dhat_seg.models import MODELS, create_model
-from dhat_seg.runtime import seed_everything
-from dhat_seg.train_loop import EpochLoader, batches_per_epoch
+from dhat_seg.run.determinism import seed_everything
+from dhat_seg.run.train_loop import EpochLoader, batches_per_epoch
 from dhat_seg.training_methods import again_hff as hff_module
 from dhat_seg.training_methods.again import (AGAIN, again_loss, again_probability, channel_statistics,
                                              hybrid_feature_fusion, random_wrong_class, simplex_weights)
@@ -274,7 +275,7 @@ def test_the_new_settings_leave_old_digests_alone():
 
 
 def test_compare_row_is_again_on_at():
-    from dhat_seg import ablate
+    from dhat_seg.studies import ablate
 
     base = ablate.base_config(ablate.ABLATE_PRESETS["quick"], {"image_size": 16, "train_size": 100, "test_size": 40,
                                                                "device": "cpu"})
@@ -347,7 +348,7 @@ def test_eval_predictions_do_not_depend_on_labels():
 
 def test_a_briefly_trained_model_passes_the_sanity_checks(tmp_path):
     """`dhat-seg eval RUN --sanity` on 2 epochs of 6 steps (about half of them AGAIN batches with HFF)."""
-    from dhat_seg.evaluation_report import run_eval
+    from dhat_seg.evaluation.report import run_eval
 
     run = tmp_path / "run"
     Experiment(tiny_run(train_size=96, test_size=16, batch_size=16), run, cache_dir=tmp_path / "c", progress=False,

@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dhat_seg import compare
-from dhat_seg.again_net import AgainGate, AgainNet, labelled, recording, require_again
+from dhat_seg.studies import compare
+from dhat_seg.models.again_net import AgainGate, AgainNet, labelled, recording, require_again
 from dhat_seg.config import TrainConfig, load_config
 from dhat_seg.errors import UserError
-from dhat_seg.experiment import Experiment
+from dhat_seg.run.experiment import Experiment
 from dhat_seg.method_defaults import again_code_awp_warmup
 from dhat_seg.models import MODELS, create_model
 from dhat_seg.training_methods import create_training_method
@@ -295,7 +295,7 @@ def test_the_code_form_resumes_exactly(tmp_path):
 
 
 def test_compare_has_both_rows():
-    from dhat_seg import ablate
+    from dhat_seg.studies import ablate
 
     base = ablate.base_config(ablate.ABLATE_PRESETS["quick"], {"image_size": 16, "train_size": 100, "test_size": 40,
                                                                "device": "cpu"})

@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from dhat_seg import attacks, awp, losses, training_methods
+from dhat_seg import attacks, losses, training_methods
+from dhat_seg.training_methods import awp
 from dhat_seg.cli import app
 from dhat_seg.config import TrainConfig, load_config
 from dhat_seg.errors import UserError
-from dhat_seg.experiment import Experiment
+from dhat_seg.run.experiment import Experiment
 from method_helpers import Tiny, TinyBN, batch
 
 

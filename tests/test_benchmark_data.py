@@ -12,7 +12,7 @@ import torch
 
 from dhat_seg.config import TrainConfig, load_config
 from dhat_seg.method_defaults import scaled_milestones
-from dhat_seg.convergence import read_metrics, run_verdict, verdict
+from dhat_seg.evaluation.convergence import read_metrics, run_verdict, verdict
 from dhat_seg.data import build_dataset, split_args
 from dhat_seg.data import datasets as ds_module
 from dhat_seg.data.digits import TEST_SOURCE_FRACTION, generate_digits, source_digits, source_split
@@ -232,7 +232,7 @@ def test_convergence_reads_metrics_jsonl(tmp_path):
 
 
 def test_rows_show_the_verdict_in_their_status():
-    from dhat_seg.ablate.rows import Row, SeedRows
+    from dhat_seg.studies.rows import Row, SeedRows
 
     climbing = verdict(_records([50, 60, 70, 72, 74], [20, 25, 31, 31, 36.3])).to_dict()
     flat = verdict(_records([50, 70, 80, 81, 80.5], [30, 40, 45, 46, 45])).to_dict()
@@ -264,8 +264,8 @@ def test_built_in_data_list_matches_the_registry():
 
 @pytest.mark.parametrize("name", ["synthetic", "digits"])
 def test_eval_json_has_the_background_challenge(tmp_path, name):
-    from dhat_seg.evaluation_report import run_eval
-    from dhat_seg.experiment import Experiment
+    from dhat_seg.evaluation.report import run_eval
+    from dhat_seg.run.experiment import Experiment
 
     cfg = load_config("quick", dict(method="standard", data=name, image_size=16, train_size=60, val_size=12, test_size=24,
                                     epochs=1, batch_size=16, val_examples=12, val_attack_steps=1, device="cpu"))

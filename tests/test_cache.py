@@ -18,15 +18,15 @@ from torch.utils.data import DataLoader
 from typer.testing import CliRunner
 
 from dhat_seg import cache as C
-from dhat_seg import hookimpl, plugin_manager
-from dhat_seg.attention import AttentionSpec, foreground_mask
-from dhat_seg.checkpoint import save_weights
+from dhat_seg import hookimpl
+from dhat_seg.attention import AttentionSpec, foreground_mask, plugin_manager
+from dhat_seg.run.checkpoint import save_weights
 from dhat_seg.config import load_config
 from dhat_seg.data import build_dataset
 from dhat_seg.errors import PluginError, UserError
 from dhat_seg.models import create_model
-from dhat_seg.experiment import Experiment, frozen_masks
-from dhat_seg.trainer import Trainer
+from dhat_seg.run.experiment import Experiment, frozen_masks
+from dhat_seg.run.trainer import Trainer
 
 PAD = 4
 SPEC = AttentionSpec(name="test-gt", description="ground truth", factory=lambda ctx: None, kind="image",

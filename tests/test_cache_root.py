@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from dhat_seg.attention_model import cache_root
+from dhat_seg.attention.model import cache_root
 
 
 def test_override_wins(monkeypatch, tmp_path):

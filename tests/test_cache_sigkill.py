@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dhat_seg.checkpoint import save_weights
+from dhat_seg.run.checkpoint import save_weights
 from dhat_seg.models import create_model
 
 

@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from dhat_seg import attacks, compare, losses, training_methods
+from dhat_seg import attacks, losses, training_methods
+from dhat_seg.studies import compare
 from dhat_seg.config import TrainConfig, load_config
 from dhat_seg.errors import UserError
-from dhat_seg.experiment import Experiment
+from dhat_seg.run.experiment import Experiment
 from dhat_seg.training_methods.cfa import CFA, fawa_update
 
 T = [0.2, 0.5, 0.9, 0.0]  # fixed per-class train robust accuracies (4 classes)

@@ -6,7 +6,8 @@ import pytest
 import torch
 import yaml
 
-from dhat_seg.checkpoint import load_state, load_weights, read_pointers, resolve_weights, save_checkpoint, save_weights
+from dhat_seg.run.checkpoint import (load_state, load_weights, read_pointers, resolve_weights, save_checkpoint,
+                                     save_weights)
 from dhat_seg.config import PRESETS, TrainConfig, load_config
 from dhat_seg.errors import UserError
 from dhat_seg.models import MODELS, create_model

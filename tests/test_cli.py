@@ -3,7 +3,7 @@
 import pytest
 from typer.testing import CliRunner
 
-from dhat_seg.checkpoint import save_weights
+from dhat_seg.run.checkpoint import save_weights
 from dhat_seg.cli import app
 from dhat_seg.models import create_model
 from cli_helpers import assert_one_line_error

@@ -12,10 +12,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dhat_seg import ablate, compare, plugin_manager
+from dhat_seg.studies import ablate, compare
+from dhat_seg.studies import run as study_run
+from dhat_seg.attention import plugin_manager
 from dhat_seg.cli import app
 from dhat_seg.errors import UserError
-from dhat_seg.evaluation_report import EvalOptions
+from dhat_seg.evaluation.report import EvalOptions
 from cli_helpers import assert_one_line_error
 
 SMALL = {"image_size": 16, "train_size": 100, "test_size": 40, "device": "cpu"}
@@ -172,7 +174,7 @@ def fake_compare(tmp_path, monkeypatch, calls, methods=("at", "dhat-trades", "cf
                  show_paper=False, preset_name="quick"):
     """compare on the quick preset's data and evaluation; ``preset_name`` names it (the
     paper table and columns shown are that preset's)."""
-    monkeypatch.setattr(ablate.run, "run_eval", fake_eval(calls))
+    monkeypatch.setattr(study_run, "run_eval", fake_eval(calls))
     monkeypatch.setattr(FakeTrainer, "failing", tuple(failing))
     monkeypatch.setattr(FakeTrainer, "runs", [])
     preset = dataclasses.replace(ablate.ABLATE_PRESETS["quick"], show_paper=show_paper, name=preset_name)
@@ -320,13 +322,13 @@ SMALL_ARGS = ["--device", "cpu", "--set", "image_size=16", "--set", "train_size=
 
 
 def test_compare_cli_runs_the_rows(tmp_path, monkeypatch):
-    import dhat_seg.experiment
+    import dhat_seg.run.experiment
 
     sglr_not_implemented(monkeypatch)
     calls = []
-    monkeypatch.setattr(ablate.run, "run_eval", fake_eval(calls))
-    monkeypatch.setattr(dhat_seg.experiment, "Experiment", FakeTrainer)
-    monkeypatch.setattr(dhat_seg.experiment, "provision_attention", lambda *a, **k: None)  # the fake trains no attention model
+    monkeypatch.setattr(study_run, "run_eval", fake_eval(calls))
+    monkeypatch.setattr(dhat_seg.run.experiment, "Experiment", FakeTrainer)
+    monkeypatch.setattr(dhat_seg.run.experiment, "provision_attention", lambda *a, **k: None)  # the fake trains no attention model
     monkeypatch.setattr(FakeTrainer, "runs", [])
     out = tmp_path / "out"
     result = invoke(["--methods", "at,dhat,sglr", "--out", str(out), "--cache-dir", str(tmp_path / "cache")] + SMALL_ARGS)
@@ -393,8 +395,8 @@ def test_cfa_start_epochs_scale_with_the_schedule_unless_set():
     would otherwise train as plain AT. A value given with --set is kept."""
     import dataclasses
 
-    from dhat_seg.ablate.rows import ABLATE_PRESETS, base_config
-    from dhat_seg.compare import method_config
+    from dhat_seg.studies.rows import ABLATE_PRESETS, base_config
+    from dhat_seg.studies.compare import method_config
 
     base = base_config(ABLATE_PRESETS["quick"], {})
     assert base.epochs == 15

@@ -14,10 +14,10 @@ from torchvision.transforms.v2 import functional as TF
 from dhat_seg import cache as C
 from dhat_seg.config import load_config
 from dhat_seg.data.base import TensorImageDataset
-from dhat_seg.device_data import DeviceResident, crop_flip, draw_augmentation, epoch_permutation, why_not_resident
+from dhat_seg.run.device_data import DeviceResident, crop_flip, draw_augmentation, epoch_permutation, why_not_resident
 from dhat_seg.errors import UserError
-from dhat_seg.experiment import Experiment
-from dhat_seg.train_loop import EpochLoader, _SeededSampler
+from dhat_seg.run.experiment import Experiment
+from dhat_seg.run.train_loop import EpochLoader, _SeededSampler
 from run_helpers import killed_after_first_epoch, metrics
 from test_cache import build, check_masked_batches, gt_attention, tiny
 

@@ -14,7 +14,7 @@ from dhat_seg.cache import mask_key
 from dhat_seg.cache.build import build_masks
 from dhat_seg.cache.store import MaskCache
 from dhat_seg.config import load_config
-from dhat_seg.distributed import SINGLE, check_distributable, Dist
+from dhat_seg.run.distributed import SINGLE, check_distributable, Dist
 from dhat_seg.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).parent))

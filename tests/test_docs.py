@@ -88,7 +88,7 @@ def test_links_resolve():
 
 
 def _named_paths(text: str) -> set[str]:
-    """Code spans that are repository paths: `dhat_seg/trainer.py`, `dhat_seg/cache/`."""
+    """Code spans that are repository paths: `dhat_seg/run/trainer.py`, `dhat_seg/cache/`."""
     return {s for s in CODE_SPAN.findall(text) if re.fullmatch(r"[\w.-]+(/[\w.-]+)*(\.py|/)", s) and "/" in s}
 
 

@@ -15,15 +15,16 @@ import yaml
 from torch import nn
 from typer.testing import CliRunner
 
-from dhat_seg import autoattack_run, evaluate, sanity
-from dhat_seg.checkpoint import save_weights
+from dhat_seg.evaluation import autoattack
+from dhat_seg.evaluation import evaluate, sanity
+from dhat_seg.run.checkpoint import save_weights
 from dhat_seg.cli import app
 from dhat_seg.config import TrainConfig, load_config
 from dhat_seg.data import build_dataset
 from dhat_seg.errors import UserError
-from dhat_seg.evaluation_report import run_eval
+from dhat_seg.evaluation.report import run_eval
 from dhat_seg.models import create_model
-from dhat_seg.experiment import Experiment
+from dhat_seg.run.experiment import Experiment
 from cli_helpers import assert_one_line_error
 
 TINY = {"data": "synthetic", "model": "small_cnn", "image_size": 16, "train_size": 320, "test_size": 100, "val_size": 0.2,
@@ -139,7 +140,7 @@ def test_robust_gap_of_a_model_perfect_on_the_training_subset(tmp_path, monkeypa
     train = build_dataset("synthetic", "train", size=cfg.train_size, **common)
     xt, yt = evaluate.collect(train, 30)
     memory = TrainSetMemory(xt, yt)
-    monkeypatch.setattr("dhat_seg.evaluation_report.load_weights", lambda path: memory)
+    monkeypatch.setattr("dhat_seg.evaluation.report.load_weights", lambda path: memory)
     test = build_dataset("synthetic", "test", size=cfg.test_size, **common)
     xs, ys = evaluate.collect(test, 50)
     with torch.no_grad():  # hand computation: 1-NN accuracy on the test images
@@ -177,7 +178,7 @@ def test_attention_iou_by_hand():
 @pytest.fixture(scope="module")
 def trained_model(tiny_run):
     """The tiny run's model (briefly trained) and 100 test samples."""
-    from dhat_seg.checkpoint import load_weights, resolve_weights
+    from dhat_seg.run.checkpoint import load_weights, resolve_weights
 
     run_dir, _, cfg = tiny_run
     model = load_weights(resolve_weights(run_dir)).eval()
@@ -259,7 +260,7 @@ def test_run_eval_autoattack_matches_pyautoattack_and_enters_the_worst_case(tiny
     run_dir, cache, cfg = tiny_run
     torch.manual_seed(1)
     linear = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10)).eval()
-    monkeypatch.setattr("dhat_seg.evaluation_report.load_weights", lambda path: linear)
+    monkeypatch.setattr("dhat_seg.evaluation.report.load_weights", lambda path: linear)
     with one_thread():
         # last-iterate: AutoAttack alone on all samples, comparable with a direct run
         rep = run_eval(run_dir, attacks="clean,pgd10,aa", n_examples=40, aa_examples=16, gap_attack="none", bg_gap=False,
@@ -310,7 +311,7 @@ def test_autoattack_state_is_not_continued_for_another_subset_of_the_same_size(t
     shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("aa_state", "eval*.json"))
     torch.manual_seed(1)
     linear = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 10)).eval()
-    monkeypatch.setattr("dhat_seg.evaluation_report.load_weights", lambda path: linear)
+    monkeypatch.setattr("dhat_seg.evaluation.report.load_weights", lambda path: linear)
     calls = []
     original = AutoAttack.run_standard_evaluation
     monkeypatch.setattr(AutoAttack, "run_standard_evaluation", lambda self, x, y, **k: calls.append(len(x)) or original(self, x, y, **k))
@@ -329,12 +330,12 @@ def test_autoattack_state_is_not_continued_for_another_subset_of_the_same_size(t
 def test_autoattack_version_is_checked(monkeypatch, linear_problem):
     model, x, y, eps = linear_problem
     evaluate.check_autoattack_version()  # the installed one is supported
-    monkeypatch.setattr(autoattack_run, "_installed_autoattack_version", lambda: "0.3.1")
+    monkeypatch.setattr(autoattack, "_installed_autoattack_version", lambda: "0.3.1")
     with pytest.raises(UserError) as info:
         evaluate.autoattack_flags(model, x, y, eps=eps, seed=0)
     message = str(info.value)
     assert "\n" not in message and "pyautoattack 0.3.1 is installed" in message and evaluate.AUTOATTACK_SUPPORTED in message
-    monkeypatch.setattr(autoattack_run, "_installed_autoattack_version", lambda: None)
+    monkeypatch.setattr(autoattack, "_installed_autoattack_version", lambda: None)
     with pytest.raises(UserError, match="pyautoattack is not installed"):
         evaluate.check_autoattack_version()
 
@@ -349,7 +350,7 @@ def test_autoattack_pin_in_pyproject_is_the_checked_range():
 
 def test_run_eval_checks_the_autoattack_version_before_any_attack(tiny_run, monkeypatch):
     run_dir, cache, _ = tiny_run
-    monkeypatch.setattr(autoattack_run, "_installed_autoattack_version", lambda: "0.1.0")
+    monkeypatch.setattr(autoattack, "_installed_autoattack_version", lambda: "0.1.0")
     monkeypatch.setattr(evaluate, "correct_under_attack", lambda *a, **k: pytest.fail("an attack ran before the check"))
     result = CliRunner().invoke(app, ["eval", str(run_dir), "--attacks", "clean,aa", "--n-examples", "8", "--device", "cpu",
                                       "--cache-dir", str(cache)])

@@ -10,9 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from dhat_seg import attacks, autoattack_run, evaluate, sanity
+from dhat_seg import attacks
+from dhat_seg.evaluation import autoattack
+from dhat_seg.evaluation import evaluate, sanity
 from dhat_seg.errors import UserError
-from dhat_seg.evaluation_report import EvalOptions
+from dhat_seg.evaluation.report import EvalOptions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -196,7 +198,7 @@ def test_autoattack_runs_on_the_samples_no_other_attack_broke(problem, monkeypat
 
 def test_autoattack_state_files_differ_by_subset(problem):
     _, x, y, _ = problem
-    name = lambda subset, xs, ys: autoattack_run.autoattack_state_file(  # noqa: E731
+    name = lambda subset, xs, ys: autoattack.autoattack_state_file(  # noqa: E731
         "st", "test", xs, ys, eps=0.03, seed=0, weights_sha="w", subset=subset)
     a, b = torch.tensor([0, 1, 2]), torch.tensor([0, 1, 3])
     names = {name(a, x[a], y[a]), name(b, x[b], y[b]), name(None, x[:3], y[:3]), name(a, x[3:6], y[3:6])}
@@ -211,8 +213,8 @@ def test_autoattack_progress_advances_per_batch_to_an_honest_total():
         y = model(x).argmax(1)
     ticks = []
     evaluate.autoattack_flags(model, x, y, eps=1 / 255, batch_size=4, seed=0, progress=ticks.append)
-    assert sum(ticks) == autoattack_run.progress_total(12) == 48
-    assert len(ticks) > len(autoattack_run.AUTOATTACK_STANDARD)  # per batch, not per sub-attack
+    assert sum(ticks) == autoattack.progress_total(12) == 48
+    assert len(ticks) > len(autoattack.AUTOATTACK_STANDARD)  # per batch, not per sub-attack
 
 
 def test_robust_accuracy_option_is_checked_and_part_of_the_settings():

@@ -168,8 +168,8 @@ def test_unread_settings_checks_only_what_the_user_gave():
 
 
 def test_every_preset_and_config_file_still_loads():
-    from dhat_seg import compare
-    from dhat_seg.ablate.rows import ABLATE_PRESETS, base_config
+    from dhat_seg.studies import compare
+    from dhat_seg.studies.rows import ABLATE_PRESETS, base_config
     from dhat_seg.presets import PRESETS
 
     for name in PRESETS:
@@ -200,7 +200,7 @@ def test_a_method_picks_its_model_variant_and_says_so():
 
 
 def test_stateful_methods_and_base_readers_come_from_the_registry():
-    from dhat_seg.distributed import Dist, check_distributable
+    from dhat_seg.run.distributed import Dist, check_distributable
 
     assert {n for n, e in TRAINING_METHODS.items() if e.stateful} == {"cfa", "sglr"}
     assert {n for n in TRAINING_METHODS if reads_base(n)} == {"uiat", "dhat", "fsr", "part"}

@@ -28,17 +28,17 @@ import torch
 from typer.testing import CliRunner
 
 from cli_helpers import assert_one_line_error
-from dhat_seg import checkpoint, trainer
+from dhat_seg.run import checkpoint, trainer
 from dhat_seg.attention import AttentionSpec
 from dhat_seg.cache import MaskCache, build_masks, mask_key
-from dhat_seg.checkpoint import load_state, load_weights, read_pointers
+from dhat_seg.run.checkpoint import load_state, load_weights, read_pointers
 from dhat_seg.cli import app
 from dhat_seg.config import load_config
 from dhat_seg.data import build_dataset
 from dhat_seg.errors import Interrupted, WriteError
-from dhat_seg.experiment import Experiment
-from dhat_seg.runtime import directory_lock
-from dhat_seg.trainer import Trainer
+from dhat_seg.run.experiment import Experiment
+from dhat_seg.run.locks import directory_lock
+from dhat_seg.run.trainer import Trainer
 
 runner = CliRunner()
 REASON = {errno.ENOSPC: "no space left on device (ENOSPC)", errno.EROFS: "read-only file system (EROFS)"}

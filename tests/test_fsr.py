@@ -13,13 +13,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dhat_seg import compare, training_methods
-from dhat_seg.checkpoint import load_weights, resolve_weights, save_weights
+from dhat_seg import training_methods
+from dhat_seg.studies import compare
+from dhat_seg.run.checkpoint import load_weights, resolve_weights, save_weights
 from dhat_seg.config import TrainConfig, load_config
 from dhat_seg.errors import UserError
-from dhat_seg.experiment import Experiment
-from dhat_seg.fsr_module import (FSRModule, FSRNet, FSROutputs, deterministic_masks, gumbel_sigmoid, recording,
-                                 require_fsr, set_tau)
+from dhat_seg.run.experiment import Experiment
+from dhat_seg.models.fsr_module import (FSRModule, FSRNet, FSROutputs, deterministic_masks, gumbel_sigmoid, recording,
+                                        require_fsr, set_tau)
 from dhat_seg.models import MODELS, create_model, module_mode
 from dhat_seg.training_methods.fsr import FSR, fsr_loss, highest_wrong_class
 
@@ -258,7 +259,7 @@ def test_the_new_settings_leave_old_digests_alone():
 
 
 def test_compare_rows_put_the_module_on_the_shared_model():
-    from dhat_seg import ablate
+    from dhat_seg.studies import ablate
 
     base = ablate.base_config(ablate.ABLATE_PRESETS["quick"], {"image_size": 16, "train_size": 100, "test_size": 40,
                                                                "device": "cpu"})
@@ -293,7 +294,7 @@ def test_eval_rebuilds_a_briefly_trained_model_which_passes_the_sanity_checks(tm
     """`dhat-seg eval RUN` (run_eval) rebuilds the FSR model from its checkpoint, tau included;
     the gradient-masking checks pass on it (2 epochs of 6 steps: after 1 epoch of 3 steps the
     model hardly depends on its input, FSR or not, and no attack can move it)."""
-    from dhat_seg.evaluation_report import run_eval
+    from dhat_seg.evaluation.report import run_eval
 
     run = tmp_path / "run"
     Experiment(tiny_run(train_size=96, test_size=16, batch_size=16, epochs=2), run, cache_dir=tmp_path / "c",

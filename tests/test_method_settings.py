@@ -22,7 +22,9 @@ import torch.nn.functional as F
 import yaml
 from typer.testing import CliRunner
 
-from dhat_seg import compare, training_methods
+from dhat_seg import training_methods
+from dhat_seg.studies import compare
+from dhat_seg.studies import run as study_run
 from dhat_seg.cli import app
 from dhat_seg.config import load_config, save_config
 from dhat_seg.method_options import migrate
@@ -102,8 +104,8 @@ def test_a_method_in_one_file_composes(toy):
 
 
 def test_a_method_in_one_file_is_a_row_of_compare(toy, tmp_path, monkeypatch):
-    from dhat_seg import ablate
-    from dhat_seg.evaluation_report import EvalOptions
+    from dhat_seg.studies import ablate
+    from dhat_seg.evaluation.report import EvalOptions
 
     rows, skipped = compare.parse_methods("toy,at", "gradcam", {"gradcam": 1})
     assert rows == ["toy", "at"] and not skipped and "toy" in compare.parse_methods("all", "gradcam", {"gradcam": 1})[0]
@@ -130,7 +132,7 @@ def test_a_method_in_one_file_is_a_row_of_compare(toy, tmp_path, monkeypatch):
         (run_dir / "eval.json").write_text(json.dumps(report))
         return report
 
-    monkeypatch.setattr(ablate.run, "run_eval", fake_eval)
+    monkeypatch.setattr(study_run, "run_eval", fake_eval)
     preset = ablate.ABLATE_PRESETS["quick"]
     options = dataclasses.replace(EvalOptions(), **preset.eval, device="cpu").validate()
     result = compare.run_comparison(["toy"], base, options, tmp_path / "out", cache_dir=tmp_path / "cache", preset=preset,
@@ -179,7 +181,7 @@ def test_a_0_1_config_file_still_loads(fixture, method, options, tmp_path):
     again = load_config(tmp_path / "config.yaml")
     assert again.to_dict() == cfg.to_dict() and again.digest() == cfg.digest()
     # a run directory of 0.1 resumes under the same settings, and refuses other ones
-    from dhat_seg.trainer import Trainer
+    from dhat_seg.run.trainer import Trainer
 
     run = tmp_path / "old-run"
     run.mkdir()

@@ -15,9 +15,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dhat_seg import plugin_manager
-from dhat_seg.attention import AttentionContext, foreground_iou, validate_attention
-from dhat_seg.attention_model import build_attention
+from dhat_seg.attention import AttentionContext, foreground_iou, plugin_manager, validate_attention
+from dhat_seg.attention.model import build_attention
 from dhat_seg.cache import dataset_for
 from dhat_seg.config import load_config
 from dhat_seg.errors import UserError
@@ -246,7 +245,7 @@ def test_masks_build_score_and_training_through_the_cache(tmp_path):
 def test_training_takes_its_masks_from_the_oracle(tmp_path):
     """The trainer builds the run's mask cache with the oracle (it hands the run's
     configuration to the attention context)."""
-    from dhat_seg.experiment import Experiment
+    from dhat_seg.run.experiment import Experiment
 
     cfg = load_config(None, dict(method="dhat", data="synthetic", model="small_cnn", train_size=48, test_size=16, val_size=8,
                                  epochs=1, batch_size=20, attack_steps=1, inv_steps=1, val_examples=8, val_attack_steps=1,

@@ -1,4 +1,4 @@
-"""Paired differences of a multi-seed study (dhat_seg.ablate.paired), against hand computations."""
+"""Paired differences of a multi-seed study (dhat_seg.studies.paired), against hand computations."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from dhat_seg.ablate.paired import paired_differences, paired_markdown
-from dhat_seg.ablate.rows import Row, SeedRows
+from dhat_seg.studies.paired import paired_differences, paired_markdown
+from dhat_seg.studies.rows import Row, SeedRows
 
 
 def _row(name, per_seed, status="ok"):

@@ -15,13 +15,15 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from dhat_seg import ablate, attacks, compare, training_methods
+from dhat_seg import attacks, training_methods
+from dhat_seg.studies import ablate, compare
+from dhat_seg.studies import rows as study_rows
 from dhat_seg.attention import foreground_mask
 from dhat_seg.config import TrainConfig, load_config
 from dhat_seg.method_options import flat_settings, migrate
 from dhat_seg.errors import UserError
-from dhat_seg.evaluation_report import EvalOptions
-from dhat_seg.experiment import Experiment
+from dhat_seg.evaluation.report import EvalOptions
+from dhat_seg.run.experiment import Experiment
 from dhat_seg.method_defaults import describe_part_masks
 from dhat_seg.training_methods.part import PART, PART_BASES, eps_low_of, pixel_budget
 from method_helpers import Tiny
@@ -238,7 +240,7 @@ def test_the_new_setting_leaves_old_digests_alone():
 
 def test_the_config_file_holds_the_paper_schedule_of_the_compare_preset():
     values = flat_settings(migrate(yaml.safe_load((ROOT / "configs" / "part.yaml").read_text())))
-    assert {k: values[k] for k in ablate.rows.PART_PAPER_TRAIN} == ablate.rows.PART_PAPER_TRAIN
+    assert {k: values[k] for k in study_rows.PART_PAPER_TRAIN} == study_rows.PART_PAPER_TRAIN
     cfg = load_config(str(ROOT / "configs" / "part.yaml"))
     assert (cfg.method, cfg.model, cfg.epochs, cfg.lr, cfg.weight_decay, cfg.milestones) == ("part", "resnet18", 80, 0.01,
                                                                                             2e-4, [60])

@@ -29,7 +29,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dhat_seg import hookspecs, plugin_manager
+from dhat_seg import hookspecs
+from dhat_seg.attention import plugin_manager
 from dhat_seg.cli import app
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"

@@ -12,12 +12,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dhat_seg import hookimpl, plugin_manager
-from dhat_seg.attention import AttentionContext, AttentionSpec
+from dhat_seg import hookimpl
+from dhat_seg.attention import AttentionContext, AttentionSpec, plugin_manager
 from dhat_seg.cli import app
 from dhat_seg.config import load_config
 from dhat_seg.errors import PluginError, UserError
-from dhat_seg.experiment import Experiment
+from dhat_seg.run.experiment import Experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "dhat-seg-centre"

@@ -154,7 +154,7 @@ def test_deterministic_kernels_on_cuda_are_set_then_restored(monkeypatch):
     """Runs without a GPU: only the settings are checked (a torch.device names CUDA without using it)."""
     import torch
 
-    from dhat_seg.runtime import deterministic_kernels
+    from dhat_seg.run.determinism import deterministic_kernels
 
     cudnn = torch.backends.cudnn
     settings = lambda: (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),  # noqa: E731

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from dhat_seg import experiment, runtime
+from dhat_seg.run import experiment
+from dhat_seg.run import determinism, devices, locks, stopping
 from dhat_seg.cache import build as cache_build
 from dhat_seg.cache import provision
 from dhat_seg.config import TrainConfig, load_config
 from dhat_seg.errors import Interrupted
-from dhat_seg.experiment import Experiment
-from dhat_seg.runtime import GracefulStop, stop_scope
+from dhat_seg.run.experiment import Experiment
+from dhat_seg.run.stopping import GracefulStop, stop_scope
 from dhat_seg.training_methods import TRAINING_METHODS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,7 +57,7 @@ def counting(monkeypatch) -> Counter:
     wrap(experiment, "select_device")
     wrap(experiment, "resolve_amp_dtype")
     wrap(experiment, "check_speed_options")
-    wrap(runtime, "deterministic_kernels")
+    wrap(stopping, "deterministic_kernels")  # run_scope enters them
     wrap(GracefulStop, "__enter__", "GracefulStop entered")
     for module in (experiment, provision, cache_build):  # every directory lock, by the folder it locks
         original = module.directory_lock
@@ -102,10 +103,11 @@ def test_the_attention_model_run_shares_the_outer_scope(tmp_path, monkeypatch):
 
 
 def test_runtime_holds_no_module_state_for_locks_or_signals():
-    state = {name: type(value).__name__ for name, value in vars(runtime).items()
-             if not name.startswith("__") and isinstance(value, (dict, list, set, bytearray))}
-    assert state == {}
-    assert not hasattr(runtime, "_HELD") and not hasattr(runtime, "_STOP")
+    for module in (devices, determinism, locks, stopping):
+        state = {name: type(value).__name__ for name, value in vars(module).items()
+                 if not name.startswith("__") and isinstance(value, (dict, list, set, bytearray))}
+        assert state == {}, module.__name__
+        assert not hasattr(module, "_HELD") and not hasattr(module, "_STOP")
 
 
 def test_a_graceful_stop_holds_its_request_and_restores_the_handlers():

@@ -284,9 +284,9 @@ def test_masks_build_with_peak_prompt_keys_the_classifier(tmp_path, tiny_sam, mo
     cache key holds that classifier's SHA-256, and another classifier gives another key."""
     from typer.testing import CliRunner
 
-    from dhat_seg import plugin_manager
+    from dhat_seg.attention import plugin_manager
     from dhat_seg.cache import read_meta, sha256_file
-    from dhat_seg.checkpoint import save_weights
+    from dhat_seg.run.checkpoint import save_weights
     from dhat_seg.cli import app
     from dhat_seg.models import create_model
 

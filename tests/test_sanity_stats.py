@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dhat_seg import binomial, sanity
-from dhat_seg.ablate.rows import ABLATE_PRESETS, failed_checks, sanity_status, sanity_summary
+from dhat_seg.evaluation import binomial, sanity
+from dhat_seg.studies.rows import ABLATE_PRESETS, failed_checks, sanity_status, sanity_summary
 from dhat_seg.presets import PRESETS
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,11 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dhat_seg import compare, losses, training_methods
-from dhat_seg.checkpoint import load_state
+from dhat_seg import losses, training_methods
+from dhat_seg.studies import compare
+from dhat_seg.run.checkpoint import load_state
 from dhat_seg.config import TrainConfig, load_config
 from dhat_seg.errors import UserError
-from dhat_seg.experiment import Experiment
+from dhat_seg.run.experiment import Experiment
 from dhat_seg.training_methods.sglr import SGLR, refine_labels, soft_cross_entropy, start_epoch
 from method_helpers import Tiny, TinyBN, batch
 

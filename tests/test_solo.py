@@ -576,14 +576,14 @@ def test_spec_fields():
 
 
 def _all_builtins_present() -> bool:
-    from dhat_seg.plugin_manager import BUILTIN_PLUGINS
+    from dhat_seg.attention.plugin_manager import BUILTIN_PLUGINS
 
     return all(importlib.util.find_spec(f"dhat_seg.plugins.{n}") is not None for n in BUILTIN_PLUGINS)
 
 
 @pytest.mark.skipif(not _all_builtins_present(), reason="another built-in plugin module does not exist yet")
 def test_listed_by_the_plugin_manager():
-    from dhat_seg import plugin_manager
+    from dhat_seg.attention import plugin_manager
 
     plugin_manager.reset()
     try:

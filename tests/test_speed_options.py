@@ -14,14 +14,15 @@ from torch import nn
 from torch._dynamo.utils import counters
 from typer.testing import CliRunner
 
-from dhat_seg import attacks, speed, training_methods
-from dhat_seg.checkpoint import load_weights, resolve_weights
+from dhat_seg import attacks, training_methods
+from dhat_seg.run import speed
+from dhat_seg.run.checkpoint import load_weights, resolve_weights
 from dhat_seg.cli import app
 from dhat_seg.config import ALWAYS_DIGESTED, TrainConfig, load_config
 from dhat_seg.errors import UserError
-from dhat_seg.experiment import Experiment
+from dhat_seg.run.experiment import Experiment
 from dhat_seg.models import create_model
-from dhat_seg.trainer import Trainer
+from dhat_seg.run.trainer import Trainer
 from cli_helpers import assert_one_line_error
 
 NO_CXX = "torch.compile on CPU needs a C++ compiler (Inductor builds C++ kernels) and none was found"

@@ -12,11 +12,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dhat_seg import ablate, plugin_manager
-from dhat_seg.ablate.launch import Launcher, available_cores, make_launcher
+from dhat_seg.studies import ablate
+from dhat_seg.attention import plugin_manager
+from dhat_seg.studies.launch import Launcher, available_cores, make_launcher
 from dhat_seg.cli import app
 from dhat_seg.errors import UserError
-from dhat_seg.evaluation_report import EvalOptions
+from dhat_seg.evaluation.report import EvalOptions
 from cli_helpers import assert_one_line_error
 
 ROWS = ["-", "gradcam"]

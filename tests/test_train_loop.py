@@ -9,9 +9,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from dhat_seg.config import load_config
 from dhat_seg.errors import DivergenceError
-from dhat_seg.experiment import Experiment
-from dhat_seg.runtime import worker_count
-from dhat_seg.train_loop import DeviceStats, EpochLoader, sync_interval
+from dhat_seg.run.experiment import Experiment
+from dhat_seg.run.devices import worker_count
+from dhat_seg.run.train_loop import DeviceStats, EpochLoader, sync_interval
 
 
 class Noisy(Dataset):

@@ -15,14 +15,14 @@ from torch import nn
 from typer.testing import CliRunner
 
 from dhat_seg import attacks, training_methods
-from dhat_seg.checkpoint import read_pointers
+from dhat_seg.run.checkpoint import read_pointers
 from dhat_seg.cli import app
 from dhat_seg.cli.common import config_base
 from dhat_seg.config import PRESETS, TrainConfig, load_config
 from dhat_seg.paper_settings import paper_differences
 from dhat_seg.errors import DivergenceError, UserError
 from dhat_seg.models import create_model, frozen_bn_statistics
-from dhat_seg.experiment import Experiment
+from dhat_seg.run.experiment import Experiment
 from cli_helpers import assert_one_line_error
 
 runner = CliRunner()
@@ -283,9 +283,9 @@ def test_every_setting_is_validated_at_load(key, value, expected):
 
 
 def test_cli_refuses_bad_settings_before_any_work(tmp_path, monkeypatch):
-    import dhat_seg.experiment
+    import dhat_seg.run.experiment
 
-    monkeypatch.setattr(dhat_seg.experiment, "split_for", lambda *a, **k: pytest.fail("data was built before validation"))
+    monkeypatch.setattr(dhat_seg.run.experiment, "split_for", lambda *a, **k: pytest.fail("data was built before validation"))
     for pair in ("omega=2", "floe_form=paperr", "attention_source=selff", "lr=abc", "model=nosuch", "epochs=0"):
         result = runner.invoke(app, ["train", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c"),
                                      "--set", pair])

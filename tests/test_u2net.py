@@ -19,8 +19,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dhat_seg import plugin_manager
-from dhat_seg.attention import AttentionContext, foreground_iou, foreground_mask, validate_attention
+from dhat_seg.attention import AttentionContext, foreground_iou, foreground_mask, plugin_manager, validate_attention
 from dhat_seg.data import build_dataset
 from dhat_seg.errors import UserError
 from dhat_seg.plugins import u2net as U

@@ -25,9 +25,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from dhat_seg.attention import validate_attention
-from dhat_seg.checkpoint import atomic_write_text, write_atomic
+from dhat_seg.run.checkpoint import atomic_write_text, write_atomic
 from dhat_seg.errors import Interrupted, PluginError, UserError, write_error
-from dhat_seg.runtime import GracefulStop, directory_lock, ignore_stop_signals, signal_name, stop_scope
+from dhat_seg.run.locks import directory_lock
+from dhat_seg.run.stopping import GracefulStop, ignore_stop_signals, signal_name, stop_scope
 from dhat_seg.cache.key import _jsonable, sha256_file
 from dhat_seg.cache.key import CHUNK_SIZE, FORMAT, META, check_key, key_hash
 from dhat_seg.cache.store import MaskCache, _chunk_name, _chunk_ok, read_meta

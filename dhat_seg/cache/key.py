@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from dhat_seg.attention import AttentionSpec
-from dhat_seg.checkpoint import atomic_write_text
+from dhat_seg.run.checkpoint import atomic_write_text
 from dhat_seg.errors import UserError
 
 FORMAT = "dhat-seg-masks/1"

@@ -14,7 +14,9 @@ from dhat_seg.attention import AttentionSpec
 from dhat_seg.data import split_args, split_for
 from dhat_seg.errors import UserError
 from dhat_seg.models import module_mode
-from dhat_seg.runtime import GracefulStop, directory_lock, worker_count
+from dhat_seg.run.devices import worker_count
+from dhat_seg.run.locks import directory_lock
+from dhat_seg.run.stopping import GracefulStop
 from dhat_seg.cache.build import Threshold, build_masks
 from dhat_seg.cache.sharded import Shard, build_sharded
 from dhat_seg.cache.key import CHUNK_SIZE, REBUILD_HINT, cache_dir_for, cache_name, check_key, mask_key, sha256_file, sha256_state
@@ -31,7 +33,7 @@ def dataset_for(cfg, split: str = "train"):
 
 def resolve_method(cfg) -> tuple[AttentionSpec, dict[str, Any]]:
     """The attention spec of ``cfg`` and its resolved options (as ``build_attention``)."""
-    from dhat_seg.attention_model import resolve_attention_method
+    from dhat_seg.attention.model import resolve_attention_method
 
     return resolve_attention_method(cfg)
 
@@ -68,10 +70,10 @@ def ensure_mask_cache(
     """Reuse, finish or build the frozen-attention mask cache of ``dataset`` for the
     attention settings of ``cfg`` and the attention model at ``classifier_path`` (None
     for methods that read no classifier); says which in ``log``. The attention model
-    is provisioned by the caller (:func:`dhat_seg.experiment.frozen_masks`). ``shard``: this
+    is provisioned by the caller (:func:`dhat_seg.run.experiment.frozen_masks`). ``shard``: this
     process's part of a build shared by the ranks of a torchrun job (every rank calls this).
     ``stop``: the GracefulStop of the enclosing run (None: the build installs its own)."""
-    from dhat_seg.attention_model import build_attention
+    from dhat_seg.attention.model import build_attention
 
     root = Path(root)
     key, spec, options = frozen_key(cfg, dataset, classifier_path=classifier_path, root=root)
@@ -144,7 +146,7 @@ def self_mask_cache(
     the epoch, kept under ``directory_root`` (the run's ``masks/``). Reused when a
     complete cache of the same weights exists (a resumed run), else built (``stop``: the
     run's GracefulStop, polled after each batch)."""
-    from dhat_seg.attention_model import build_attention
+    from dhat_seg.attention.model import build_attention
 
     spec, options = resolve_method(cfg)
     if not spec.needs_classifier(options):

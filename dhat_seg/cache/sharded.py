@@ -21,9 +21,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from dhat_seg.checkpoint import atomic_write_text
+from dhat_seg.run.checkpoint import atomic_write_text
 from dhat_seg.errors import PluginError, UserError
-from dhat_seg.runtime import GracefulStop, stop_scope
+from dhat_seg.run.stopping import GracefulStop, stop_scope
 from dhat_seg.cache.build import (Threshold, _build_lock, _clear, _complete, _compute_chunk, _kept_on_failure, _new_meta,
                                   _stopper, _write_npy)
 from dhat_seg.cache.key import CHUNK_SIZE, check_key

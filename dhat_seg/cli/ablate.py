@@ -40,9 +40,9 @@ LAUNCHER_OPT = typer.Option(None, "--launcher-opt", metavar="KEY=VALUE", help="o
 
 
 def study_launcher(launcher: str, jobs: int | None, config: Path | None, opts: list[str] | None):
-    """The :class:`~dhat_seg.ablate.launch.Launcher` of the launcher options, checked
+    """The :class:`~dhat_seg.studies.launch.Launcher` of the launcher options, checked
     (a UserError names a bad value; more jobs than cores only warns)."""
-    from dhat_seg.ablate import make_launcher
+    from dhat_seg.studies.ablate import make_launcher
     from dhat_seg.cli.common import log
 
     return make_launcher(launcher, jobs, config, opts, log=log)
@@ -56,10 +56,10 @@ def study_settings(command: str, preset: str, *, epochs: int | None, seed: int |
     ``overrides`` (what the command line changed, for the table) and ``out`` default.
     ``counts``: the evaluation counts given (n_examples, aa_examples, gap_examples,
     sanity_examples: their strings or None); ``check_overrides`` may refuse ``--set`` keys."""
-    from dhat_seg import ablate as ab
+    from dhat_seg.studies import ablate as ab
     from dhat_seg.cli.common import parse_overrides
     from dhat_seg.errors import UserError
-    from dhat_seg.evaluation_report import EvalOptions, parse_count
+    from dhat_seg.evaluation.report import EvalOptions, parse_count
 
     if preset not in ab.ABLATE_PRESETS:
         raise UserError(f"--preset {preset!r} is unknown; expected one of {', '.join(ab.ABLATE_PRESETS)}")
@@ -91,7 +91,7 @@ def study_settings(command: str, preset: str, *, epochs: int | None, seed: int |
 
 def print_study(result: Mapping[str, Any], study, settings: types.SimpleNamespace, rows: list[str], out: Path) -> None:
     """The table (and the paper's, with the paper preset) and where the files are."""
-    from dhat_seg.ablate import paper_table
+    from dhat_seg.studies.ablate import paper_table
 
     typer.echo(result["table_markdown"])
     if settings.preset.show_paper and study.paper:
@@ -138,7 +138,7 @@ def register(root: typer.Typer) -> None:
         With --seeds, every row runs once per seed and the table shows mean ± std over the seeds.
         Writes ablation.md/.csv/.json/.png; finished rows are reused, interrupted ones resume.
         --jobs N runs N rows at once; --launcher submitit runs each row x seed as a submitit (Slurm) job."""
-        from dhat_seg import ablate as ab
+        from dhat_seg.studies import ablate as ab
         from dhat_seg.errors import UserError
 
         fan = study_launcher(launcher, jobs, launcher_config, launcher_opt)

@@ -1,5 +1,5 @@
 """``dhat-seg compare``: one run per training method with identical settings, beside the
-paper's main results; the ablation's machinery with method rows (:mod:`dhat_seg.compare`)."""
+paper's main results; the ablation's machinery with method rows (:mod:`dhat_seg.studies.compare`)."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def register(root: typer.Typer) -> None:
         With --seeds, every row runs once per seed and the table shows mean ± std over the seeds.
         Writes comparison.md/.csv/.json/.png; finished rows are reused, interrupted ones resume.
         --jobs N runs N rows at once; --launcher submitit runs each row x seed as a submitit (Slurm) job."""
-        from dhat_seg import compare as cmp
+        from dhat_seg.studies import compare as cmp
 
         fan = study_launcher(launcher, jobs, launcher_config, launcher_opt)
         s = study_settings("compare", preset, epochs=epochs, seed=seed, seeds=seeds, device=device, set_=set_,

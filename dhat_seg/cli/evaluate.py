@@ -42,7 +42,7 @@ def register(root: typer.Typer) -> None:
     ):
         """Evaluate a trained model: Clean, FGSM, PGD-10/20/50, C&W-inf, AutoAttack (standard), worst case,
         Robust Gap, BG-gap, attention IoU; --sanity adds the gradient-masking checks. Writes eval.json."""
-        from dhat_seg.evaluation_report import parse_count, run_eval
+        from dhat_seg.evaluation.report import parse_count, run_eval
 
         report = run_eval(target, attacks=attacks, n_examples=parse_count(n_examples, "--n-examples"),
                           aa_examples=parse_count(aa_examples, "--aa-examples"), gap_attack=gap_attack,

@@ -44,13 +44,13 @@ def _config(config: str, set_: list[str] | None, **options: Any):
 
 
 def _device(cfg):
-    from dhat_seg.runtime import select_device
+    from dhat_seg.run.devices import select_device
 
     return select_device(cfg.device)
 
 
 def _root(cache_dir: Path | None) -> Path:
-    from dhat_seg.attention_model import cache_root
+    from dhat_seg.attention.model import cache_root
 
     return cache_root(cache_dir)
 
@@ -90,8 +90,8 @@ def build(
 ):
     """Compute the masks of every sample of a split once (resumes an interrupted build)."""
     from dhat_seg.data import split_for
-    from dhat_seg.experiment import frozen_masks
-    from dhat_seg.mask_inspection import train_fingerprint
+    from dhat_seg.run.experiment import frozen_masks
+    from dhat_seg.evaluation.mask_inspection import train_fingerprint
 
     cfg = _config(config, set_, attention=attention, data=data, attention_checkpoint=attention_checkpoint,
                   attention_opt=attention_opt, attention_model=attention_model, data_root=data_root, seed=seed, device=device)
@@ -121,7 +121,7 @@ def build(
 
 
 def _print_info(directory: Path, meta: dict[str, Any], status: str = "complete, verified") -> None:
-    from dhat_seg.mask_inspection import describe
+    from dhat_seg.evaluation.mask_inspection import describe
 
     rows = describe(directory, meta, status)
     width = max(len(k) for k, _ in rows)
@@ -152,8 +152,8 @@ def info(
     Without PATH or --attention: list the caches under the cache root."""
     from dhat_seg.cache import cache_dir_for, list_caches
     from dhat_seg.data import split_for
-    from dhat_seg.mask_inspection import cache_status as _status
-    from dhat_seg.mask_inspection import settings_key
+    from dhat_seg.evaluation.mask_inspection import cache_status as _status
+    from dhat_seg.evaluation.mask_inspection import settings_key
 
     root = _root(cache_dir)
     if path is not None:
@@ -218,7 +218,7 @@ def show(
     seed: Optional[int] = _SEED,
 ):
     """Write a PNG grid: image, attention (soft map when the cache holds one), foreground, ground truth."""
-    from dhat_seg.mask_inspection import grid_contents, open_for_settings, open_path, render_grid
+    from dhat_seg.evaluation.mask_inspection import grid_contents, open_for_settings, open_path, render_grid
 
     if n < 1:
         raise UserError(f"--n {n} is invalid; expected a positive number of samples")
@@ -258,8 +258,8 @@ def score(
     device: Optional[str] = _DEVICE,
 ):
     """IoU of each method's foreground (after the threshold policy) with the ground-truth masks."""
-    from dhat_seg.mask_inspection import score_method
-    from dhat_seg.plugin_manager import attention_methods, get_attention_spec
+    from dhat_seg.evaluation.mask_inspection import score_method
+    from dhat_seg.attention.plugin_manager import attention_methods, get_attention_spec
 
     if n < 1:
         raise UserError(f"--n {n} is invalid; expected a positive number of samples")

@@ -14,7 +14,7 @@ def register(root: typer.Typer) -> None:
     @user_errors
     def plugins():
         """List the attention methods: name, plugin, kind and whether each is ready to run."""
-        from dhat_seg.plugin_manager import attention_methods
+        from dhat_seg.attention.plugin_manager import attention_methods
 
         methods = attention_methods()  # a plugin that fails to load is reported once, through logging
         rows, reasons = [], []

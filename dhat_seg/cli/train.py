@@ -143,8 +143,8 @@ def register(root: typer.Typer) -> None:
         from dhat_seg.epoch_table import EpochPrinter
 
         on_epoch = (lambda record: typer.echo(json.dumps(record))) if json_lines else EpochPrinter(typer.echo)
-        from dhat_seg.distributed import init_from_env, shutdown
-        from dhat_seg.experiment import Experiment  # torch and the rest: only once the settings are valid
+        from dhat_seg.run.distributed import init_from_env, shutdown
+        from dhat_seg.run.experiment import Experiment  # torch and the rest: only once the settings are valid
 
         dist, device = init_from_env(cfg.device)  # torchrun: join the process group (else a single process)
         if dist.enabled:
@@ -166,7 +166,7 @@ def register(root: typer.Typer) -> None:
         print_table([summary | {"run": str(out)}], [("method", "method"), ("attention", "attention"), ("data", "data"),
                     ("model", "model"), ("epochs", "epochs"), ("best_epoch", "best epoch"), ("clean_acc", "clean %"),
                     ("pgd10_acc", "PGD-10 %"), ("n_test", "test n"), ("run", "run dir")])
-        from dhat_seg.convergence import run_verdict
+        from dhat_seg.evaluation.convergence import run_verdict
 
         typer.echo(f"validation accuracy: {run_verdict(out, threshold=convergence_threshold).describe()}")
 

@@ -27,7 +27,7 @@ Composition:
   batches switch, with a probability growing over training, to its own loss on AT's x_adv;
   ``again.form: code`` builds the released form instead (:mod:`.again_code`).
 * **AWP** (``awp: true``, any method): :meth:`TrainingMethod.weight_perturbation`, a
-  context the trainer enters around loss and backward (:mod:`dhat_seg.awp`).
+  context the trainer enters around loss and backward (:mod:`dhat_seg.training_methods.awp`).
 
 Two rules every method follows, so that methods compare fairly:
 
@@ -143,13 +143,13 @@ _DHAT_CODE = "the DHAT authors' code (every pass in train mode), also for DHAT o
 
 
 def _fsr_model(cfg: Any) -> str:
-    from dhat_seg.fsr_module import fsr_model_name
+    from dhat_seg.models.fsr_module import fsr_model_name
 
     return fsr_model_name(cfg.model)
 
 
 def _again_model(cfg: Any) -> str | None:
-    from dhat_seg.again_net import again_model_name
+    from dhat_seg.models.again_net import again_model_name
 
     return again_model_name(cfg.model) if cfg.options("again").form == "code" else None
 
@@ -210,7 +210,7 @@ TRAINING_METHODS: dict[str, TrainingMethodEntry] = {
                             model_variant=_again_model),
     )
 }
-#: every method takes ``--set awp=true`` (adversarial weight perturbation, :mod:`dhat_seg.awp`)
+#: every method takes ``--set awp=true`` (adversarial weight perturbation, :mod:`dhat_seg.training_methods.awp`)
 
 
 def register_training_method(entry: TrainingMethodEntry, *, replace: bool = False) -> TrainingMethodEntry:

@@ -4,7 +4,7 @@
 Two forms (``again.form``): ``paper`` (this module) follows the supplementary, the
 specification; ``code`` follows the authors' released code (github.com/InsLin/AGAIN), which
 produced their numbers and does something else: :mod:`.again_code` (the model side:
-:mod:`dhat_seg.again_net`). ``AGAIN(cfg)`` builds the form ``cfg`` names. HFF is shared.
+:mod:`dhat_seg.models.again_net`). ``AGAIN(cfg)`` builds the form ``cfg`` names. HFF is shared.
 
 Sources of the paper form: the supplementary (``seeds/004``: Algorithm 1, Theorem 1 with its
 proof in section 3, section 4.1 on alpha, section 4.2 on HFF; REFERENCE section 4) and the
@@ -57,7 +57,7 @@ sigma_b + mu_b,
 
 (o1 carries the style's statistics and o2 the content's, up to the 1e-5, so the four-way mix
 is close to a random two-way one). What the code leaves open, dhat-seg chooses: content is the
-output f of the model's first stage (:func:`dhat_seg.feature_split.first_stage`, where the
+output f of the model's first stage (:func:`dhat_seg.models.feature_split.first_stage`, where the
 statistics carry an image's style) in the training forward of x_adv, style = f[perm] for a
 random permutation of the batch; lam and perm from torch's global CPU generator
 (:func:`.again_hff.fused_first_stage`). ``again.hff`` (null = the form's default, :func:`hff_on`): on in
@@ -84,7 +84,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dhat_seg.errors import UserError
-from dhat_seg.feature_split import penultimate_and_head
+from dhat_seg.models.feature_split import penultimate_and_head
 from dhat_seg.training_methods.adversarial import MadryAT
 from dhat_seg.training_methods.again_code import AGAINCode
 from dhat_seg.training_methods.again_hff import (HFF_EPS, adain, channel_statistics, fused_first_stage,  # noqa: F401
@@ -183,7 +183,7 @@ class AGAIN(MadryAT):
     def on_batch_start(self, index):
         if not self.batches_per_epoch:
             raise UserError("method 'again' needs the number of batches per epoch before training (its schedule is "
-                            "i / N); expected on_train_data(...) to be called, as dhat_seg.experiment.build_parts does")
+                            "i / N); expected on_train_data(...) to be called, as dhat_seg.run.experiment.build_parts does")
         i = self._epoch * self.batches_per_epoch + self._batch
         self._batch += 1
         self.probability = again_probability(i, self.cfg.epochs * self.batches_per_epoch)

@@ -1,6 +1,6 @@
 """AGAIN as the authors released it (``--method again --set again.form=code``; compare row
 ``again-code``, "AT+AGAIN (as released)"): the training method. The model side (auxiliary
-heads, channel-wise modulation) is :mod:`dhat_seg.again_net`, the paper's form
+heads, channel-wise modulation) is :mod:`dhat_seg.models.again_net`, the paper's form
 :mod:`.again`.
 
 Source: github.com/InsLin/AGAIN (the only training script, ``AGAIN_with_AWP/
@@ -11,7 +11,7 @@ produced the authors' numbers, and it departs from the supplementary's Algorithm
 * No i / N schedule: every batch trains with the mechanism.
 * The mechanism is not a mix of the last layer's logits but the channel-wise modulation of
   two feature maps by 0.6 W[y] + 0.4 W[y'] of auxiliary linear heads (W[pred] in eval mode;
-  :class:`dhat_seg.again_net.AgainGate`), y' = y[randperm(B)] (it can equal y).
+  :class:`dhat_seg.models.again_net.AgainGate`), y' = y[randperm(B)] (it can equal y).
 * Loss (:func:`code_loss`), on the train-mode forward of x_adv with the labels:
 
       L = CE(f(x_adv), y) + 2 x mean over the sites of CE(h_site(x_adv), y)
@@ -31,7 +31,7 @@ produced the authors' numbers, and it departs from the supplementary's Algorithm
   (:func:`~dhat_seg.training_methods.again_hff.fused_first_stage`) to the training forward.
 
 Where dhat-seg departs from the release: the heads exist on every registry model
-(``<name>_again``; sites in :mod:`dhat_seg.again_net`) and have one output per class (the
+(``<name>_again``; sites in :mod:`dhat_seg.models.again_net`) and have one output per class (the
 release's are fixed at 10); the mask's alpha is ``again.alpha`` (default 0.6, the release's
 constant); the attack runs in eval mode as released (AGAIN's registry default; ``attack_mode`` overrides it); the
 training recipe is the run's (the release: 200 epochs, lr 0.1 decayed x0.1 at 100 and 150,
@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dhat_seg import attacks
-from dhat_seg.again_net import AgainOutputs, again_model_name, is_again_model, labelled, recording, require_again
+from dhat_seg.models.again_net import AgainOutputs, again_model_name, is_again_model, labelled, recording, require_again
 from dhat_seg.errors import UserError
 from dhat_seg.training_methods.adversarial import MadryAT
 from dhat_seg.training_methods.again_hff import fused_first_stage, hff_on

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from dhat_seg.errors import UserError
-from dhat_seg.feature_split import first_stage
+from dhat_seg.models.feature_split import first_stage
 
 #: Added to the variance before the square root (the official ``calc_mean_std``'s eps).
 HFF_EPS = 1e-5

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from dhat_seg import attacks
-from dhat_seg.awp import AdversarialWeightPerturbation
+from dhat_seg.training_methods.awp import AdversarialWeightPerturbation
 from dhat_seg.models import frozen_bn_statistics
 
 

@@ -5,7 +5,7 @@ supplementary (``seeds/002``: Eq. (1) = L_sep, Table S5 on the choice of y', Fig
 and the lambdas; REFERENCE section 3) and the authors' code (github.com/wkim97/FSR,
 ``train.py``: ``get_pred`` and the loss), which fixes every formula below. The module
 (separation, Gumbel-sigmoid mask, recalibration, auxiliary head) is
-:mod:`dhat_seg.fsr_module`; it is part of the model (``<name>_fsr``), so every attack and
+:mod:`dhat_seg.models.fsr_module`; it is part of the model (``<name>_fsr``), so every attack and
 every evaluation goes through it.
 
 With the base's x_adv and one training forward of it (the base's own), the auxiliary head
@@ -26,7 +26,7 @@ reads, and the FSR module also sits in the base's clean forward.
 Choices where the sources are silent or differ (dhat-seg's):
 
 * x_adv: the base's own attack (PGD for at and mart, TRADES' KL attack for trades), run
-  without Gumbel noise (:func:`~dhat_seg.fsr_module.deterministic_masks`), as the code's
+  without Gumbel noise (:func:`~dhat_seg.models.fsr_module.deterministic_masks`), as the code's
   attack (``is_eval=True``); eval mode, as the code (FSR's registry default, the base's attack
   included; ``attack_mode`` overrides it); BN statistics follow ``attack_bn_update``.
 * The training forwards (x_adv, and x for TRADES and MART) draw Gumbel noise; evaluation
@@ -53,8 +53,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dhat_seg.errors import UserError
-from dhat_seg.fsr_module import (FSROutputs, deterministic_masks, fsr_model_name, is_fsr_model, recording, require_fsr,
-                                 set_tau)
+from dhat_seg.models.fsr_module import (FSROutputs, deterministic_masks, fsr_model_name, is_fsr_model, recording,
+                                        require_fsr, set_tau)
 from dhat_seg.training_methods.bases import build_base
 from dhat_seg.training_methods.base import OnBase
 from dhat_seg.training_methods.settings import MethodSettings

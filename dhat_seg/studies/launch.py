@@ -4,9 +4,9 @@ row x seed (``--launcher submitit``: Slurm, or submitit's local executor).
 The study's own process plans every row first (reused, skipped and pending rows are
 settled there, as in the sequential path), then provisions, one setting after another,
 the shared attention model and each row's training mask cache
-(:func:`dhat_seg.experiment.provision_attention`), so that no two jobs build the same
+(:func:`dhat_seg.run.experiment.provision_attention`), so that no two jobs build the same
 cache; only then do the jobs start. Each job runs the one function that runs a row
-everywhere (:func:`dhat_seg.ablate.run.run_row`, wrapped by ``run_row_job``) in its run
+everywhere (:func:`dhat_seg.studies.run.run_row`, wrapped by ``run_row_job``) in its run
 directory; the parent logs each row's start and end and rewrites the table files as
 results arrive. A job that fails (or is killed) fails its row only; the study run again
 reuses what finished and resumes the rest from their checkpoints.
@@ -253,7 +253,7 @@ def provision_all(ctx: Any, planned: list[tuple[Any, Any]], write: Callable[[], 
     here, once each, one after another, before any job starts (on every path, sequential or
     fanned out, so a row's evaluation finds the same cache whichever path runs it); a job
     whose provisioning failed is marked failed. Returns the (row, job) pairs still to run."""
-    from dhat_seg.experiment import provision_attention
+    from dhat_seg.run.experiment import provision_attention
 
     provisioned: dict[str, tuple[str, str] | None] = {}  # setting -> None, or (status, traceback) of its failure
     ready: list[tuple[Any, Any]] = []

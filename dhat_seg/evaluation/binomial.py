@@ -1,4 +1,4 @@
-"""Exact one-sided binomial tests, pure functions of counts (for :mod:`dhat_seg.sanity`).
+"""Exact one-sided binomial tests, pure functions of counts (for :mod:`dhat_seg.evaluation.sanity`).
 
 X ~ Binomial(n, p); the test of the null "success rate <= p0" rejects at level alpha
 when P(X >= k | p0) <= alpha for the observed count k. Computed in log space with

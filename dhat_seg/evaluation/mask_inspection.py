@@ -13,13 +13,13 @@ from typing import Any, Callable
 import torch
 
 from dhat_seg.attention import foreground_iou, foreground_mask
-from dhat_seg.attention_model import build_attention
+from dhat_seg.attention.model import build_attention
 from dhat_seg.cache import MaskCache, batch_foreground, cache_dir_for, frozen_key, read_meta
 from dhat_seg.cache.build import _Unaugmented
 from dhat_seg.cache.store import _chunk_name
 from dhat_seg.data import build_dataset, split_for
 from dhat_seg.errors import UserError
-from dhat_seg.experiment import classifier_path
+from dhat_seg.run.experiment import classifier_path
 
 BUILD_HINT = "pass --rebuild to rebuild it"
 

@@ -26,7 +26,7 @@ bound); a model well inside the nulls, far less. Each result carries its null, a
 p0, the counts and the p-value (``eval.json``, ``sanity.checks``).
 
 The rules are pure functions of per-sample outcomes (``check_*``), the statistics pure
-functions of counts (:mod:`dhat_seg.binomial`); :func:`run_checks` measures the outcomes.
+functions of counts (:mod:`dhat_seg.evaluation.binomial`); :func:`run_checks` measures the outcomes.
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dhat_seg import attacks, evaluate
-from dhat_seg.binomial import binomial_power, binomial_tail, critical_count, format_p, samples_for_power
+from dhat_seg import attacks
+from dhat_seg.evaluation import evaluate
+from dhat_seg.evaluation.binomial import binomial_power, binomial_tail, critical_count, format_p, samples_for_power
 
 #: Budgets of the eps sweep (check 2), in 1/255 units.
 EPS_SWEEP = (2.0, 4.0, 8.0, 16.0)
@@ -76,7 +77,7 @@ def robust_samples_needed(p0: float = NOISE_P0, effect: float = MASKING_EFFECT, 
                           power: float = TARGET_POWER) -> int:
     """PGD-robust samples the noise check needs to detect ``effect`` (the share broken by
     noise under masking) with ``power``: 383 for p0 2%, effect 5%, alpha 0.01, power 0.8
-    (:func:`dhat_seg.binomial.samples_for_power`). The sanity set must hold this many
+    (:func:`dhat_seg.evaluation.binomial.samples_for_power`). The sanity set must hold this many
     divided by the model's PGD-20 accuracy: about 1000 samples at 40%."""
     return samples_for_power(p0, effect, alpha, power)
 
@@ -129,7 +130,7 @@ def _flags(correct: Tensor | Sequence[bool]) -> Tensor:
 
 
 def _pct(flags: Tensor) -> float:
-    """Accuracy in percent, 2 decimals (as :func:`dhat_seg.evaluate.percent`); 0 without samples."""
+    """Accuracy in percent, 2 decimals (as :func:`dhat_seg.evaluation.evaluate.percent`); 0 without samples."""
     return round(100.0 * float(flags.float().mean()), 2) if len(flags) else 0.0
 
 
@@ -292,7 +293,7 @@ def _pgd_flags(model, x, y, eps, alpha, steps, batch_size, device, seed, source=
                clean: Tensor | None = None) -> Tensor:
     """Per-sample flags of ``model`` on PGD examples crafted on ``source`` (default: the model).
 
-    ``counted`` as in :func:`dhat_seg.evaluate.correct_under_attack`: with "any-iterate" a
+    ``counted`` as in :func:`dhat_seg.evaluation.evaluate.correct_under_attack`: with "any-iterate" a
     sample is broken once ``model`` misclassifies the clean input (``clean``: shared flags,
     None: computed per batch) or any iterate, and leaves the batch
     (:func:`dhat_seg.attacks.pgd_any_iterate`; for the transfer attack every iterate
@@ -353,7 +354,7 @@ def run_checks(
 ) -> list[CheckResult]:
     """Run the five checks on (x, y). ``surrogate=None`` skips the transfer check.
 
-    ``counted`` (:data:`dhat_seg.evaluate.ROBUST_ACCURACY`): how every attack's flags are
+    ``counted`` (:data:`dhat_seg.evaluation.evaluate.ROBUST_ACCURACY`): how every attack's flags are
     counted. With "any-iterate" (default) the clean predictions are computed once and
     shared, and a sample is broken once the clean input or any iterate fools the model."""
     evaluate.check_counted(counted)
@@ -421,8 +422,8 @@ def surrogate_for(cfg, model: nn.Module, device, *, cache_dir: str | Path | None
                   log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> tuple[nn.Module, str]:
     """The transfer-check surrogate for a run: its normally trained attention model when
     one exists (given, or in the cache), else a small_cnn trained here for 3 epochs."""
-    from dhat_seg.attention_model import cache_root, find_attention_model, frozen
-    from dhat_seg.checkpoint import load_weights
+    from dhat_seg.attention.model import cache_root, find_attention_model, frozen
+    from dhat_seg.run.checkpoint import load_weights
     from dhat_seg.data import split_for
 
     train_ds = split_for(cfg, "train")

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from dhat_seg import attacks
-from dhat_seg.autoattack_run import (  # noqa: F401  (re-exported: the AutoAttack API of this module)
+from dhat_seg.evaluation.autoattack import (  # noqa: F401  (re-exported: the AutoAttack API of this module)
     AUTOATTACK_MINOR, AUTOATTACK_STANDARD, AUTOATTACK_SUPPORTED, autoattack_flags, autoattack_state_file,
     check_autoattack_version, progress_total)
 from dhat_seg.errors import UserError
@@ -171,7 +171,7 @@ def correct_under_attack(
     only. ``clean_correct`` (bool, CPU, one per sample): the shared clean predictions;
     with any-iterate, samples misclassified clean are not attacked (None: computed per
     batch). The model is put in eval mode. ``progress(n)`` is called after every batch of
-    n samples (AutoAttack: see :func:`dhat_seg.autoattack_run.autoattack_flags`).
+    n samples (AutoAttack: see :func:`dhat_seg.evaluation.autoattack.autoattack_flags`).
     AutoAttack runs on all of ``x`` here; :func:`flags_for_attacks` picks its subset.
     """
     check_counted(counted)

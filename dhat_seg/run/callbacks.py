@@ -1,4 +1,4 @@
-"""Trainer callbacks: periodic work with its own state (see :class:`dhat_seg.trainer.Callback`)."""
+"""Trainer callbacks: periodic work with its own state (see :class:`dhat_seg.run.trainer.Callback`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Callable
 
 from dhat_seg.cache import provision
 from dhat_seg.cache.store import remove_other_caches
-from dhat_seg.trainer import Callback, RunParts, Trainer
+from dhat_seg.run.trainer import Callback, RunParts, Trainer
 
 
 class SelfAttentionMasks(Callback):

@@ -8,9 +8,9 @@ one way in; ``MODELS`` describes every entry without building it.
 Each architecture (``net``) also has ``feature_map(x)`` (its last feature map, before
 pooling), ``head`` (its linear classifier) and ``again_entry`` (where its last block's residual
 branch starts: (parent module, attribute name) of its first layer); ``<name>_fsr`` is ``<name>``
-with the FSR module between the two (:class:`dhat_seg.fsr_module.FSRNet`, for method ``fsr``),
+with the FSR module between the two (:class:`dhat_seg.models.fsr_module.FSRNet`, for method ``fsr``),
 ``<name>_again`` with AGAIN's auxiliary heads at the entry of its last block and on its last
-feature map (:class:`dhat_seg.again_net.AgainNet`, for ``--method again`` with ``again.form: code``).
+feature map (:class:`dhat_seg.models.again_net.AgainNet`, for ``--method again`` with ``again.form: code``).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dhat_seg.again_net import AgainNet, again_model_name
+from dhat_seg.models.again_net import AgainNet, again_model_name
 from dhat_seg.errors import UserError
-from dhat_seg.fsr_module import FSRNet, fsr_model_name
+from dhat_seg.models.fsr_module import FSRNet, fsr_model_name
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2471, 0.2435, 0.2616)
@@ -296,13 +296,13 @@ MODELS: dict[str, ModelEntry] = {
 
 
 def _with_fsr(entry: ModelEntry) -> ModelEntry:
-    """``<name>_fsr``: the model with the FSR module after its last stage (dhat_seg/fsr_module.py)."""
+    """``<name>_fsr``: the model with the FSR module after its last stage (dhat_seg/models/fsr_module.py)."""
     return ModelEntry(fsr_model_name(entry.name), f"{entry.description}, with the FSR module after its last stage "
                       "(Kim et al. 2023; method fsr)", lambda k: FSRNet(entry.builder(k), k))
 
 
 def _with_again(entry: ModelEntry) -> ModelEntry:
-    """``<name>_again``: the model with AGAIN's auxiliary heads (dhat_seg/again_net.py)."""
+    """``<name>_again``: the model with AGAIN's auxiliary heads (dhat_seg/models/again_net.py)."""
     return ModelEntry(again_model_name(entry.name), f"{entry.description}, with AGAIN's auxiliary heads (Yin et al. "
                       "2023, as released; method again with again.form=code)", lambda k: AgainNet(entry.builder(k), k))
 

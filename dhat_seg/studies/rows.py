@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from dhat_seg.ablate.study import COLUMNS, EXTRA_COLUMNS, Study  # noqa: F401  (COLUMNS: re-exported)
+from dhat_seg.studies.study import COLUMNS, EXTRA_COLUMNS, Study  # noqa: F401  (COLUMNS: re-exported)
 from dhat_seg.config import TrainConfig, load_config
 from dhat_seg.errors import UserError
 
@@ -73,7 +73,7 @@ ABLATE_PRESETS: dict[str, AblatePreset] = {
             "quick",
             {},
             # sanity_examples: the noise check tests "noise breaks <= 2% of the PGD-robust samples" at
-            # alpha 0.01 (dhat_seg.sanity); detecting a masking effect of 5% with power >= 0.8 needs
+            # alpha 0.01 (dhat_seg.evaluation.sanity); detecting a masking effect of 5% with power >= 0.8 needs
             # binomial.samples_for_power(0.02, 0.05, 0.01, 0.8) = 383 PGD-robust samples (power 0.80
             # at 383, 0.85 at 400, 0.86 at 450). Quick AT-family rows kept 42-48% under PGD-10 on the
             # first generator: at 40% or more, 1000 samples give 400 or more (power >= 0.85);
@@ -151,7 +151,7 @@ class Row(_Named):
     seed: int | None = None
     study: Study | None = field(default=None, repr=False, compare=False)
     trains: str | None = None  # what the row's config trains, e.g. "dhat (base trades) + gradcam"
-    convergence: dict[str, Any] | None = None  # dhat_seg.convergence.Convergence.to_dict() of its run
+    convergence: dict[str, Any] | None = None  # dhat_seg.evaluation.convergence.Convergence.to_dict() of its run
 
     @property
     def suspect(self) -> bool:
@@ -284,7 +284,7 @@ class SeedRows(_Named):
 
 def _failed(sanity: Mapping[str, Any] | None) -> list[tuple[str, str]]:
     """(name, " (<count> of <n>, p = <p-value>)" or "" for results of the old rules) per failed check."""
-    from dhat_seg.sanity import evidence
+    from dhat_seg.evaluation.sanity import evidence
 
     failed = [c for c in sanity["checks"] if not c["passed"]] if sanity else []
     return [(c["name"], f" ({evidence(c)})" if evidence(c) else "") for c in failed]
@@ -326,7 +326,7 @@ def parse_rows(value: str, installed: Mapping[str, Any]) -> tuple[list[str], dic
     "all" = "-" + every registered method. A comma list may contain "-"/"none"/"uiat"
     (the UIAT row) and method names.
     """
-    from dhat_seg.plugin_manager import BUILTIN_PLUGINS
+    from dhat_seg.attention.plugin_manager import BUILTIN_PLUGINS
 
     value = (value or "").strip()
     if value.lower() == "all":
@@ -416,7 +416,7 @@ def base_config(preset: AblatePreset, overrides: Mapping[str, Any]) -> TrainConf
 
 
 def _attention_readiness(name: str, cfg: TrainConfig) -> str | None:
-    from dhat_seg.plugin_manager import attention_methods
+    from dhat_seg.attention.plugin_manager import attention_methods
 
     if name == UIAT:
         return None
@@ -425,7 +425,7 @@ def _attention_readiness(name: str, cfg: TrainConfig) -> str | None:
 
 
 def _parse_attention_rows(value: str) -> tuple[list[str], dict[str, str]]:
-    from dhat_seg.plugin_manager import attention_methods
+    from dhat_seg.attention.plugin_manager import attention_methods
 
     return parse_rows(value, attention_methods())
 

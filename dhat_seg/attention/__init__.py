@@ -41,7 +41,7 @@ class AttentionFn(Protocol):
 class AttentionContext:
     """Everything a factory may need to build its attention function.
 
-    dhat-seg builds it from the run's settings (``dhat_seg.attention_model.build_attention``);
+    dhat-seg builds it from the run's settings (``dhat_seg.attention.model.build_attention``);
     a plugin's unit test builds one by hand, e.g. ``AttentionContext(options=
     spec.resolve_options({}), classifier=model, cam_layer=model.cam_layer)``.
 

@@ -2,13 +2,13 @@
 
 The :class:`Trainer` receives plain, built objects (:class:`RunParts`: datasets, model,
 training method, attention function or mask cache) from the orchestration layer
-(:mod:`dhat_seg.experiment`), which resolves a config into them. Periodic work with its
+(:mod:`dhat_seg.run.experiment`), which resolves a config into them. Periodic work with its
 own state, such as rebuilding self-attention masks, is a :class:`Callback`.
 
 Per batch: (image, label, index[, cached mask]) -> foreground mask of the clean image
 -> the training method's loss (with ``awp``: at perturbed weights, restored after the
 backward pass) -> statistics queued on the device (read in one transfer every
-``sync_every`` batches: :mod:`dhat_seg.train_loop`) -> step. With
+``sync_every`` batches: :mod:`dhat_seg.run.train_loop`) -> step. With
 ``mask_source: cache`` each sample's mask travels with its image through the same
 random crop and flip; with ``mask_source: online`` the attention function runs on
 every augmented batch.
@@ -18,11 +18,11 @@ only on the state saved at the end of the previous one. A run killed at any poin
 restarted with ``resume=True`` redoes the interrupted epoch and ends with the same
 ``summary.json`` as an uninterrupted run, and the same run repeated gives the same bits
 (on CPU; on CUDA some kernels stay nondeterministic, see
-:func:`dhat_seg.runtime.deterministic_kernels`).
+:func:`dhat_seg.run.determinism.deterministic_kernels`).
 
 Faults: the orchestration layer holds the run directory's lock and the SIGINT/SIGTERM
-handling around :meth:`Trainer.fit` (entered once per run, :func:`dhat_seg.runtime.run_scope`)
-and hands the trainer its :class:`~dhat_seg.runtime.GracefulStop`: a stop request ends the
+handling around :meth:`Trainer.fit` (entered once per run, :func:`dhat_seg.run.stopping.run_scope`)
+and hands the trainer its :class:`~dhat_seg.run.stopping.GracefulStop`: a stop request ends the
 fit at the end of the current batch (:class:`~dhat_seg.errors.Interrupted`; the last
 finished epoch's checkpoint is the resume point and the interrupted epoch is redone
 exactly). A write that fails (full disk, read-only file system) is a
@@ -44,21 +44,24 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from dhat_seg import __version__, attacks, evaluate
+from dhat_seg import __version__, attacks
+from dhat_seg.evaluation import evaluate
 from dhat_seg.attention import foreground_mask
 from dhat_seg.cache.dataset import MaskedDataset
 from dhat_seg.cache.store import batch_foreground
-from dhat_seg.checkpoint import (STATE, TRAIN_WEIGHTS, WEIGHTS, atomic_write_text, load_state, load_weights, read_pointers,
-                                 replaced_atomically, save_checkpoint)
+from dhat_seg.run.checkpoint import (STATE, TRAIN_WEIGHTS, WEIGHTS, atomic_write_text, load_state, load_weights,
+                                     read_pointers, replaced_atomically, save_checkpoint)
 from dhat_seg.config import TrainConfig, save_config
 from dhat_seg.method_options import flat_settings, migrate
-from dhat_seg.distributed import SINGLE, Dist, convert_sync_batchnorm
+from dhat_seg.run.distributed import SINGLE, Dist, convert_sync_batchnorm
 from dhat_seg.epoch_table import EpochPrinter
 from dhat_seg.errors import DivergenceError, Interrupted, UserError, write_error
-from dhat_seg.runtime import GracefulStop, seed_everything, signal_name, worker_count
-from dhat_seg.speed import prepare_model
-from dhat_seg.speed import describe as describe_speed
-from dhat_seg.train_loop import DeviceStats, EpochLoader, sync_interval
+from dhat_seg.run.determinism import seed_everything
+from dhat_seg.run.devices import worker_count
+from dhat_seg.run.stopping import GracefulStop, signal_name
+from dhat_seg.run.speed import prepare_model
+from dhat_seg.run.speed import describe as describe_speed
+from dhat_seg.run.train_loop import DeviceStats, EpochLoader, sync_interval
 from dhat_seg.training_methods import reads_base
 
 CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "summary.json"
@@ -66,7 +69,7 @@ CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "summa
 
 @dataclass
 class RunParts:
-    """What a run trains on, built from its config by :mod:`dhat_seg.experiment`.
+    """What a run trains on, built from its config by :mod:`dhat_seg.run.experiment`.
 
     ``attention``: a per-batch attention function (``mask_source: online``) or None;
     ``masks``: the per-sample mask cache of ``train`` (``mask_source: cache``) or None;
@@ -103,10 +106,10 @@ class Callback:
 class Trainer:
     """Fits one run into ``out_dir`` (config.yaml, metrics.jsonl, checkpoints/, summary.json).
 
-    It receives what the orchestration layer resolved once (:class:`dhat_seg.experiment.Experiment`):
+    It receives what the orchestration layer resolved once (:class:`dhat_seg.run.experiment.Experiment`):
     ``cfg`` validated, ``parts`` built, ``device`` and ``amp_dtype`` (the training passes'
     autocast dtype, None: fp32) checked, and ``stop``, the entered
-    :class:`~dhat_seg.runtime.GracefulStop` polled after each batch (None: nothing asks it to
+    :class:`~dhat_seg.run.stopping.GracefulStop` polled after each batch (None: nothing asks it to
     stop). It validates nothing again and enters no lock, signal handling or kernel setting.
     ``on_epoch``: called with every epoch's metrics record (default: a line of an epoch
     table on stdout, :class:`dhat_seg.epoch_table.EpochPrinter`)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
-from dhat_seg.ablate.rows import SeedRows, mean_std
+from dhat_seg.studies.rows import SeedRows, mean_std
 
 
 def paired_differences(rows: Iterable[SeedRows], reference: str, keys: Iterable[str]) -> dict[str, dict[str, Any]]:

@@ -13,7 +13,7 @@ transfer every few batches, and a DataLoader built once per fit.
   generator=Generator().manual_seed(s))`` per epoch (the figures of 0.1.0). With workers,
   each sample's augmentation is seeded by (seed, epoch, sample index), so a run does not
   depend on the number of workers and a resumed epoch is redone exactly. With
-  ``data_on_device`` it hands out :class:`dhat_seg.device_data.DeviceResident`'s batches
+  ``data_on_device`` it hands out :class:`dhat_seg.run.device_data.DeviceResident`'s batches
   instead (in-memory data on the device, cropped and flipped there a batch at a time).
 """
 
@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from dhat_seg.runtime import ignore_stop_signals
+from dhat_seg.run.stopping import ignore_stop_signals
 
 #: Batches between statistics reads on CUDA when ``sync_every`` is 0 (automatic).
 CUDA_SYNC_EVERY = 50
@@ -167,7 +167,7 @@ class EpochLoader:
         return self._loader
 
     def _build(self, dataset) -> Any:
-        from dhat_seg.device_data import DeviceResident, why_not_resident
+        from dhat_seg.run.device_data import DeviceResident, why_not_resident
 
         self.resident = bool(self.on_device) or (self.on_device is None and self.device.type == "cuda"
                                                   and why_not_resident(dataset) is None)

@@ -62,7 +62,7 @@ def draw_augmentation(n: int, padding: int, flip: bool, generator: torch.Generat
 
 def epoch_permutation(n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> Tensor:
     """This rank's samples of the epoch, in order: the worker DataLoader's permutation
-    (:class:`dhat_seg.train_loop._SeededSampler`), elements ``rank, rank + world, ...``."""
+    (:class:`dhat_seg.run.train_loop._SeededSampler`), elements ``rank, rank + world, ...``."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
     return perm[: n // world * world][rank::world]
 

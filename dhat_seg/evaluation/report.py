@@ -13,7 +13,7 @@ What is measured (DHAT evaluation protocol, REFERENCE section 1):
   ``only_fg`` and ``no_fg_bg_class`` (percent, see :func:`_bg_gap`);
 * for runs trained with an attention method: the IoU of its foreground (after the run's
   threshold policy) with the ground-truth masks, where the dataset has them;
-* optionally (``sanity=True``) the gradient-masking checks of :mod:`dhat_seg.sanity`.
+* optionally (``sanity=True``) the gradient-masking checks of :mod:`dhat_seg.evaluation.sanity`.
 """
 
 from __future__ import annotations
@@ -32,14 +32,15 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from dhat_seg import __version__, evaluate
-from dhat_seg.checkpoint import load_weights, resolve_weights
+from dhat_seg import __version__
+from dhat_seg.evaluation import evaluate
+from dhat_seg.run.checkpoint import load_weights, resolve_weights
 from dhat_seg.config import FIELDS, TrainConfig
 from dhat_seg.method_options import migrate
 from dhat_seg.data import DATASETS, split_for
 from dhat_seg.data.registry import BACKGROUND_CHALLENGE_SPLITS
 from dhat_seg.errors import UserError
-from dhat_seg.runtime import select_device
+from dhat_seg.run.devices import select_device
 
 EVAL_FILE = "eval.json"
 MIXED_RAND_SPLIT = "test-mixed-rand"
@@ -94,7 +95,7 @@ class EvalOptions:
     """Settings of one evaluation. Counts: None = all samples; 0 disables that part.
 
     Attributes:
-        attacks: comma list of :data:`dhat_seg.evaluate.EVAL_ATTACKS` names.
+        attacks: comma list of :data:`dhat_seg.evaluation.evaluate.EVAL_ATTACKS` names.
         n_examples: the first N samples of ``split``.
         aa_examples: AutoAttack on the first N of those only (it is the slow one).
         gap_attack: attack of the Robust Gap ("none" disables it).
@@ -110,7 +111,7 @@ class EvalOptions:
             any point an attack visits is misclassified; AutoAttack then runs only on the
             samples every other attack left unbroken and reports the union) or
             "last-iterate" (each attack judged on its last iterate, AutoAttack alone on all
-            samples, as many papers report). See :data:`dhat_seg.evaluate.ROBUST_ACCURACY`.
+            samples, as many papers report). See :data:`dhat_seg.evaluation.evaluate.ROBUST_ACCURACY`.
     """
 
     attacks: str = ",".join(evaluate.DEFAULT_ATTACKS)
@@ -280,7 +281,7 @@ def run_eval(target: str | Path, options: EvalOptions | None = None, *, log: Cal
         seconds["attention_iou"] = round(time.time() - t0, 2)
 
     if opts.sanity:
-        from dhat_seg import sanity
+        from dhat_seg.evaluation import sanity
 
         t0 = time.time()
         n_s = opts.sanity_examples or len(x)
@@ -369,7 +370,7 @@ def _attention_iou(cfg: TrainConfig, opts: EvalOptions, model, device, log) -> d
     the run's config); the frozen attention model is taken from the cache, never
     trained here. Returns a dict with ``mean_iou`` or a ``note`` saying why not.
     """
-    from dhat_seg.attention_model import build_attention, cache_root, find_attention_model, frozen
+    from dhat_seg.attention.model import build_attention, cache_root, find_attention_model, frozen
 
     test_ds = _dataset(cfg, "test")
     base = {"method": cfg.attention, "threshold_policy": cfg.threshold_policy, "omega": cfg.omega, "quantile": cfg.quantile}
@@ -378,7 +379,7 @@ def _attention_iou(cfg: TrainConfig, opts: EvalOptions, model, device, log) -> d
     root = cache_root(opts.cache_dir)
     train_ds = _dataset(cfg, "train")
     try:
-        from dhat_seg.plugin_manager import get_attention_spec
+        from dhat_seg.attention.plugin_manager import get_attention_spec
 
         spec = get_attention_spec(cfg.attention)
         options = dict(cfg.attention_options or {})

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from dhat_seg.attention import AttentionContext, AttentionFn, AttentionSpec, validate_attention
-from dhat_seg.checkpoint import load_weights, resolve_weights
+from dhat_seg.run.checkpoint import load_weights, resolve_weights
 from dhat_seg.config import TrainConfig
 from dhat_seg.errors import UserError
 from dhat_seg.models import Classifier
-from dhat_seg.plugin_manager import get_attention_spec
+from dhat_seg.attention.plugin_manager import get_attention_spec
 
 
 def cache_root(override: str | Path | None = None) -> Path:
@@ -67,7 +67,7 @@ def attention_model_dir(cfg: TrainConfig, train_fingerprint: str, root: Path) ->
 def find_attention_model(cfg: TrainConfig, train_fingerprint: str, root: Path) -> Path | None:
     """The attention model's weights file: ``cfg.attention_model``, or the one trained
     earlier into the cache; None when there is none yet (training it is the job of
-    :func:`dhat_seg.experiment.ensure_attention_model`)."""
+    :func:`dhat_seg.run.experiment.ensure_attention_model`)."""
     if cfg.attention_model:
         return resolve_weights(cfg.attention_model)
     run_dir = attention_model_dir(cfg, train_fingerprint, root)

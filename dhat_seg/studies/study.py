@@ -1,8 +1,8 @@
 """What a study's rows are: the one thing that differs between ``dhat-seg ablate`` (one row
 per attention method) and ``dhat-seg compare`` (one row per training method).
 
-The runner (:func:`dhat_seg.ablate.run.run_study`) and the outputs
-(:mod:`dhat_seg.ablate.output`) read everything row-specific from a :class:`Study`: how a
+The runner (:func:`dhat_seg.studies.run.run_study`) and the outputs
+(:mod:`dhat_seg.studies.output`) read everything row-specific from a :class:`Study`: how a
 row list is parsed, a row's label and run-directory name, its training config, whether it
 can run, its descriptive CSV/JSON fields, the table's columns and the paper's numbers to
 print beside the measured ones. The training and evaluation settings (presets, seeds,

@@ -1,8 +1,8 @@
 """The method comparison (``dhat-seg compare``): one row per training method, same data,
 model, schedule and evaluation; the paper's main-results rows beside them.
 
-It is a :class:`~dhat_seg.ablate.study.Study` run by the ablation's machinery
-(:func:`dhat_seg.ablate.run.run_study`): the same presets (``ABLATE_PRESETS``), seeds,
+It is a :class:`~dhat_seg.studies.study.Study` run by the ablation's machinery
+(:func:`dhat_seg.studies.run.run_study`): the same presets (``ABLATE_PRESETS``), seeds,
 reuse of finished rows, resume of interrupted ones, gradient-masking sanity checks per
 row, failed and skipped rows, and tables and plot. Only the rows differ: a row is a
 training method, plain (``standard, at, trades, mart, uiat, dhat, cfa, sglr``) or composed
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from dhat_seg.ablate.rows import AblatePreset, readiness
-from dhat_seg.ablate.study import COLUMNS, EXTRA_COLUMNS, Study
+from dhat_seg.studies.rows import AblatePreset, readiness
+from dhat_seg.studies.study import COLUMNS, EXTRA_COLUMNS, Study
 from dhat_seg.config import TrainConfig, needs_attention
 from dhat_seg import method_defaults
 from dhat_seg.errors import UserError
@@ -190,7 +190,7 @@ def parse_methods(value: str, attention: str, installed: Mapping[str, Any]) -> t
     ``all`` (every known row) or ``paper`` (the paper's main-results rows). Rows dhat-seg
     does not implement are skipped as such; DHAT rows are skipped when ``attention`` is a
     built-in attention method whose optional dependency is missing."""
-    from dhat_seg.plugin_manager import BUILTIN_PLUGINS
+    from dhat_seg.attention.plugin_manager import BUILTIN_PLUGINS
 
     value = (value or "").strip().lower()
     rows = method_rows()
@@ -284,12 +284,12 @@ def method_study(attention: str, options: Mapping[str, Mapping[str, Any]] | None
     """The comparison's rows, DHAT rows with the attention method ``attention``."""
 
     def parse(value: str) -> tuple[list[str], dict[str, str]]:
-        from dhat_seg.plugin_manager import attention_methods
+        from dhat_seg.attention.plugin_manager import attention_methods
 
         return parse_methods(value, attention, attention_methods())
 
     def ready(name: str, cfg: TrainConfig) -> str | None:
-        from dhat_seg.plugin_manager import attention_methods
+        from dhat_seg.attention.plugin_manager import attention_methods
 
         if not needs_attention(cfg.method):
             return None
@@ -315,7 +315,7 @@ def run_comparison(methods: list[str], base: TrainConfig, eval_options, out: Pat
     """Train and evaluate every method row (``run_study``'s keywords: seeds, cache_dir,
     overrides, log, progress, trainer_factory); returns comparison.json's content.
     ``attention``: the DHAT rows' attention method (default: the base config's)."""
-    from dhat_seg.ablate.run import run_study
+    from dhat_seg.studies.run import run_study
 
     attention = attention or base.attention
     study = method_study(attention, preset.attention_options if preset else None)

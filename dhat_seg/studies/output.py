@@ -1,5 +1,5 @@
 """A study's outputs (the ablation's, the comparison's): markdown/csv/json tables and the plot.
-Everything row-specific comes from the rows' :class:`~dhat_seg.ablate.study.Study`
+Everything row-specific comes from the rows' :class:`~dhat_seg.studies.study.Study`
 (default: the attention ablation).
 """
 
@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from dhat_seg.ablate.paired import paired_differences, paired_markdown
-from dhat_seg.ablate.rows import ATTENTION_STUDY, AblatePreset, Row, SeedRows, sanity_summary
-from dhat_seg.ablate.study import Study
+from dhat_seg.studies.paired import paired_differences, paired_markdown
+from dhat_seg.studies.rows import ATTENTION_STUDY, AblatePreset, Row, SeedRows, sanity_summary
+from dhat_seg.studies.study import Study
 
 
 # ---------------------------------------------------------------------------------

@@ -11,15 +11,15 @@ Data flows one way::
 A run is resolved once, here: :class:`Experiment` validates the config, picks the device
 and the autocast dtype, checks the speed options, takes the run directory's lock, enters
 the run scope (SIGINT/SIGTERM as a stop request, deterministic kernels:
-:func:`dhat_seg.runtime.run_scope`) and builds the training method, each once; the
+:func:`dhat_seg.run.stopping.run_scope`) and builds the training method, each once; the
 trainer, the mask builds and a nested attention-model run receive the results (the
-device, the dtype, the entered :class:`~dhat_seg.runtime.GracefulStop`) and enter
+device, the dtype, the entered :class:`~dhat_seg.run.stopping.GracefulStop`) and enter
 nothing again.
 
 Attention provisioning lives here and only here: the frozen attention model (a
 normally trained classifier, itself trained through this module as a plain run and
 cached), the mask cache built from it, the online attention function, and the
-self-attention refresh callback. Lower layers (trainer, cache, attention_model) never
+self-attention refresh callback. Lower layers (trainer, cache, attention.model) never
 call back up.
 
 Concurrency: a run holds its directory's lock (``RUN/.lock``) from before its
@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from dhat_seg.attention_model import (
+from dhat_seg.attention.model import (
     attention_model_config,
     attention_model_dir,
     build_attention,
@@ -46,19 +46,21 @@ from dhat_seg.attention_model import (
 )
 from dhat_seg.cache import provision
 from dhat_seg.cache.key import REBUILD_HINT
-from dhat_seg.checkpoint import resolve_weights
+from dhat_seg.run.checkpoint import resolve_weights
 from dhat_seg.cache.sharded import Shard
 from dhat_seg.config import TrainConfig, needs_attention
-from dhat_seg.distributed import SINGLE, Dist, check_distributable
+from dhat_seg.run.distributed import SINGLE, Dist, check_distributable
 from dhat_seg.epoch_table import EpochPrinter
 from dhat_seg.data import channel_stats, split_for
 from dhat_seg.errors import Interrupted, UserError
 from dhat_seg.models import CIFAR_MEAN, CIFAR_STD, create_model, module_mode
-from dhat_seg.runtime import (GracefulStop, directory_lock, resolve_amp_dtype, run_scope, seed_everything, select_device,
-                              signal_name)
-from dhat_seg.train_loop import batches_per_epoch
-from dhat_seg.speed import check_speed_options
-from dhat_seg.trainer import RunParts, Trainer
+from dhat_seg.run.determinism import seed_everything
+from dhat_seg.run.devices import resolve_amp_dtype, select_device
+from dhat_seg.run.locks import directory_lock
+from dhat_seg.run.stopping import GracefulStop, run_scope, signal_name
+from dhat_seg.run.train_loop import batches_per_epoch
+from dhat_seg.run.speed import check_speed_options
+from dhat_seg.run.trainer import RunParts, Trainer
 from dhat_seg.training_methods import create_training_method
 
 Log = Callable[[str], None]
@@ -176,7 +178,7 @@ def build_parts(cfg: TrainConfig, out: Path, *, device, root: Path, log: Log = _
     attention of a run (``dist``: the ranks of a torchrun job build the mask cache
     together; ``stop``: the run scope's GracefulStop, handed to the mask build and the
     attention model's run)."""
-    from dhat_seg.callbacks import SelfAttentionMasks
+    from dhat_seg.run.callbacks import SelfAttentionMasks
 
     c = cfg
     seed_everything(c.seed)

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from dhat_seg.again_net import AgainNet
+from dhat_seg.models.again_net import AgainNet
 from dhat_seg.errors import UserError
-from dhat_seg.fsr_module import FSRNet
+from dhat_seg.models.fsr_module import FSRNet
 from dhat_seg.models import Classifier, ResNet, SmallCNN, WideResNet
 
 

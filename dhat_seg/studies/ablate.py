@@ -19,7 +19,7 @@ the mask caches are built once per method and shared by all seeds. The spread ov
 seeds is thus the spread of training on one dataset with fixed masks.
 
 Every row is evaluated with the gradient-masking sanity checks of ``dhat-seg eval
---sanity`` (:mod:`dhat_seg.sanity`, binomial tests at alpha 0.01); a row that fails one is
+--sanity`` (:mod:`dhat_seg.evaluation.sanity`, binomial tests at alpha 0.01); a row that fails one is
 ``suspect: <check> failed (<count> of <n>, p = <p-value>)``, in the table and the plot,
 never a plain result. A row whose ``summary.json`` and
 ``eval.json`` (with its sanity results) match its config and the evaluation settings is
@@ -31,20 +31,20 @@ All of this holds per seed. The table is produced in every case.
 All DHAT rows whose method reads a classifier (Grad-CAM, IG, SAM prompted at
 CAM peaks) share one frozen, normally trained attention model, trained once into the cache.
 
-The machinery is shared with ``dhat-seg compare`` (:mod:`dhat_seg.compare`, one row per
-training method): a :class:`~dhat_seg.ablate.study.Study` says what a study's rows are
+The machinery is shared with ``dhat-seg compare`` (:mod:`dhat_seg.studies.compare`, one row per
+training method): a :class:`~dhat_seg.studies.study.Study` says what a study's rows are
 (parsing, label, run directory, config, readiness, paper numbers), and
-:func:`~dhat_seg.ablate.run.run_study` runs any study; :func:`run_ablation` is the
+:func:`~dhat_seg.studies.run.run_study` runs any study; :func:`run_ablation` is the
 attention study.
 
-Modules: :mod:`~dhat_seg.ablate.study` (the row specification), :mod:`~dhat_seg.ablate.rows`
-(presets, attention rows, seeds), :mod:`~dhat_seg.ablate.run` (training and evaluating the
-rows), :mod:`~dhat_seg.ablate.launch` (rows fanned out: ``--jobs N`` worker processes or
-submitit jobs), :mod:`~dhat_seg.ablate.output` (tables and plot).
+Modules: :mod:`~dhat_seg.studies.study` (the row specification), :mod:`~dhat_seg.studies.rows`
+(presets, attention rows, seeds), :mod:`~dhat_seg.studies.run` (training and evaluating the
+rows), :mod:`~dhat_seg.studies.launch` (rows fanned out: ``--jobs N`` worker processes or
+submitit jobs), :mod:`~dhat_seg.studies.output` (tables and plot).
 """
 
-from dhat_seg.ablate.output import markdown_table, paper_table, plot, write_outputs
-from dhat_seg.ablate.rows import (
+from dhat_seg.studies.output import markdown_table, paper_table, plot, write_outputs
+from dhat_seg.studies.rows import (
     ABLATE_PRESETS,
     ATTENTION_STUDY,
     NEEDS_DOWNLOAD,
@@ -67,9 +67,9 @@ from dhat_seg.ablate.rows import (
     run_dir_for,
     sanity_status,
 )
-from dhat_seg.ablate.launch import LAUNCHERS, Launcher, make_launcher
-from dhat_seg.ablate.run import RowJob, describe_config, metrics_from_report, run_ablation, run_row, run_study
-from dhat_seg.ablate.study import Study
+from dhat_seg.studies.launch import LAUNCHERS, Launcher, make_launcher
+from dhat_seg.studies.run import RowJob, describe_config, metrics_from_report, run_ablation, run_row, run_study
+from dhat_seg.studies.study import Study
 
 __all__ = [
     "ABLATE_PRESETS", "ATTENTION_STUDY", "LAUNCHERS", "NEEDS_DOWNLOAD", "NO_DOWNLOAD_HINT", "PAPER_ORDER", "ROW_ORDER",

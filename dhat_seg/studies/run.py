@@ -1,4 +1,4 @@
-"""Running a study (:class:`~dhat_seg.ablate.study.Study`): every row once per seed,
+"""Running a study (:class:`~dhat_seg.studies.study.Study`): every row once per seed,
 reusing finished rows and resuming interrupted ones. :func:`run_ablation` is the attention
 ablation; ``dhat-seg compare`` runs its method rows through :func:`run_study` too.
 """
@@ -13,15 +13,15 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from dhat_seg.convergence import DEFAULT_THRESHOLD, run_verdict
+from dhat_seg.evaluation.convergence import DEFAULT_THRESHOLD, run_verdict
 from dhat_seg.config import TrainConfig
 from dhat_seg.errors import UserError
-from dhat_seg.evaluation_report import EVAL_FILE, EvalOptions, run_eval
-from dhat_seg.ablate.rows import (AblatePreset, Row, SeedRows, _alternate_dir, attention_study, run_dir_for,
+from dhat_seg.evaluation.report import EVAL_FILE, EvalOptions, run_eval
+from dhat_seg.studies.rows import (AblatePreset, Row, SeedRows, _alternate_dir, attention_study, run_dir_for,
     sanity_status)
-from dhat_seg.ablate.launch import Launcher, failure_status, fan_out, plan_all, provision_all
-from dhat_seg.ablate.output import write_outputs
-from dhat_seg.ablate.study import Study
+from dhat_seg.studies.launch import Launcher, failure_status, fan_out, plan_all, provision_all
+from dhat_seg.studies.output import write_outputs
+from dhat_seg.studies.study import Study
 
 
 # ---------------------------------------------------------------------------------
@@ -158,18 +158,18 @@ def run_study(
     evaluate nothing; write the table of the rows finished so far (the others "pending").
     A row whose validation accuracy still moved by more than ``convergence_threshold``
     points over its last 2 epochs is marked in the status column
-    (:mod:`dhat_seg.convergence`).
+    (:mod:`dhat_seg.evaluation.convergence`).
 
     Seed by seed: every row of the first seed, then of the next, so that a complete
     table of the first seed exists early. Training and evaluation of seed ``s`` run with
     ``seed=s`` (data, training, attacks).
 
-    ``launcher`` (:mod:`dhat_seg.ablate.launch`): None or one job at a time on the local
+    ``launcher`` (:mod:`dhat_seg.studies.launch`): None or one job at a time on the local
     machine runs the rows here, one after another; otherwise the rows to run are fanned out
     (local worker processes or submitit jobs), with the attention models and mask caches
     provisioned here first; reuse, resume, failures and the table are the same.
     ``trainer_factory`` must then be picklable (a top-level class)."""
-    from dhat_seg.attention_model import cache_root
+    from dhat_seg.attention.model import cache_root
     from dhat_seg.data import split_for
 
     study = study.for_preset(preset.name if preset else None)
@@ -254,7 +254,7 @@ class RowJob:
     progress: bool = True
     #: torch threads of the process running it (None: leave them)
     threads: int | None = None
-    #: the trainer (default :class:`~dhat_seg.experiment.Experiment`)
+    #: the trainer (default :class:`~dhat_seg.run.experiment.Experiment`)
     trainer_factory: Callable[..., Any] | None = None
 
 
@@ -262,7 +262,7 @@ def run_row(job: RowJob, log: Callable[[str], None] | None = None) -> dict[str, 
     """Train (or resume) and evaluate one row x seed in its run directory; returns the
     evaluation's report (eval.json). The one function that runs a row, whether the study
     runs its rows here one after another, in local worker processes or as submitit jobs."""
-    from dhat_seg.experiment import Experiment
+    from dhat_seg.run.experiment import Experiment
 
     if log is None:
         def log(message: str) -> None:
