@@ -33,7 +33,7 @@ def tiny(**overrides) -> TrainConfig:
                   val_size=8, epochs=1, batch_size=16, attack_steps=1, inv_steps=1, val_examples=8, val_attack_steps=1,
                   device="cpu", milestones=[])
     values.update(overrides)
-    return load_config(None, values)  # validated here, before the counting starts
+    return load_config(None, values)  # validated here, and not again by Experiment
 
 
 def counting(monkeypatch) -> Counter:
@@ -71,8 +71,8 @@ def counting(monkeypatch) -> Counter:
 
 
 def test_a_run_is_resolved_once(tmp_path, monkeypatch):
-    cfg = tiny()
     calls = counting(monkeypatch)
+    cfg = tiny()  # load_config validates: Experiment does not again
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     summary = Experiment(cfg, tmp_path / "run", cache_dir=tmp_path / "cache", progress=False, log=lambda m: None,
                          on_epoch=lambda r: None).run()
@@ -90,8 +90,8 @@ def test_the_attention_model_run_shares_the_outer_scope(tmp_path, monkeypatch):
     """A run whose attention model is trained first (a nested run): its directory is locked
     once (by ensure_attention_model, not again by the nested run), and the signal handling
     and the kernel settings are the outer run's, handed down."""
-    cfg = tiny(attention="gradcam", attention_model_arch="small_cnn", attention_model_epochs=1)
     calls = counting(monkeypatch)
+    cfg = tiny(attention="gradcam", attention_model_arch="small_cnn", attention_model_epochs=1)
     Experiment(cfg, tmp_path / "run", cache_dir=tmp_path / "cache", progress=False, log=lambda m: None,
                on_epoch=lambda r: None).run()
     assert calls["GracefulStop entered"] == 1 and calls["deterministic_kernels"] == 1
@@ -100,6 +100,21 @@ def test_the_attention_model_run_shares_the_outer_scope(tmp_path, monkeypatch):
     model_locks = [k for k in calls if k.startswith("lock attention-models/")]
     assert len(model_locks) == 1 and calls[model_locks[0]] == 1
     assert calls[f"lock {tmp_path.name}/run"] == 1
+
+
+def test_a_config_changed_after_validation_is_validated_again(monkeypatch):
+    cfg = tiny()
+    assert cfg.validated
+    calls = counting(monkeypatch)
+    Experiment(cfg, "unused")
+    assert calls["validate"] == 0
+    cfg.seed = 3  # any assignment
+    assert not cfg.validated
+    Experiment(cfg, "unused")
+    assert calls["validate"] == 1 and cfg.validated
+    built = TrainConfig(method="at", model="small_cnn", device="cpu")  # built directly: never validated
+    Experiment(built, "unused")
+    assert calls["validate"] == 2
 
 
 def test_runtime_holds_no_module_state_for_locks_or_signals():

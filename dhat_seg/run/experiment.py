@@ -238,7 +238,7 @@ class Experiment:
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, *, log: Log | None = None, cache_dir: str | Path | None = None,
                  progress: bool = True, rebuild_masks: bool = False, on_epoch: Callable[[dict], None] | None = None,
                  dist: Dist = SINGLE, stop: GracefulStop | None = None):
-        self.cfg = cfg.validate()
+        self.cfg = cfg if cfg.validated else cfg.validate()  # load_config's validation counts: once per run
         self.out = Path(out_dir)
         self.log = log or _stderr
         self.cache_root = cache_root(cache_dir)
