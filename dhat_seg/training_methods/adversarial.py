@@ -73,6 +73,10 @@ class TRADES(MadryAT):
     loss forwards x twice; dhat-seg once (one BN update for x, one for x_adv).
     """
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.beta = cfg.options("trades").beta  # read once, not per step
+
     def adversarial(self, model, x, y, eps=None):
         with self.auxiliary(model):
             return attacks.trades_kl_attack(model, x, self.eps if eps is None else eps, self.alpha, self.cfg.attack_steps,
@@ -83,7 +87,7 @@ class TRADES(MadryAT):
         ce = F.cross_entropy(z_nat, y)
         kl = losses.trades_regulariser(z_nat, z_adv)
         stats = {"ce": ce.detach(), "kl_adv": kl.detach(), "max_logit_clean": max_abs(z_nat), "max_logit_adv": max_abs(z_adv)}
-        return ce + self.cfg.options("trades").beta * kl, z_adv, stats
+        return ce + self.beta * kl, z_adv, stats
 
 
 class MART(MadryAT):
@@ -98,9 +102,13 @@ class MART(MadryAT):
     WRN-34-10 script (train_wideresnet.py); their ResNet-18 script uses 5.0.
     """
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.beta = cfg.options("mart").beta  # read once, not per step
+
     def base_loss(self, model, x, y, x_adv):
         z_nat, z_adv = model(x), model(x_adv)
         bce, robust = losses.mart_terms(z_nat, z_adv, y)
         stats = {"bce_adv": bce.detach(), "kl_weighted": robust.detach(), "max_logit_clean": max_abs(z_nat),
                  "max_logit_adv": max_abs(z_adv)}
-        return bce + self.cfg.options("mart").beta * robust, z_adv, stats
+        return bce + self.beta * robust, z_adv, stats

@@ -53,7 +53,7 @@ from dhat_seg import attacks
 from dhat_seg.models.again_net import AgainOutputs, again_model_name, is_again_model, labelled, recording, require_again
 from dhat_seg.errors import UserError
 from dhat_seg.training_methods.adversarial import MadryAT
-from dhat_seg.training_methods.again_hff import fused_first_stage, hff_on
+from dhat_seg.training_methods.again_hff import fused_first_stage
 from dhat_seg.training_methods.base import max_abs
 
 #: Weight of the mean auxiliary CE (the release's ``loss + 2 * channel_reg_loss``).
@@ -92,6 +92,10 @@ class AGAINCode(MadryAT):
     """AGAIN as released: every batch, L = CE + 2 mean auxiliary CE on the labelled forward of
     x_adv, x_adv from an eval-mode attack on L (see the module doc)."""
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.settings = cfg.options("again")  # read once, not per step
+
     def on_fit_start(self, model, state):
         require_again(model)
 
@@ -110,8 +114,8 @@ class AGAINCode(MadryAT):
 
     def loss(self, model, x, y, foreground=None, prepared=None):
         prepared = self.prepare(model, x, y) if prepared is None else prepared
-        fusion = fused_first_stage(model) if hff_on(self.cfg) else contextlib.nullcontext()
-        with labelled(model, y, self.cfg.options("again").alpha), recording(model) as outputs, fusion:
+        fusion = fused_first_stage(model) if self.settings.hff_on else contextlib.nullcontext()
+        with labelled(model, y, self.settings.alpha), recording(model) as outputs, fusion:
             model(prepared["x_adv"])
         out = outputs[-1]
         loss, ce, aux = code_loss(out, y)
