@@ -328,28 +328,40 @@ def test_all_rows_include_u2net_and_oracle_and_sam_points_at_u2net():
         assert ablate.readiness(name, ablate.row_config(base, name, {}, {}), methods[name], methods) is None
 
 
-def test_the_plot_has_iou_panels_with_error_bars(tmp_path):
+def test_the_plot_has_iou_panels(tmp_path):
+    """One seed: attention IoU against BG-gap and AA, UIAT as a reference line; several
+    seeds with UIAT: one panel per hypothesis, each row's mean paired difference at its
+    mean IoU with its 95 % t-interval."""
     from matplotlib.container import ErrorbarContainer
 
     def seeds(name, values):
         return ablate.SeedRows(name, {s: ablate.Row(name, status="ok", seed=s, metrics=m) for s, m in enumerate(values)})
 
-    rows = [seeds("-", [{"clean": 60.0, "aa": 30.0, "bg_gap": 8.0}, {"clean": 62.0, "aa": 32.0, "bg_gap": 6.0}]),
-            seeds("gradcam", [{"clean": 61.0, "aa": 31.0, "bg_gap": 5.0, "iou": 0.1}, {"clean": 63.0, "aa": 33.0, "bg_gap": 3.0, "iou": 0.2}]),
-            seeds("oracle", [{"clean": 64.0, "aa": 34.0, "bg_gap": 1.0, "iou": 1.0}, {"clean": 64.0, "aa": 35.0, "bg_gap": 2.0, "iou": 1.0}]),
-            ablate.SeedRows("sam", {0: ablate.Row("sam", status="skipped: no weights")})]
-    fig = ablate.plot(rows, tmp_path / "p.png")
-    bars, bg, aa = fig.axes
+    values = {"-": [{"clean": 60.0, "aa": 30.0, "bg_gap": 8.0}, {"clean": 62.0, "aa": 32.0, "bg_gap": 6.0}],
+              "gradcam": [{"clean": 61.0, "aa": 31.0, "bg_gap": 5.0, "iou": 0.1}, {"clean": 63.0, "aa": 33.0, "bg_gap": 3.0, "iou": 0.2}],
+              "oracle": [{"clean": 64.0, "aa": 34.0, "bg_gap": 1.0, "iou": 1.0}, {"clean": 64.0, "aa": 35.0, "bg_gap": 2.0, "iou": 1.0}]}
+    skipped = ablate.SeedRows("sam", {0: ablate.Row("sam", status="skipped: no weights")})
+    one = [seeds(name, v[:1]) for name, v in values.items()] + [skipped]
+    bars, bg, aa = ablate.plot(one, tmp_path / "one.png").axes
     assert [t.get_text() for t in bars.get_legend().get_texts()] == ["- (UIAT)", "Grad-CAM", "Oracle (GT)"]
     assert [(ax.get_xlabel(), ax.get_ylabel()) for ax in (bg, aa)] == [
         ("attention IoU with the ground truth", "BG-gap (points)"), ("attention IoU with the ground truth", "AA (%)")]
-    for ax, uiat in ((bg, 7.0), (aa, 31.0)):
+    for ax, uiat in ((bg, 8.0), (aa, 30.0)):
         points = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
         assert len(points) == 2  # Grad-CAM and the oracle; UIAT has no IoU: a reference line
         assert [t.get_text() for t in ax.get_legend().get_texts()] == ["- (UIAT): no attention IoU", "Grad-CAM", "Oracle (GT)"]
         assert [line.get_ydata()[0] for line in ax.get_lines() if line.get_label().startswith("- (UIAT)")] == [uiat]
-    x, y = points[0].lines[0].get_data()  # Grad-CAM in the AA panel: means
-    assert (x[0], y[0]) == (pytest.approx(0.15), pytest.approx(32.0))
+
+    several = [seeds(name, v) for name, v in values.items()] + [skipped]
+    fig = ablate.plot(several, tmp_path / "p.png")
+    bars, panels = fig.axes[0], fig.axes[1:]
+    assert [ax.get_title().split(":")[0] for ax in panels] == ["H1", "H2", "H3", "H4", "H5"]
+    h4 = panels[3]
+    points = [c for c in h4.containers if isinstance(c, ErrorbarContainer)]
+    got = sorted((float(c.lines[0].get_data()[0][0]), float(c.lines[0].get_data()[1][0])) for c in points)
+    # Grad-CAM: mean IoU 0.15, AA minus UIAT's 1 and 1; the oracle: IoU 1, differences 4 and 3
+    assert got == [(pytest.approx(0.15), pytest.approx(1.0)), (pytest.approx(1.0), pytest.approx(3.5))]
+    assert h4.get_title().endswith("supported")  # both rows' intervals above -5
     assert (tmp_path / "p.png").stat().st_size > 0
 
 
@@ -387,3 +399,35 @@ def test_table_cells_keep_the_precision_of_their_column():
     assert (_fmt(0.6, "robust_gap"), _fmt(63.2, "bg_gap"), _fmt(0.0, "clean")) == ("0.60", "63.20", "0.00")
     assert (_fmt(0.51234, "iou"), _fmt_std(0.0321, "iou"), _fmt_std(2.5, "aa")) == ("0.5123", "0.0321", "2.50")
     assert (_fmt(None, "aa"), _fmt(3, "n")) == ("n/a", "3")
+
+
+def test_report_only_regenerates_the_table_files_bit_for_bit(tmp_path, monkeypatch):
+    import dataclasses
+
+    from dhat_seg.evaluation.report import EvalOptions
+
+    calls = []
+    fake_ablation(tmp_path, monkeypatch, calls, failing=(), seeds=[0, 1])
+    out = tmp_path / "out"
+    # the runs' own cost, read from their folders: epochs' seconds and the evaluation's total
+    (out / "seed-0" / "uiat" / "metrics.jsonl").write_text('{"epoch": 1, "seconds": 30.5}\n{"epoch": 2, "seconds": 29.5}\n')
+    report = json.loads((out / "seed-0" / "uiat" / "eval.json").read_text())
+    (out / "seed-0" / "uiat" / "eval.json").write_text(json.dumps({**report, "seconds": {"total": 90.0}}))
+    preset = ablate.ABLATE_PRESETS["quick"]
+    base = ablate.base_config(preset, {"image_size": 16, "train_size": 100, "test_size": 40, "device": "cpu"})
+    options = dataclasses.replace(EvalOptions(), **preset.eval, device="cpu").validate()
+
+    def regenerate():
+        result = ablate.run_ablation(["-", "gradcam"], base, options, out, seeds=[0, 1], cache_dir=tmp_path / "cache",
+                                     preset=preset, log=lambda m: None, progress=False, trainer_factory=FakeTrainer,
+                                     report_only=True)
+        return result, {name: (out / name).read_bytes() for name in ("ablation.md", "ablation.csv", "ablation.json", "ablation.png")}
+
+    evaluated = len(calls)
+    first, files = regenerate()
+    second, again = regenerate()
+    assert files == again and len(calls) == evaluated  # same bytes, nothing evaluated
+    assert first["seconds"] is None and first["compute"] == {"train_s": 60.0, "eval_s": 90.0, "runs": 1}
+    assert first["rows"][0]["per_seed"][0]["cost"] == {"train_s": 60.0, "eval_s": 90.0}
+    md = files["ablation.md"].decode()
+    assert "Report regenerated from the run folders" in md and "training 1.0 min, evaluation 1.5 min" in md

@@ -407,3 +407,21 @@ def test_cfa_start_epochs_scale_with_the_schedule_unless_set():
     given = dataclasses.replace(base, method_options={"cfa": {"begin": 2, "fawa_begin": 4}})
     kept = method_config(given, "cfa", "gradcam")
     assert (kept.options("cfa").begin, kept.options("cfa").fawa_begin) == (2, 4)
+
+
+def test_a_comparison_row_may_name_its_own_attention():
+    installed = {"gradcam": object(), "u2net": object(), "oracle": object()}
+    names, unavailable = compare.parse_methods("at,dhat,DHAT[attention=u2net],dhat[attention=u2net]", "gradcam", installed)
+    assert names == ["at", "dhat", "dhat[attention=u2net]"] and unavailable == {}
+    assert compare.compare_label("dhat[attention=u2net]") == "DHAT [U^2-Net-p]"
+    assert compare.compare_key("dhat[attention=u2net]") == "dhat-u2net" and compare.compare_key("dhat") == "dhat"
+    base = quick_base()
+    cfg = compare.method_config(base, "dhat[attention=u2net]", "gradcam")
+    assert (cfg.method, cfg.attention) == ("dhat", "u2net")
+    assert compare.method_config(base, "dhat", "gradcam").attention == "gradcam"
+    study = compare.method_study("gradcam")
+    assert study.describe("dhat[attention=u2net]")["attention"] == "u2net"
+    for bad, match in (("at[attention=u2net]", "reads no attention"), ("dhat[base=trades]", "takes only attention"),
+                       ("dhat[attention=nosuch]", "is unknown")):
+        with pytest.raises(UserError, match=match):
+            compare.parse_methods(bad, "gradcam", installed)

@@ -99,7 +99,8 @@ def print_study(result: Mapping[str, Any], study, settings: types.SimpleNamespac
         typer.echo(paper_table(study))
     n = len(settings.seeds)
     runs = f"{len(rows)} rows x {n} seeds" if n > 1 else f"{len(rows)} rows"
-    typer.echo(f"\n{runs} in {result['seconds']} s; written to {out}/{study.stem}.md, .csv, .json, .png")
+    took = "regenerated from the run folders" if result["seconds"] is None else f"in {result['seconds']} s"
+    typer.echo(f"\n{runs} {took}; written to {out}/{study.stem}.md, .csv, .json, .png")
 
 
 def register(root: typer.Typer) -> None:
@@ -110,7 +111,8 @@ def register(root: typer.Typer) -> None:
     @user_errors
     def ablate(
         attention: str = typer.Option("all", help="'all' (= '-' + every installed method) or a comma list, e.g. -,gradcam,sam; "
-                                                  "'-' or 'none' is the UIAT row"),
+                                                  "'-' or 'none' is the UIAT row; METHOD[KEY=VALUE,...] is a row with options "
+                                                  "of its own, e.g. oracle[dilate=2]"),
         preset: str = typer.Option("quick", help="quick (built-in data, CPU) | paper (CIFAR-10, WRN-28-10, the paper's settings)"),
         out: Optional[Path] = typer.Option(None, help="output folder, one run directory per row (default runs/ablate-<preset>)"),
         attention_checkpoint: Optional[List[str]] = typer.Option(None, help="NAME=PATH weights of a method, e.g. sam=sam_vit_b.pth (repeatable)"),

@@ -38,7 +38,9 @@ training method): a :class:`~dhat_seg.studies.study.Study` says what a study's r
 attention study.
 
 Modules: :mod:`~dhat_seg.studies.study` (the row specification), :mod:`~dhat_seg.studies.rows`
-(presets, attention rows, seeds), :mod:`~dhat_seg.studies.run` (training and evaluating the
+(attention rows, seeds), :mod:`~dhat_seg.studies.presets` (quick, paper, part-paper),
+:mod:`~dhat_seg.studies.variants` (rows with options of their own), :mod:`~dhat_seg.studies.trend`
+(the Table 10 hypotheses' tests), :mod:`~dhat_seg.studies.cost` (what the runs cost), :mod:`~dhat_seg.studies.run` (training and evaluating the
 rows), :mod:`~dhat_seg.studies.launch` (rows fanned out: ``--jobs N`` worker processes or
 submitit jobs), :mod:`~dhat_seg.studies.output` (tables and plot).
 """
@@ -47,6 +49,12 @@ from dhat_seg.studies.output import markdown_table, paper_table, plot, write_out
 from dhat_seg.studies.rows import (
     ABLATE_PRESETS,
     ATTENTION_STUDY,
+    attention_study,
+    ordered_methods,
+    parse_rows,
+    row_config,
+    row_key,
+    row_label,
     NEEDS_DOWNLOAD,
     NO_DOWNLOAD_HINT,
     PAPER_ORDER,
@@ -55,15 +63,11 @@ from dhat_seg.studies.rows import (
     AblatePreset,
     Row,
     SeedRows,
-    attention_study,
     base_config,
     combined_status,
     mean_std,
-    ordered_methods,
-    parse_rows,
     parse_seeds,
     readiness,
-    row_config,
     run_dir_for,
     sanity_status,
 )
@@ -75,5 +79,5 @@ __all__ = [
     "ABLATE_PRESETS", "ATTENTION_STUDY", "LAUNCHERS", "NEEDS_DOWNLOAD", "NO_DOWNLOAD_HINT", "PAPER_ORDER", "ROW_ORDER",
     "UIAT", "AblatePreset", "Launcher", "RowJob", "make_launcher", "run_row", "Row", "SeedRows", "Study", "attention_study", "base_config", "combined_status", "describe_config",
     "markdown_table", "mean_std", "metrics_from_report", "ordered_methods", "paper_table", "parse_rows", "parse_seeds",
-    "plot", "readiness", "row_config", "run_ablation", "run_dir_for", "run_study", "sanity_status", "write_outputs",
+    "plot", "readiness", "row_config", "row_key", "row_label", "run_ablation", "run_dir_for", "run_study", "sanity_status", "write_outputs",
 ]

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dhat_seg.studies.rows import AblatePreset, readiness
+from dhat_seg.studies.variants import parse_variant, split_rows, variant_name
 from dhat_seg.studies.study import COLUMNS, EXTRA_COLUMNS, Study
 from dhat_seg.config import TrainConfig, needs_attention
 from dhat_seg import method_defaults
@@ -192,32 +193,67 @@ def parse_methods(value: str, attention: str, installed: Mapping[str, Any]) -> t
     built-in attention method whose optional dependency is missing."""
     from dhat_seg.attention.plugin_manager import BUILTIN_PLUGINS
 
-    value = (value or "").strip().lower()
+    value = (value or "").strip()
     rows = method_rows()
-    names = list(rows) if value == "all" else list(PAPER_ROWS) if value == "paper" else []
-    for part in ([] if names else value.split(",")):
-        part = part.strip().replace("_", "-")
-        if not part:
-            continue
-        name = ALIASES.get(part, part)
-        if name not in rows:
+    names = list(rows) if value.lower() == "all" else list(PAPER_ROWS) if value.lower() == "paper" else []
+    for part in ([] if names else split_rows(value)):
+        row_name, own = parse_variant(part.strip())
+        row_name = row_name.lower().replace("_", "-")
+        row_name = ALIASES.get(row_name, row_name)
+        if row_name not in rows:
             raise UserError(f"--methods {part!r} is unknown; expected 'all', 'paper' or a comma list of "
-                            f"{', '.join(rows)}")
+                            f"{', '.join(rows)} (a row may carry options of its own: dhat[attention=u2net])")
+        unknown = sorted(set(own) - set(ROW_OPTIONS))
+        if unknown:
+            raise UserError(f"--methods {part!r} sets {', '.join(unknown)}; a method row takes only "
+                            f"{', '.join(ROW_OPTIONS)} in brackets, e.g. dhat[attention=u2net]")
+        if own and not needs_attention(rows[row_name].method or ""):
+            raise UserError(f"--methods {part!r}: {row_name} reads no attention method; [attention=...] is for "
+                            "rows that do (dhat, dhat-trades, part, ...)")
+        name = variant_name(row_name, own)
         if name not in names:
             names.append(name)
     if not names:
         raise UserError(f"--methods is empty; expected 'all', 'paper' or a comma list such as {DEFAULT_METHODS}")
     unavailable = {}
     for name in names:
-        row = rows[name]
+        row_name, own = parse_variant(name)
+        row, used = rows[row_name], own.get("attention", attention)
         if row.method is None:
             unavailable[name] = NOT_IMPLEMENTED
-        elif needs_attention(row.method) and attention not in installed:
-            if attention not in BUILTIN_PLUGINS:
-                raise UserError(f"--attention {attention!r} is unknown; expected one of {', '.join(installed)}")
-            unavailable[name] = (f"the built-in attention method {attention!r} is unavailable (an optional dependency "
+        elif needs_attention(row.method) and used not in installed:
+            if used not in BUILTIN_PLUGINS:
+                flag = "--methods ... [attention=...]" if "attention" in own else "--attention"
+                raise UserError(f"{flag} {used!r} is unknown; expected one of {', '.join(installed)}")
+            unavailable[name] = (f"the built-in attention method {used!r} is unavailable (an optional dependency "
                                  "is missing; see `dhat-seg plugins`)")
     return names, unavailable
+
+
+#: Options a comparison row may carry in brackets (``dhat[attention=u2net]``).
+ROW_OPTIONS = ("attention",)
+
+
+def row_attention(name: str, attention: str) -> tuple[str, str]:
+    """(the :data:`METHOD_ROWS` name, the attention method) of a row name that may carry
+    ``[attention=...]``; ``attention``: the study's."""
+    row_name, own = parse_variant(name)
+    return row_name, own.get("attention", attention)
+
+
+def compare_label(name: str) -> str:
+    """A row's label: "DHAT", or "DHAT [U^2-Net-p]" for ``dhat[attention=u2net]``."""
+    from dhat_seg.studies.rows import DISPLAY
+
+    row_name, own = parse_variant(name)
+    label = method_rows()[row_name].label
+    return label + (f" [{DISPLAY.get(own['attention'], own['attention'])}]" if "attention" in own else "")
+
+
+def compare_key(name: str) -> str:
+    """A row's run-directory name: the row's, or "dhat-u2net" for ``dhat[attention=u2net]``."""
+    row_name, own = parse_variant(name)
+    return row_name + (f"-{own['attention']}" if "attention" in own else "")
 
 
 #: CFA's defaults (config.py), epochs of the paper's 100
@@ -232,6 +268,7 @@ def method_config(base: TrainConfig, name: str, attention: str,
     ``attention`` with its preset options (``options``) under the base's."""
     from dhat_seg.training_methods import TRAINING_METHODS, reads_base
 
+    name, attention = row_attention(name, attention)
     row = method_rows().get(name)
     if row is None or row.method is None:
         raise UserError(f"method row {name!r} is {'unknown' if row is None else NOT_IMPLEMENTED}")
@@ -273,6 +310,7 @@ def part_settings(base: TrainConfig, attention: str, options: Mapping[str, Any])
 def _describe(name: str, attention: str) -> dict[str, Any]:
     from dhat_seg.training_methods import reads_base
 
+    name, attention = row_attention(name, attention)
     row = method_rows()[name]
     if row.method is None:
         return {"method": None, "base": None, "awp": None, "attention": None}
@@ -302,7 +340,7 @@ def method_study(attention: str, options: Mapping[str, Mapping[str, Any]] | None
     return Study(
         command="compare", stem="comparison", title="training methods", reference="DHAT main results",
         row_header="method", parse=parse, config=lambda base, name: method_config(base, name, attention, options),
-        label=lambda name: method_rows()[name].label, key=lambda name: name,
+        label=compare_label, key=compare_key,
         describe=lambda name: _describe(name, attention), describe_keys=("method", "base", "awp", "attention"),
         readiness=ready, columns=COMPARE_COLUMNS, extra_columns=COMPARE_EXTRA_COLUMNS, paper=PAPER_MAIN_RESULTS,
         paper_labels=PAPER_LABELS, paper_caption="the DHAT paper's main results (WRN-28-10, CIFAR-10, eps 8/255)",

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dhat_seg.studies.paired import paired_differences, paired_markdown
+from dhat_seg.studies.cost import total_cost
 from dhat_seg.studies.rows import ATTENTION_STUDY, AblatePreset, Row, SeedRows, sanity_summary
 from dhat_seg.studies.study import Study
 
@@ -144,6 +145,40 @@ def _iou_panel(ax, done: list, colours: dict[str, str], key: str, header: str, u
                 ha="center", va="center", fontsize=8, transform=ax.transAxes)
 
 
+def _hypothesis_panel(ax, result: Mapping[str, Any], rows: list, colours: dict[str, str], header: str) -> None:
+    """One hypothesis: each attention row's mean paired difference from the reference (y,
+    95 % t-interval over seeds) at its mean attention IoU (x); a trend's mean per-seed
+    line; 0 (the reference) and a floor's margin as horizontal lines."""
+    from dhat_seg.studies.trend import paired_points, row_means
+
+    means = row_means(paired_points(rows, result["reference"], result["key"]))
+    labels = {r.name: r.label for r in rows}
+    for name, m in means.items():
+        d = m["diff"]
+        half = None if d["low"] is None else d["mean"] - d["low"]
+        ax.errorbar([m["iou"]], [d["mean"]], yerr=None if half is None else [half], fmt="o", capsize=3, markersize=5,
+                    color=colours.get(name, "C0"))
+        right = m["iou"] > 0.75
+        ax.annotate(labels.get(name, name), (m["iou"], d["mean"]), textcoords="offset points",
+                    xytext=(-5 if right else 5, 4), fontsize=6, ha="right" if right else "left")
+    ax.axhline(0, color="black", linewidth=0.8, linestyle="--")
+    if result["kind"] == "trend" and result["per_seed_slope"]:
+        from statistics import fmean
+
+        slope, intercept = result["estimate"], fmean(result["per_seed_intercept"].values())
+        ax.plot([0, 1], [intercept, intercept + slope], color="grey", linewidth=1.0)
+    if result["kind"] == "floor":
+        ax.axhline(-result["margin"], color="red", linewidth=0.8, linestyle=":")
+    interval = "" if result["low"] is None else f" [{result['low']:+.1f}, {result['high']:+.1f}]"
+    what = "slope" if result["kind"] == "trend" else "worst row"
+    estimate = "n/a" if result["estimate"] is None else f"{result['estimate']:+.1f}"
+    ax.set_title(f"{result['hypothesis']}: {header}; {what} {estimate}{interval}: {result['verdict']}", fontsize=8)
+    ax.set_xlabel("attention IoU with the ground truth", fontsize=7)
+    ax.set_ylabel(f"{header}, row - reference (points)", fontsize=7)
+    ax.set_xlim(-0.02, 1.02)
+    ax.tick_params(labelsize=7)
+
+
 def plot(rows: list, path: Path, study: Study | None = None):
     """Top: grouped bars, one group per metric, one bar per row with results (IoU x 100),
     error bars = std over seeds (several seeds). Suspect rows (a failed sanity check) are
@@ -160,9 +195,13 @@ def plot(rows: list, path: Path, study: Study | None = None):
     colours = {r.name: f"C{i % 10}" for i, r in enumerate(done)}
     seeds = max((len(getattr(r, "done", [r])) for r in done), default=1)
     metrics = [(k, h) for k, h in study.columns if any(r.stat(k)[0] is not None for r in done)]
-    fig = Figure(figsize=(max(9.0, 1.4 * len(metrics) + 2), 8.4 if study.iou_panels else 4.8))
+    hypotheses = _hypothesis_results(rows, study) if seeds > 1 else []
+    height = 12.0 if hypotheses else 8.4 if study.iou_panels else 4.8
+    fig = Figure(figsize=(max(12.0 if hypotheses else 9.0, 1.4 * len(metrics) + 2), height))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(2, 1, 1) if study.iou_panels else fig.add_subplot(1, 1, 1)
+    grid = fig.add_gridspec(3, 3) if hypotheses else None
+    ax = (fig.add_subplot(grid[0, :]) if hypotheses else fig.add_subplot(2, 1, 1) if study.iou_panels
+          else fig.add_subplot(1, 1, 1))
     width = 0.8 / max(len(done), 1)
     for i, r in enumerate(done):
         scale = {k: 100 if k == "iou" else 1 for k, _ in metrics}
@@ -181,13 +220,44 @@ def plot(rows: list, path: Path, study: Study | None = None):
     ax.set_title(title + (f" (mean ± std over up to {seeds} seeds)" if seeds > 1 else ""))
     if done:
         ax.legend(fontsize=8)
-    if study.iou_panels:
+    if hypotheses:
+        from dhat_seg.studies.trend import HYPOTHESES
+
+        headers = {h.name: h.header for h in HYPOTHESES}
+        for i, result in enumerate(hypotheses[:6]):
+            _hypothesis_panel(fig.add_subplot(grid[1 + i // 3, i % 3]), result, rows, colours,
+                              headers.get(result["hypothesis"], result["key"]))
+    elif study.iou_panels:
         _iou_panel(fig.add_subplot(2, 2, 3), done, colours, "bg_gap", "BG-gap", "points")
         robust = "aa" if any(r.stat("aa")[0] is not None for r in done) or not done else "pgd10"
         _iou_panel(fig.add_subplot(2, 2, 4), done, colours, robust, "AA" if robust == "aa" else "PGD-10", "%")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return fig
+
+
+def _hypothesis_results(rows: list, study: Study) -> list[dict[str, Any]]:
+    """The fixed hypotheses' tests (:mod:`dhat_seg.studies.trend`) of a several-seed study
+    with attention IoUs and a reference row; [] otherwise."""
+    from dhat_seg.studies.trend import evaluate_hypotheses
+
+    if not study.iou_panels or study.reference_row is None or _single(rows) is not None:
+        return []
+    if not any(r.name == study.reference_row and r.has_results for r in rows):
+        return []
+    return [{**r, "reference": study.reference_row} for r in evaluate_hypotheses(rows, study.reference_row)]
+
+
+def _time_line(rows: list, meta: Mapping[str, Any]) -> str:
+    """The command's wall time (none for a report regenerated with --report-only) and the
+    compute its rows' runs recorded in their folders."""
+    cost = total_cost(rows)
+    wall = ("Report regenerated from the run folders (no wall time). " if meta.get("seconds") is None
+            else f"Total time {meta.get('seconds')} s. ")
+    if not cost["runs"]:
+        return wall.rstrip()
+    return wall + (f"Compute recorded in the {cost['runs']} runs' folders: training {cost['train_s'] / 60:.1f} min, "
+                   f"evaluation {cost['eval_s'] / 60:.1f} min (summed; runs side by side overlap in wall time).")
 
 
 #: CSV/JSON keys beyond the table columns.
@@ -208,13 +278,16 @@ def write_outputs(out: Path, rows: list, meta: Mapping[str, Any], preset: Ablate
     keys = [k for k, _ in study.columns] + [k for k, _ in study.extra_columns] + list(MORE_KEYS)
     described = list(study.describe_keys)
     json_rows = [r.to_dict() for r in single] if single is not None else [r.to_dict(keys) for r in rows]
-    data = {**meta, "rows": json_rows, "table_markdown": markdown_table(rows, with_paper=with_paper, study=study)}
+    data = {**meta, "compute": total_cost(rows), "rows": json_rows, "table_markdown": markdown_table(rows, with_paper=with_paper, study=study)}
     paired = ""
     if single is None and study.reference_row is not None:
         diff_keys = [k for k, _ in study.columns if k != "iou"]
         diffs = paired_differences(rows, study.reference_row, diff_keys)
         data["paired_differences"] = {"reference": study.reference_row, "rows": diffs}
         paired = paired_markdown(diffs, rows, study.columns, study.label(study.reference_row))
+    hypotheses = _hypothesis_results(rows, study)
+    if hypotheses:
+        data["hypotheses"] = hypotheses
     if with_paper:
         data[study.paper_key] = {name: dict(values) for name, values in study.paper.items()}
     (out / f"{study.stem}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
@@ -267,6 +340,18 @@ def write_outputs(out: Path, rows: list, meta: Mapping[str, Any], preset: Ablate
                    "seeds where both rows have a value, (n). `*`: the mean is more than two standard errors from zero "
                    "(a rough screen; with n = 3 a t-test at p < 0.05 needs about 4.3). "
                    f"Every seed's difference: {study.stem}.json, `paired_differences`.", "", paired, ""]
+        if hypotheses:
+            from dhat_seg.studies.trend import hypotheses_markdown
+
+            md += ["## Hypotheses: attention quality against the paired differences", "",
+                   f"The hypotheses fixed before the runs (dhat-seg's docs, Results), tested on the rows with an "
+                   f"attention IoU, each seed's values minus {study.label(study.reference_row)}'s. Trend: the mean over "
+                   "seeds of each seed's least-squares slope of the difference on the IoU (points per unit IoU), with "
+                   "its 95 % t-interval; supported when the interval lies wholly on the predicted side of zero, against "
+                   "when wholly on the other, else inconclusive. Floor: every row's mean paired difference with its "
+                   "95 % t-interval against the margin. Rank corr.: Spearman's, between the rows' mean IoU and mean "
+                   f"difference (a description, not a test). Per seed and per row: {study.stem}.json, `hypotheses`.",
+                   "", hypotheses_markdown(hypotheses, {r.name: r.label for r in rows}), ""]
     md += ["Clean, PGD-10, " + ("PGD-20, " if "pgd20" in columns else "")
            + "C&W (PGD-20 on the C&W margin loss), AA (AutoAttack standard): test accuracy in %, eps 8/255. "
            f"Robust Gap: {settings.get('gap_attack', 'pgd10')} accuracy on training samples minus on test samples "
@@ -279,7 +364,7 @@ def write_outputs(out: Path, rows: list, meta: Mapping[str, Any], preset: Ablate
            + ("IoU: attention foreground vs ground-truth masks (mean over test images). " if "iou" in columns else "")
            + "n/a = not measurable here.",
            f"Evaluation: {settings.get('n_examples') or 'all'} test examples, AutoAttack on {settings.get('aa_examples') or 'all'}, "
-           f"Robust Gap on {settings.get('gap_examples') or 'as many'} training samples. Total time {meta.get('seconds')} s.",
+           f"Robust Gap on {settings.get('gap_examples') or 'as many'} training samples. " + _time_line(rows, meta),
            f"Every row ran the gradient-masking sanity checks of `dhat-seg eval --sanity` on the first "
            f"{settings.get('sanity_examples') or 'all'} test samples (iterative beats single-step, robustness "
            "falls as eps grows, unbounded attack succeeds, white-box beats transfer, random sampling finds nothing PGD "

@@ -1,4 +1,4 @@
-"""The rows of the ablation: presets, per-seed runs and their statistics, which rows run.
+"""The rows of the ablation: per-seed runs and their statistics, statuses, which rows run (presets: :mod:`dhat_seg.studies.presets`).
 """
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from dhat_seg.studies.presets import ABLATE_PRESETS, PART_PAPER_TRAIN, AblatePreset  # noqa: F401  (re-exported)
 from dhat_seg.studies.study import COLUMNS, EXTRA_COLUMNS, Study  # noqa: F401  (COLUMNS: re-exported)
+from dhat_seg.studies.variants import parse_variant, split_rows, variant_name
 from dhat_seg.config import TrainConfig, load_config
 from dhat_seg.errors import UserError
 
@@ -34,85 +36,6 @@ PAPER_TABLE10: dict[str, dict[str, float]] = {
     "ig": {"clean": 83.97, "pgd10": 60.35, "cw": 55.18, "aa": 53.04, "robust_gap": 3.68},
     "solo": {"clean": 84.26, "pgd10": 61.60, "cw": 56.74, "aa": 54.93, "robust_gap": 3.09},
     "sam": {"clean": 85.65, "pgd10": 62.44, "cw": 58.10, "aa": 56.38, "robust_gap": 2.46},
-}
-
-
-#: The PART paper's schedule (section 4.1, Appendix G: CIFAR-10, ResNet-18) over the ``paper``
-#: training preset; configs/part.yaml holds the same for ``dhat-seg train`` (a test keeps them equal).
-PART_PAPER_TRAIN: dict[str, Any] = {"model": "resnet18", "epochs": 80, "batch_size": 128, "lr": 0.01, "momentum": 0.9,
-                                    "weight_decay": 2e-4, "milestones": [60], "gamma": 0.1, "eps": 8.0, "step_size": 2.0,
-                                    "attack_steps": 10, "attack_mode": "eval", "trades.beta": 6.0, "mart.beta": 6.0}
-
-
-@dataclass(frozen=True)
-class AblatePreset:
-    """Training preset (``config.PRESETS`` name) + overrides, and evaluation settings."""
-
-    name: str
-    description: str
-    base: str
-    train: Mapping[str, Any]
-    eval: Mapping[str, Any]
-    show_paper: bool = False
-    #: attention-method options of the preset (``--attention-opt`` overrides them)
-    attention_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-
-
-ABLATE_PRESETS: dict[str, AblatePreset] = {
-    p.name: p
-    for p in (
-        AblatePreset(
-            "quick",
-            "built-in data (32x32; synthetic unless --set data=digits), small CNN, the `quick` training preset unchanged (batches of 32, "
-            "3-step attacks, 15 epochs decayed at 10, FLOE in the bounded 'relative' form: the paper form diverges and the code form "
-            "collapses at this scale); about 20-25 minutes on 2 otherwise idle CPU cores for the three rows that run "
-            "without checkpoints (UIAT, Grad-CAM, IG); evaluation on the first 500 test samples, AutoAttack on the "
-            "first 100 (on CPU its four attacks cost about 2 s per robust sample), Robust Gap on 500 training samples, "
-            "gradient-masking sanity checks on the first 1000 test samples (the whole quick test split: power 0.8 "
-            "to detect noise breaking 5% of the PGD-robust samples)",
-            "quick",
-            {},
-            # sanity_examples: the noise check tests "noise breaks <= 2% of the PGD-robust samples" at
-            # alpha 0.01 (dhat_seg.evaluation.sanity); detecting a masking effect of 5% with power >= 0.8 needs
-            # binomial.samples_for_power(0.02, 0.05, 0.01, 0.8) = 383 PGD-robust samples (power 0.80
-            # at 383, 0.85 at 400, 0.86 at 450). Quick AT-family rows kept 42-48% under PGD-10 on the
-            # first generator: at 40% or more, 1000 samples give 400 or more (power >= 0.85);
-            # 100 (before) gave about 45 (power 0.1). Rows with less robustness have less power; each
-            # eval.json says how much ("power" of the noise check).
-            {"attacks": "clean,pgd10,cw,aa", "n_examples": 500, "aa_examples": 100, "gap_attack": "pgd10",
-             "gap_examples": 500, "iou_examples": 500, "bg_gap": True, "sanity_examples": 1000},
-            # U^2-Net-p at 224 instead of its native 320: about 2.5x the masks per second on CPU
-            # (3.9/s on 2 idle cores: 12 minutes for the 2700 training masks) for a foreground IoU
-            # at omega 0.1 of 0.50 instead of 0.55 (benchmarks/bench_u2net.py; at 192 and 176
-            # it drops to 0.41-0.42 for no gain in speed)
-            attention_options={"u2net": {"input_size": 224}},
-        ),
-        AblatePreset(
-            "paper",
-            "the paper's setting (REFERENCE section 1): CIFAR-10, WRN-28-10, 100 epochs, lr 0.1 decayed at 80/90, "
-            "PGD-10 training; Grad-CAM from a normally trained ResNet-18. Evaluation on the full test set "
-            "(AutoAttack standard on all 10000), Robust Gap on the first 10000 training samples, gradient-masking "
-            "sanity checks on the first 1000 test samples. Needs a GPU and CIFAR-10 (--set download=true or "
-            "--set data_root=...)",
-            "paper",
-            {},
-            {"attacks": "clean,pgd10,cw,aa", "n_examples": None, "aa_examples": None, "gap_attack": "pgd10",
-             "gap_examples": 10000, "iou_examples": 500, "bg_gap": True, "sanity_examples": 1000},
-            show_paper=True,
-        ),
-        AblatePreset(
-            "part-paper",
-            "the PART paper's setting (REFERENCE section 2; configs/part.yaml): CIFAR-10, ResNet-18, 80 epochs, lr 0.01 "
-            "decayed at 60, weight decay 2e-4, PGD-10 training attacks in eval mode; PART rows burn in 20 epochs and "
-            "refresh their masks every epoch. Evaluation as the paper preset's, plus PGD-20 (eval.json). Needs a GPU "
-            "and CIFAR-10 (--set download=true or --set data_root=...)",
-            "paper",
-            PART_PAPER_TRAIN,
-            {"attacks": "clean,pgd10,pgd20,cw,aa", "n_examples": None, "aa_examples": None, "gap_attack": "pgd10",
-             "gap_examples": 10000, "iou_examples": 500, "bg_gap": True, "sanity_examples": 1000},
-            show_paper=True,  # compare: the PART paper's Table 1 (compare.PAPER_PART_RESULTS)
-        ),
-    )
 }
 
 
@@ -152,6 +75,7 @@ class Row(_Named):
     study: Study | None = field(default=None, repr=False, compare=False)
     trains: str | None = None  # what the row's config trains, e.g. "dhat (base trades) + gradcam"
     convergence: dict[str, Any] | None = None  # dhat_seg.evaluation.convergence.Convergence.to_dict() of its run
+    cost: dict[str, Any] | None = None  # {"train_s", "eval_s"}: its run's own seconds (run_cost), whenever it ran
 
     @property
     def suspect(self) -> bool:
@@ -181,7 +105,7 @@ class Row(_Named):
     def to_dict(self) -> dict[str, Any]:
         return {"row": self.label, **self.spec.describe(self.name), "status": self.status, "run_dir": self.run_dir,
                 "seconds": self.seconds, **self.metrics, "sanity": self.sanity, "seed": self.seed, "trains": self.trains,
-                "convergence": self.convergence}
+                "convergence": self.convergence, "cost": self.cost}
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None, int]:
@@ -315,48 +239,6 @@ def sanity_summary(sanity: Mapping[str, Any] | None) -> str:
 # ---------------------------------------------------------------------------------
 
 
-def ordered_methods(names) -> list[str]:
-    known = [n for n in ROW_ORDER if n in names]
-    return known + sorted(n for n in names if n not in ROW_ORDER)
-
-
-def parse_rows(value: str, installed: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
-    """``--attention`` -> (row names, {name: skip reason} for built-ins that are unavailable).
-
-    "all" = "-" + every registered method. A comma list may contain "-"/"none"/"uiat"
-    (the UIAT row) and method names.
-    """
-    from dhat_seg.attention.plugin_manager import BUILTIN_PLUGINS
-
-    value = (value or "").strip()
-    if value.lower() == "all":
-        return [UIAT] + ordered_methods(installed), {}
-    rows, unavailable = [], {}
-    for part in (p.strip() for p in value.split(",")):
-        if not part:
-            continue
-        name = UIAT if part.lower() in UIAT_ALIASES else part
-        if name != UIAT and name not in installed:
-            if name in BUILTIN_PLUGINS:
-                unavailable[name] = f"the built-in plugin {name!r} is unavailable (an optional dependency is missing; see `dhat-seg plugins`)"
-            else:
-                known = ", ".join(["-"] + list(installed))
-                raise UserError(f"--attention {part!r} is unknown; expected 'all' or a comma list of {known}")
-        if name not in rows:
-            rows.append(name)
-    if not rows:
-        raise UserError("--attention is empty; expected 'all' or a comma list such as -,gradcam,sam")
-    return rows, unavailable
-
-
-def row_config(base: TrainConfig, name: str, checkpoints: Mapping[str, str], options: Mapping[str, Mapping[str, Any]]) -> TrainConfig:
-    """The training config of a row: the shared base with the row's method/attention."""
-    if name == UIAT:
-        return dataclasses.replace(base, method="uiat")
-    return dataclasses.replace(base, method="dhat", attention=name, attention_checkpoint=checkpoints.get(name),
-                               attention_options=dict(options.get(name, {})))
-
-
 def parse_seeds(value: str | None) -> list[int] | None:
     """``--seeds 0,1,2`` -> [0, 1, 2] (None when not given); distinct non-negative integers."""
     if value is None:
@@ -411,8 +293,76 @@ def base_config(preset: AblatePreset, overrides: Mapping[str, Any]) -> TrainConf
 
 
 # ---------------------------------------------------------------------------------
-# The study of the ablation: one row per attention method
+# The ablation's rows: "-" (UIAT) and one DHAT row per attention method (or variant)
 # ---------------------------------------------------------------------------------
+
+
+def ordered_methods(names) -> list[str]:
+    known = [n for n in ROW_ORDER if n in names]
+    return known + sorted(n for n in names if n not in ROW_ORDER)
+
+
+def row_method(name: str) -> str:
+    """The attention method of a row name ("oracle[dilate=2]" -> "oracle")."""
+    return parse_variant(name)[0] if name != UIAT else UIAT
+
+
+def row_label(name: str) -> str:
+    """The table label of a row: "Oracle (GT) [dilate=2]" for a variant."""
+    method, options = parse_variant(name) if name != UIAT else (UIAT, {})
+    label = DISPLAY.get(method, method)
+    return label + (" [" + ", ".join(f"{k}={v}" for k, v in sorted(options.items())) + "]" if options else "")
+
+
+def row_key(name: str) -> str:
+    """A row's run-directory name: "uiat", the method's name, or "oracle-dilate2-flip0.1" for a variant."""
+    if name == UIAT:
+        return "uiat"
+    method, options = parse_variant(name)
+    return method + "".join(f"-{k}{v}" for k, v in sorted(options.items()))
+
+
+def parse_rows(value: str, installed: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
+    """``--attention`` -> (row names, {name: skip reason} for built-ins that are unavailable).
+
+    "all" = "-" + every registered method. A comma list may contain "-"/"none"/"uiat"
+    (the UIAT row), method names and method variants ``METHOD[KEY=VALUE,...]``: the method
+    with options of that row alone (e.g. the oracle degraded: ``oracle[dilate=2]``), over
+    ``--attention-opt``'s.
+    """
+    from dhat_seg.attention.plugin_manager import BUILTIN_PLUGINS
+
+    value = (value or "").strip()
+    if value.lower() == "all":
+        return [UIAT] + ordered_methods(installed), {}
+    rows, unavailable = [], {}
+    for part in split_rows(value):
+        if part.lower() in UIAT_ALIASES:
+            name, method = UIAT, UIAT
+        else:
+            method, options = parse_variant(part)
+            name = variant_name(method, options)
+        if method != UIAT and method not in installed:
+            if method in BUILTIN_PLUGINS:
+                unavailable[name] = f"the built-in plugin {method!r} is unavailable (an optional dependency is missing; see `dhat-seg plugins`)"
+            else:
+                known = ", ".join(["-"] + list(installed))
+                raise UserError(f"--attention {part!r} is unknown; expected 'all' or a comma list of {known} "
+                                "(a method may carry options of its row: METHOD[KEY=VALUE,...])")
+        if name not in rows:
+            rows.append(name)
+    if not rows:
+        raise UserError("--attention is empty; expected 'all' or a comma list such as -,gradcam,sam")
+    return rows, unavailable
+
+
+def row_config(base: TrainConfig, name: str, checkpoints: Mapping[str, str], options: Mapping[str, Mapping[str, Any]]) -> TrainConfig:
+    """The training config of a row: the shared base with the row's method/attention."""
+    if name == UIAT:
+        return dataclasses.replace(base, method="uiat")
+    method, own = parse_variant(name)
+    return dataclasses.replace(base, method="dhat", attention=method, attention_checkpoint=checkpoints.get(method),
+                               attention_options={**options.get(method, {}), **own})
 
 
 def _attention_readiness(name: str, cfg: TrainConfig) -> str | None:
@@ -421,7 +371,8 @@ def _attention_readiness(name: str, cfg: TrainConfig) -> str | None:
     if name == UIAT:
         return None
     methods = attention_methods()
-    return readiness(name, cfg, methods[name], methods)
+    method = row_method(name)
+    return readiness(method, cfg, methods[method], methods)
 
 
 def _parse_attention_rows(value: str) -> tuple[list[str], dict[str, str]]:
@@ -438,7 +389,7 @@ def attention_study(checkpoints: Mapping[str, str] | None = None,
     return Study(
         command="ablate", stem="ablation", title="attention methods", reference="DHAT Table 10", row_header="attention",
         parse=_parse_attention_rows, config=lambda base, name: row_config(base, name, checkpoints, options),
-        label=lambda name: DISPLAY.get(name, name), key=lambda name: "uiat" if name == UIAT else name,
+        label=row_label, key=row_key,
         describe=lambda name: {"attention": None if name == UIAT else name, "method": "uiat" if name == UIAT else "dhat"},
         describe_keys=("attention", "method"), readiness=_attention_readiness, paper=PAPER_TABLE10,
         paper_caption="the paper's Table 10 (WRN-28-10, CIFAR-10)", paper_heading="Paper Table 10",

@@ -17,8 +17,8 @@ from dhat_seg.evaluation.convergence import DEFAULT_THRESHOLD, run_verdict
 from dhat_seg.config import TrainConfig
 from dhat_seg.errors import UserError
 from dhat_seg.evaluation.report import EVAL_FILE, EvalOptions, run_eval
-from dhat_seg.studies.rows import (AblatePreset, Row, SeedRows, _alternate_dir, attention_study, run_dir_for,
-    sanity_status)
+from dhat_seg.studies.rows import AblatePreset, Row, SeedRows, _alternate_dir, attention_study, run_dir_for, sanity_status
+from dhat_seg.studies.cost import run_cost
 from dhat_seg.studies.launch import Launcher, failure_status, fan_out, plan_all, provision_all
 from dhat_seg.studies.output import write_outputs
 from dhat_seg.studies.study import Study
@@ -204,7 +204,9 @@ def run_study(
         meta["eval_settings"] = {**settings, "seed": seeds}
 
     def write() -> dict[str, Any]:
-        return write_outputs(out, table, meta | {"seconds": round(time.time() - started, 1)}, preset, study)
+        # report only: no wall time, so that a report regenerated from the run folders is the same file
+        seconds = None if report_only else round(time.time() - started, 1)
+        return write_outputs(out, table, meta | {"seconds": seconds}, preset, study)
 
     ctx = _StudyRun(study=study, out=out, multi=multi, unavailable=unavailable, report_only=report_only, root=root,
                     log=log, progress=progress, trainer_factory=trainer_factory,
@@ -357,6 +359,7 @@ class _StudyRun:
         row.metrics, row.sanity = metrics_from_report(report), report["sanity"]
         row.status = sanity_status(row.sanity, reused)
         row.convergence = run_verdict(run_dir, threshold=self.convergence_threshold).to_dict()
+        row.cost = run_cost(run_dir)
         if row.climbing:
             self.log(f"{self.command}: row {self.name(row)}: {row.climbing} (validation accuracy; see {run_dir / 'metrics.jsonl'})")
         if row.suspect:
