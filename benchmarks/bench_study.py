@@ -83,11 +83,12 @@ def run_study(args, jobs: int) -> Path:
     return out
 
 
-def _epoch_seconds(run_dir: Path) -> float:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return float("nan")
-    return sum(float(json.loads(line).get("seconds") or 0) for line in path.read_text().splitlines() if line.strip())
+def _seconds(run_dir: Path, part: str) -> float:
+    """A run's training (``train_s``) or evaluation (``eval_s``) seconds from its folder; nan when missing."""
+    from dhat_seg.studies.cost import run_cost
+
+    value = run_cost(run_dir)[part]
+    return float("nan") if value is None else value
 
 
 def study_figures(out: Path) -> dict:
@@ -101,15 +102,14 @@ def study_figures(out: Path) -> dict:
         if not report.is_file():
             rows.append({"row": row["row"], "status": row["status"]})
             continue
-        train_s = _epoch_seconds(run_dir)
-        eval_s = float(json.loads(report.read_text())["seconds"]["total"])
+        train_s, eval_s = _seconds(run_dir, "train_s"), _seconds(run_dir, "eval_s")
         rows.append({"row": row["row"], "status": row["status"], "train_s": train_s, "eval_s": eval_s,
                      "ratio": eval_s / train_s if train_s else float("nan")})
     caches = []
     for meta in sorted((out / "cache" / "masks").glob("*/meta.json")):
         m = json.loads(meta.read_text())
         caches.append({"cache": meta.parent.name, "n": m.get("n"), "build_s": m.get("build_seconds")})
-    models = [{"model": d.name, "train_s": _epoch_seconds(d)} for d in sorted((out / "cache" / "attention-models").glob("*"))
+    models = [{"model": d.name, "train_s": _seconds(d, "train_s")} for d in sorted((out / "cache" / "attention-models").glob("*"))
               if (d / "metrics.jsonl").is_file()]
     # bench.json's "rows" (the --rows value) stays as "row_list": "rows" are the measured rows
     return {**bench, "row_list": bench.get("rows"), "rows": rows, "caches": caches, "attention_models": models}

@@ -149,9 +149,7 @@ def _hypothesis_panel(ax, result: Mapping[str, Any], rows: list, colours: dict[s
     """One hypothesis: each attention row's mean paired difference from the reference (y,
     95 % t-interval over seeds) at its mean attention IoU (x); a trend's mean per-seed
     line; 0 (the reference) and a floor's margin as horizontal lines."""
-    from dhat_seg.studies.trend import paired_points, row_means
-
-    means = row_means(paired_points(rows, result["reference"], result["key"]))
+    means = result["per_row"]
     labels = {r.name: r.label for r in rows}
     for name, m in means.items():
         d = m["diff"]
@@ -179,7 +177,7 @@ def _hypothesis_panel(ax, result: Mapping[str, Any], rows: list, colours: dict[s
     ax.tick_params(labelsize=7)
 
 
-def plot(rows: list, path: Path, study: Study | None = None):
+def plot(rows: list, path: Path, study: Study | None = None, hypotheses: list[dict[str, Any]] | None = None):
     """Top: grouped bars, one group per metric, one bar per row with results (IoU x 100),
     error bars = std over seeds (several seeds). Suspect rows (a failed sanity check) are
     hatched, edged in red and named so in the legend. Bottom (a study with
@@ -195,7 +193,8 @@ def plot(rows: list, path: Path, study: Study | None = None):
     colours = {r.name: f"C{i % 10}" for i, r in enumerate(done)}
     seeds = max((len(getattr(r, "done", [r])) for r in done), default=1)
     metrics = [(k, h) for k, h in study.columns if any(r.stat(k)[0] is not None for r in done)]
-    hypotheses = _hypothesis_results(rows, study) if seeds > 1 else []
+    if hypotheses is None:
+        hypotheses = _hypothesis_results(rows, study) if seeds > 1 else []
     height = 12.0 if hypotheses else 8.4 if study.iou_panels else 4.8
     fig = Figure(figsize=(max(12.0 if hypotheses else 9.0, 1.4 * len(metrics) + 2), height))
     FigureCanvasAgg(fig)
@@ -377,7 +376,7 @@ def write_outputs(out: Path, rows: list, meta: Mapping[str, Any], preset: Ablate
         md += ["", f"Values in parentheses: {study.paper_caption}.", "", f"## {study.paper_heading}", "", paper_table(study)]
     (out / f"{study.stem}.md").write_text("\n".join(md) + "\n")
     try:
-        plot(single if single is not None else rows, out / f"{study.stem}.png", study)
+        plot(single if single is not None else rows, out / f"{study.stem}.png", study, hypotheses)
     except Exception as exc:  # a plotting problem must not lose the table
         print(f"warning: could not draw {out / (study.stem + '.png')}: {exc}", file=sys.stderr)
     return data

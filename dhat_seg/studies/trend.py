@@ -77,14 +77,11 @@ def t_quantile(df: int, level: float = LEVEL) -> float:
 def t_interval(values: Sequence[float], level: float = LEVEL) -> dict[str, Any]:
     """{"mean", "std" (ddof=1), "n", "low", "high"}: the mean's two-sided t-interval;
     std/low/high None below two values."""
-    values = [float(v) for v in values]
-    n = len(values)
-    if n == 0:
-        return {"mean": None, "std": None, "n": 0, "low": None, "high": None}
-    mean = statistics.fmean(values)
-    if n < 2:
-        return {"mean": mean, "std": None, "n": 1, "low": None, "high": None}
-    std = statistics.stdev(values)
+    from dhat_seg.studies.rows import mean_std
+
+    mean, std, n = mean_std([float(v) for v in values])
+    if std is None:
+        return {"mean": mean, "std": None, "n": n, "low": None, "high": None}
     half = t_quantile(n - 1, level) * std / math.sqrt(n)
     return {"mean": mean, "std": std, "n": n, "low": mean - half, "high": mean + half}
 
@@ -172,7 +169,7 @@ def trend_test(rows: Iterable, reference: str, hyp: Hypothesis) -> dict[str, Any
             "estimate": slope["mean"], "low": slope["low"], "high": slope["high"], "n_seeds": slope["n"],
             "per_seed_slope": {seed: fit[0] for seed, fit in fits.items()},
             "per_seed_intercept": {seed: fit[1] for seed, fit in fits.items()},
-            "rows": sorted(means), "spearman_row_means": rho,
+            "rows": sorted(means), "per_row": means, "spearman_row_means": rho,
             "verdict": _verdict(slope["low"], slope["high"], hyp.direction)}
 
 
@@ -195,7 +192,7 @@ def floor_test(rows: Iterable, reference: str, hyp: Hypothesis) -> dict[str, Any
             "estimate": tested[worst]["mean"] if worst else None, "low": tested[worst]["low"] if worst else None,
             "high": tested[worst]["high"] if worst else None, "worst_row": worst,
             "n_seeds": max((d["n"] for d in tested.values()), default=0),
-            "per_row": {name: m["diff"] for name, m in means.items()}, "rows": sorted(means), "verdict": verdict}
+            "per_row": means, "rows": sorted(means), "verdict": verdict}
 
 
 def evaluate_hypotheses(rows: Iterable, reference: str,
