@@ -240,6 +240,33 @@ def test_a_finished_row_is_reused_and_an_interrupted_one_resumes(tmp_path, monke
     assert calls == [("mart", 0)] and [(name, resume) for name, _, resume in FakeTrainer.runs] == [("mart", True)]
 
 
+def test_reuse_copies_a_run_finished_by_another_study_instead_of_training_it(tmp_path, monkeypatch):
+    calls = []
+    fake_compare(tmp_path, monkeypatch, calls, methods=("at", "uiat"), seeds=[0, 1])
+    first = tmp_path / "out"
+    calls.clear()
+    monkeypatch.setattr(FakeTrainer, "runs", [])
+    preset = ablate.ABLATE_PRESETS["quick"]
+    options = dataclasses.replace(EvalOptions(), **preset.eval, device="cpu").validate()
+    second = tmp_path / "second"
+    (second / "seed-1" / "uiat").mkdir(parents=True)  # a run directory of its own is never overwritten
+    result = compare.run_comparison(["uiat", "trades"], quick_base(), options, second, seeds=[0, 1],
+                                    cache_dir=tmp_path / "cache", preset=preset, log=lambda m: None, progress=False,
+                                    trainer_factory=FakeTrainer, reuse=(first,))
+    assert calls == [("trades", 0), ("uiat", 1), ("trades", 1)]
+    assert [name for name, _, _ in FakeTrainer.runs] == ["trades", "uiat", "trades"]
+    copied = second / "seed-0" / "uiat"
+    assert (copied / "eval.json").read_bytes() == (first / "seed-0" / "uiat" / "eval.json").read_bytes()
+    uiat = by_row(result)["UIAT"]
+    assert [p["status"] for p in uiat["per_seed"]] == ["reused", "ok"] and uiat["per_seed"][0]["run_dir"] == str(copied)
+    # a run of another config (here: another evaluation) is not taken
+    calls.clear()
+    third = compare.run_comparison(["at"], quick_base(), dataclasses.replace(options, n_examples=7), tmp_path / "third",
+                                   cache_dir=tmp_path / "cache", preset=preset, log=lambda m: None, progress=False,
+                                   trainer_factory=FakeTrainer, reuse=(first,))
+    assert calls == [("at", 0)] and by_row(third)["AT"]["status"] == "ok"
+
+
 def test_a_failed_row_is_reported_without_losing_the_others(tmp_path, monkeypatch):
     calls = []
     rows = by_row(fake_compare(tmp_path, monkeypatch, calls, methods=("at", "trades", "uiat"), failing=("trades",)))
@@ -354,6 +381,7 @@ def test_compare_cli_runs_the_rows(tmp_path, monkeypatch):
         (["--epochs", "0"], ["--epochs 0 is invalid"]),
         (["--seeds", "0,x"], ["--seeds '0,x' is invalid"]),
         (["--seeds", "0,1", "--seed", "3"], ["--seeds 0,1 and --seed are exclusive"]),
+        (["--reuse", "/no/such/study", "--methods", "at", "--set", "image_size=16"], ["--reuse /no/such/study is not a folder"]),
     ],
 )
 def test_compare_cli_errors_are_one_line(tmp_path, args, needles):

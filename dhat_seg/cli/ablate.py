@@ -31,6 +31,9 @@ REPORT_ONLY = typer.Option(False, "--report-only", help="train and evaluate noth
 JOBS = typer.Option(None, "--jobs", metavar="N", help="rows x seeds run at once: 1 (the default) = one after another "
                    "in this process; N = N local worker processes (the CPU cores' torch threads divided among them); with "
                    "--launcher submitit at most N jobs at once (default there: all; one per core on its local executor)")
+REUSE = typer.Option(None, "--reuse", metavar="DIR", help="the output folder of another ablate or compare study "
+                    "(repeatable): a row x seed finished there with the same config and evaluation settings is copied "
+                    "in instead of trained again (e.g. compare's UIAT and DHAT rows from an ablation)")
 LAUNCHER = typer.Option("local", "--launcher", help="local (this machine) | submitit (one job per row x seed: Slurm, or "
                         "submitit's local executor with --launcher-opt cluster=local); finished rows are reused either way")
 LAUNCHER_CONFIG = typer.Option(None, "--launcher-config", metavar="YAML", help="submitit executor options, a YAML "
@@ -132,6 +135,7 @@ def register(root: typer.Typer) -> None:
         launcher: str = LAUNCHER,
         launcher_config: Optional[Path] = LAUNCHER_CONFIG,
         launcher_opt: Optional[List[str]] = LAUNCHER_OPT,
+        reuse: Optional[List[Path]] = REUSE,
         set_: Optional[List[str]] = typer.Option(None, "--set", help="any training config option KEY=VALUE (repeatable)"),
     ):
         """Train and evaluate one run per attention method with identical settings: the paper's Table 10
@@ -164,5 +168,6 @@ def register(root: typer.Typer) -> None:
         result = ab.run_ablation(rows, base, s.eval_options, out, seeds=s.seeds, cache_dir=cache_dir, checkpoints=checkpoints,
                                  attention_options=options, unavailable=unavailable, preset=s.preset, overrides=s.overrides,
                                  log=log, progress=show_progress(), report_only=report_only,
-                                 convergence_threshold=convergence_threshold, launcher=fan)
+                                 convergence_threshold=convergence_threshold, launcher=fan,
+                                 reuse=tuple(reuse or ()))
         print_study(result, study, s, rows, out)

@@ -12,7 +12,7 @@ import typer
 def register(root: typer.Typer) -> None:
     """Adds the ``compare`` command to the root app."""
     from dhat_seg.cli.ablate import (AA_EXAMPLES, CONVERGENCE, DEVICE, EPOCHS, GAP_EXAMPLES, JOBS, LAUNCHER, LAUNCHER_CONFIG,
-                                     LAUNCHER_OPT, N_EXAMPLES, REPORT_ONLY, SANITY_EXAMPLES, SEED, SEEDS, print_study,
+                                     LAUNCHER_OPT, N_EXAMPLES, REPORT_ONLY, REUSE, SANITY_EXAMPLES, SEED, SEEDS, print_study,
                                      study_launcher, study_settings)
     from dhat_seg.cli.common import log, show_progress, user_errors
 
@@ -45,6 +45,7 @@ def register(root: typer.Typer) -> None:
         launcher: str = LAUNCHER,
         launcher_config: Optional[Path] = LAUNCHER_CONFIG,
         launcher_opt: Optional[List[str]] = LAUNCHER_OPT,
+        reuse: Optional[List[Path]] = REUSE,
         set_: Optional[List[str]] = typer.Option(None, "--set", help="a training config option KEY=VALUE shared by every row "
                                                  "(repeatable; not method, base, awp*, attention: the rows set those)"),
     ):
@@ -73,5 +74,6 @@ def register(root: typer.Typer) -> None:
         result = cmp.run_comparison(rows, base, s.eval_options, out, attention=attention, seeds=s.seeds,
                                     cache_dir=cache_dir, unavailable=unavailable, preset=s.preset, overrides=s.overrides,
                                     log=log, progress=show_progress(), report_only=report_only,
-                                    convergence_threshold=convergence_threshold, launcher=fan)
+                                    convergence_threshold=convergence_threshold, launcher=fan,
+                                    reuse=tuple(reuse or ()))
         print_study(result, study, s, rows, out)

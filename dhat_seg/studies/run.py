@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 import time
 import traceback
@@ -47,6 +48,16 @@ def _finished(run_dir: Path, cfg: TrainConfig, settings: dict[str, Any]) -> dict
     if r["sanity"].get("alpha") is None:
         return None  # checked by the old rules (no tests, no p-values): evaluate again
     return r
+
+
+def _reusable(dirs: tuple[Path, ...], cfg: TrainConfig, settings: dict[str, Any]) -> Path | None:
+    """A run finished for this config and these evaluation settings in another study's
+    folder (``--reuse DIR``: DIR/<row>/ or DIR/seed-<s>/<row>/), or None."""
+    for root in dirs:
+        for summary in sorted([*root.glob("*/summary.json"), *root.glob("seed-*/*/summary.json")]):
+            if _finished(summary.parent, cfg, settings) is not None:
+                return summary.parent
+    return None
 
 
 def metrics_from_report(report: Mapping[str, Any]) -> dict[str, Any]:
@@ -120,6 +131,7 @@ def run_ablation(
     report_only: bool = False,
     convergence_threshold: float = DEFAULT_THRESHOLD,
     launcher: Launcher | None = None,
+    reuse: tuple[Path, ...] = (),
 ) -> dict[str, Any]:
     """The attention ablation: :func:`run_study` of the attention rows ("-" and method
     names) with the methods' checkpoints and options; returns ablation.json's content."""
@@ -129,7 +141,7 @@ def run_ablation(
     return run_study(attention_study(checkpoints, attention_options), rows, base, eval_options, out, seeds=seeds,
                      cache_dir=cache_dir, unavailable=unavailable, preset=preset, overrides=overrides, log=log,
                      progress=progress, trainer_factory=trainer_factory, report_only=report_only,
-                     convergence_threshold=convergence_threshold, launcher=launcher)
+                     convergence_threshold=convergence_threshold, launcher=launcher, reuse=reuse)
 
 
 def run_study(
@@ -150,6 +162,7 @@ def run_study(
     report_only: bool = False,
     convergence_threshold: float = DEFAULT_THRESHOLD,
     launcher: Launcher | None = None,
+    reuse: tuple[Path, ...] = (),
 ) -> dict[str, Any]:
     """Train and evaluate every row (its config: ``study.config``) with the sanity checks
     once per seed (default: the base config's seed), write the table files
@@ -168,6 +181,11 @@ def run_study(
     machine runs the rows here, one after another; otherwise the rows to run are fanned out
     (local worker processes or submitit jobs), with the attention models and mask caches
     provisioned here first; reuse, resume, failures and the table are the same.
+
+    ``reuse``: folders of other studies; a row x seed not finished in ``out`` whose run
+    directory does not exist yet is copied from a run finished there with the same config
+    digest and evaluation settings (e.g. a comparison's UIAT rows from an ablation's)
+    instead of being trained again.
     ``trainer_factory`` must then be picklable (a top-level class)."""
     from dhat_seg.attention.model import cache_root
     from dhat_seg.data import split_for
@@ -177,6 +195,10 @@ def run_study(
     seeds = list(seeds) if seeds else [base.seed]
     if len(set(seeds)) != len(seeds) or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
         raise UserError(f"seeds {seeds} are invalid; expected distinct non-negative integers")
+    for folder in reuse:
+        if not Path(folder).is_dir():
+            raise UserError(f"--reuse {folder} is not a folder; expected the output folder of another "
+                            "ablate or compare study (its run directories are copied from there)")
     multi = len(seeds) > 1
     base = dataclasses.replace(base, seed=seeds[0], data_seed=base.data_seed if base.data_seed is not None else seeds[0])
     unavailable = dict(unavailable or {})
@@ -210,7 +232,7 @@ def run_study(
 
     ctx = _StudyRun(study=study, out=out, multi=multi, unavailable=unavailable, report_only=report_only, root=root,
                     log=log, progress=progress, trainer_factory=trainer_factory,
-                    convergence_threshold=convergence_threshold)
+                    convergence_threshold=convergence_threshold, reuse=tuple(Path(r) for r in reuse))
     work = [(entry.runs[seed], dataclasses.replace(base, seed=seed), dataclasses.replace(eval_options, seed=seed))
             for seed in seeds for entry in table]
     if launcher is not None and launcher.fans_out:
@@ -308,6 +330,8 @@ class _StudyRun:
     progress: bool
     trainer_factory: Callable[..., Any] | None
     convergence_threshold: float
+    #: folders of other studies whose finished runs may be copied in (``--reuse``)
+    reuse: tuple[Path, ...] = ()
 
     @property
     def command(self) -> str:
@@ -339,6 +363,12 @@ class _StudyRun:
             if report is not None:
                 run_dir = other
                 row.run_dir = str(run_dir)
+        if report is None and self.reuse and not run_dir.exists():
+            source = _reusable(self.reuse, cfg, seed_settings)
+            if source is not None:
+                shutil.copytree(source, run_dir)
+                self.log(f"{self.command}: row {self.name(row)}: the same run finished in {source}, copied to {run_dir}")
+                report = _finished(run_dir, cfg, seed_settings)
         if report is not None:
             self.log(f"{self.command}: row {self.name(row)}: finished earlier in {run_dir}, reused")
             self.conclude(row, report, reused=True)
