@@ -297,6 +297,14 @@ def test_seeds_and_the_paper_numbers(tmp_path, monkeypatch):
     assert paper["dhat-cfa"] == {"clean": 84.49, "pgd10": 62.67, "cw": 55.95, "aa": 54.05, "robust_gap": 6.33}
     assert "## Paper main results" in md and "| AWP | 82.67 | 57.80 | 54.82 | 51.90 | 6.90 |" in md
     assert "| DHAT-CFA | 84.49 | 62.67 | 55.95 | 54.05 | 6.33 |" in md and "| SGLR | 85.76 |" in md
+    # paired by seed: every row minus DHAT, and every pair on the metrics fixed in docs/results.md
+    assert "## Paired by seed: each row minus DHAT" in md and "| MART | -5.00 [-5.00, -5.00] (2) * |" in md
+    assert list(result["pairwise"]) == ["clean", "pgd10", "aa", "mixed_rand", "no_fg_bg_class"]
+    clean = {(p["a"], p["b"]): p for p in result["pairwise"]["clean"]}
+    assert len(clean) == 6 and clean[("mart", "dhat")]["per_seed"] == {0: -5.0, 1: -5.0} and clean[("mart", "dhat")]["differs"]
+    assert not any(p["differs"] for p in result["pairwise"]["pgd10"])  # PGD-10 is 40 for every row and seed
+    assert "## Which rows differ beyond the seed spread" in md and "**Clean**: 6 of 6 pairs differ" in md
+    assert "**PGD-10**: 0 of 6 pairs differ" in md and "| 1 MART |  | - | - | - |" in md
 
 
 def test_the_part_paper_preset_prints_the_part_papers_table_with_pgd20(tmp_path, monkeypatch):

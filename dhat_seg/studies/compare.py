@@ -344,7 +344,14 @@ def method_study(attention: str, options: Mapping[str, Mapping[str, Any]] | None
         describe=lambda name: _describe(name, attention), describe_keys=("method", "base", "awp", "attention"),
         readiness=ready, columns=COMPARE_COLUMNS, extra_columns=COMPARE_EXTRA_COLUMNS, paper=PAPER_MAIN_RESULTS,
         paper_labels=PAPER_LABELS, paper_caption="the DHAT paper's main results (WRN-28-10, CIFAR-10, eps 8/255)",
-        paper_heading="Paper main results", paper_key="paper_main_results", per_preset={"part-paper": PART_PAPER_STUDY})
+        paper_heading="Paper main results", paper_key="paper_main_results", per_preset={"part-paper": PART_PAPER_STUDY},
+        reference_row="dhat", pairwise_keys=PAIRWISE_KEYS)
+
+
+#: The metrics on which the comparison says which methods differ (docs/results.md, fixed
+#: before the runs): clean, PGD-10 and AutoAttack accuracy, random backgrounds, and the
+#: background's class with the object removed.
+PAIRWISE_KEYS = ("clean", "pgd10", "aa", "mixed_rand", "no_fg_bg_class")
 
 
 def run_comparison(methods: list[str], base: TrainConfig, eval_options, out: Path, *, attention: str | None = None,

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from dhat_seg.studies.paired import paired_differences, paired_markdown
+from dhat_seg.studies.paired import pairwise_differences, pairwise_markdown, paired_differences, paired_markdown
 from dhat_seg.studies.cost import total_cost
 from dhat_seg.studies.rows import ATTENTION_STUDY, AblatePreset, Row, SeedRows, sanity_summary
 from dhat_seg.studies.study import Study
@@ -284,6 +284,12 @@ def write_outputs(out: Path, rows: list, meta: Mapping[str, Any], preset: Ablate
         diffs = paired_differences(rows, study.reference_row, diff_keys)
         data["paired_differences"] = {"reference": study.reference_row, "rows": diffs}
         paired = paired_markdown(diffs, rows, study.columns, study.label(study.reference_row))
+    pairwise = ""
+    if single is None and study.pairwise_keys:
+        pairs = pairwise_differences(rows, study.pairwise_keys)
+        data["pairwise"] = pairs
+        headers = dict(study.columns) | dict(study.extra_columns)
+        pairwise = pairwise_markdown(pairs, rows, headers)
     hypotheses = _hypothesis_results(rows, study)
     if hypotheses:
         data["hypotheses"] = hypotheses
@@ -335,10 +341,17 @@ def write_outputs(out: Path, rows: list, meta: Mapping[str, Any], preset: Ablate
                f"Every seed's values: {study.stem}.json, `per_seed`.", ""]
         if paired:
             md += [f"## Paired by seed: each row minus {study.label(study.reference_row)}", "",
-                   "The difference at each seed (same initialisation and data order), then mean ± sample std over the "
-                   "seeds where both rows have a value, (n). `*`: the mean is more than two standard errors from zero "
-                   "(a rough screen; with n = 3 a t-test at p < 0.05 needs about 4.3). "
-                   f"Every seed's difference: {study.stem}.json, `paired_differences`.", "", paired, ""]
+                   "The difference at each seed (same initialisation and data order), then its mean over the seeds "
+                   "where both rows have a value with the mean's 95 % t-interval [low, high] and (n). `*`: the "
+                   "interval excludes zero (beyond the seed spread; per cell, without a correction for the number "
+                   f"of cells). Every seed's difference: {study.stem}.json, `paired_differences`.", "", paired, ""]
+        if pairwise:
+            md += ["## Which rows differ beyond the seed spread", "",
+                   "Every pair of rows, paired by seed: row (numbered) minus column. `+`: the row is higher and the "
+                   "95 % t-interval of the paired difference excludes zero; `-`: lower and excludes zero; `.`: the "
+                   "interval contains zero; blank: fewer than two seeds pair them. Per pair, without a correction "
+                   "for the number of pairs. Every pair's mean, interval and per-seed differences: "
+                   f"{study.stem}.json, `pairwise`.", "", pairwise, ""]
         if hypotheses:
             from dhat_seg.studies.trend import hypotheses_markdown
 

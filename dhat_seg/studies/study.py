@@ -73,6 +73,9 @@ class Study:
     #: the row every other row is compared with seed by seed (e.g. "-", UIAT, in the
     #: ablation); None: no paired differences
     reference_row: str | None = None
+    #: metrics on which every pair of rows is compared seed by seed (the comparison's
+    #: "which methods differ"; :func:`dhat_seg.studies.paired.pairwise_differences`)
+    pairwise_keys: tuple[str, ...] = ()
     #: preset name -> fields that differ under that preset (e.g. another paper's table and
     #: columns: the PART paper under ``part-paper``)
     per_preset: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
