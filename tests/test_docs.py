@@ -113,3 +113,24 @@ def test_architecture_names_every_module():
              if p.name not in ("__init__.py", "__main__.py")]
     unnamed = [p.relative_to(ROOT).as_posix() for p in files if p.name not in spans]
     assert not unnamed, f"files of a package not named in docs/architecture.md: {unnamed}"
+
+
+def test_published_study_tables_are_each_one_report():
+    """docs/tables/<study>/ holds one --report-only output copied whole: the markdown's table
+    is the JSON's, the CSV has the JSON's rows, and every row's seeds are the study's."""
+    import csv
+    import json
+
+    folders = sorted(p.parent for p in DOCS.glob("tables/*/*.json"))
+    assert folders, "no study table in docs/tables/"
+    for folder in folders:
+        (data_file,) = folder.glob("*.json")
+        stem = data_file.stem
+        data = json.loads(data_file.read_text())
+        assert data["seconds"] is None, f"{data_file}: not a --report-only output (it has a wall time)"
+        assert data["table_markdown"] in (folder / f"{stem}.md").read_text(), f"{folder}: the .md is not the .json's"
+        with open(folder / f"{stem}.csv") as fh:
+            assert [r["row"] for r in csv.DictReader(fh)] == [r["row"] for r in data["rows"]], folder
+        assert (folder / f"{stem}.png").is_file(), folder
+        for row in data["rows"]:
+            assert [p["seed"] for p in row["per_seed"]] == data["seeds"], (folder, row["row"])
