@@ -170,3 +170,24 @@ def test_a_variant_row_runs_in_its_own_directory(tmp_path, monkeypatch):
     row = next(r for r in result["rows"] if r["row"] == "Oracle (GT) [dilate=1]")
     assert row["status"] == "ok" and row["attention"] == "oracle[dilate=1]"
     assert (tmp_path / "out" / "oracle-dilate1" / "eval.json").is_file()
+
+
+def test_flagged_rows_stay_in_the_tests_and_the_tests_are_also_given_without_them(tmp_path):
+    rows = _rows({s: [10 * x + s for x in [0.2, 0.5, 0.8, 1.0]] for s in range(3)}, [0.2, 0.5, 0.8, 1.0])
+    rows[4].runs[1].status = "suspect: noise finds what PGD misses failed"  # the exact mask's row, seed 1
+    rows[3].runs[2].convergence = {"converged": False, "verdict": "still climbing (clean +3.0)"}
+    rows[1].runs[0].status = "pending"  # no results at seed 0: nothing to flag there
+    data = ablate.write_outputs(tmp_path, rows, {"seeds": [0, 1, 2]}, ablate.ABLATE_PRESETS["quick"])
+    assert data["hypotheses_flagged_rows"] == {"oracle[flip=2]": ["seed 2: still climbing (clean +3.0)"],
+                                               "oracle[flip=3]": ["seed 1: suspect: noise finds what PGD misses failed"]}
+    kept = next(h for h in data["hypotheses"] if h["hypothesis"] == "H1")
+    without = next(h for h in data["hypotheses_without_flagged"] if h["hypothesis"] == "H1")
+    assert kept["rows"] == ["oracle[flip=0]", "oracle[flip=1]", "oracle[flip=2]", "oracle[flip=3]"]
+    assert without["rows"] == ["oracle[flip=0]", "oracle[flip=1]"]
+    assert without["per_seed_slope"] == {1: pytest.approx(10.0), 2: pytest.approx(10.0)}  # seed 0: one row left
+    md = (tmp_path / "ablation.md").read_text()
+    assert "kept above: Oracle (GT) [flip=2] (seed 2: still climbing (clean +3.0)); Oracle (GT) [flip=3] (seed 1: suspect" in md
+    assert md.count("| H1: DHAT's accuracy on random backgrounds") == 2
+    clean = ablate.write_outputs(tmp_path, _rows({s: [1.0, 2.0] for s in range(2)}, [0.2, 0.5]), {"seeds": [0, 1]},
+                                 ablate.ABLATE_PRESETS["quick"])
+    assert "hypotheses_flagged_rows" not in clean and "hypotheses_without_flagged" not in clean

@@ -247,6 +247,18 @@ def _hypothesis_results(rows: list, study: Study) -> list[dict[str, Any]]:
     return [{**r, "reference": study.reference_row} for r in evaluate_hypotheses(rows, study.reference_row)]
 
 
+def flagged_rows(rows: list) -> dict[str, list[str]]:
+    """{row name: why} for the rows of a several-seed study with a seed that failed a
+    gradient-masking sanity check or ended off a plateau (docs/results.md: such rows stay
+    in the hypotheses' tests, are named, and the tests are also given without them)."""
+    flagged: dict[str, list[str]] = {}
+    for row in rows:
+        for seed, run in getattr(row, "runs", {}).items():
+            if run.has_results and (run.suspect or run.climbing):
+                flagged.setdefault(row.name, []).append(f"seed {seed}: {run.status if run.suspect else run.climbing}")
+    return flagged
+
+
 def _time_line(rows: list, meta: Mapping[str, Any]) -> str:
     """The command's wall time (none for a report regenerated with --report-only) and the
     compute its rows' runs recorded in their folders."""
@@ -291,8 +303,15 @@ def write_outputs(out: Path, rows: list, meta: Mapping[str, Any], preset: Ablate
         headers = dict(study.columns) | dict(study.extra_columns)
         pairwise = pairwise_markdown(pairs, rows, headers)
     hypotheses = _hypothesis_results(rows, study)
+    flagged, unflagged = {}, []
     if hypotheses:
         data["hypotheses"] = hypotheses
+        flagged = flagged_rows(rows)
+        if flagged:
+            unflagged = _hypothesis_results([r for r in rows if r.name not in flagged or r.name == study.reference_row],
+                                            study)
+            data["hypotheses_flagged_rows"] = flagged
+            data["hypotheses_without_flagged"] = unflagged
     if with_paper:
         data[study.paper_key] = {name: dict(values) for name, values in study.paper.items()}
     (out / f"{study.stem}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
@@ -364,6 +383,12 @@ def write_outputs(out: Path, rows: list, meta: Mapping[str, Any], preset: Ablate
                    "95 % t-interval against the margin. Rank corr.: Spearman's, between the rows' mean IoU and mean "
                    f"difference (a description, not a test). Per seed and per row: {study.stem}.json, `hypotheses`.",
                    "", hypotheses_markdown(hypotheses, {r.name: r.label for r in rows}), ""]
+            if flagged:
+                names = "; ".join(f"{study.label(name)} ({', '.join(why)})" for name, why in flagged.items())
+                md += [f"Rows with a seed that failed a sanity check or ended off a plateau, kept above: {names}. "
+                       "The same tests without them (the reference row kept): "
+                       f"{study.stem}.json, `hypotheses_without_flagged`.", "",
+                       hypotheses_markdown(unflagged, {r.name: r.label for r in rows}), ""]
     md += ["Clean, PGD-10, " + ("PGD-20, " if "pgd20" in columns else "")
            + "C&W (PGD-20 on the C&W margin loss), AA (AutoAttack standard): test accuracy in %, eps 8/255. "
            f"Robust Gap: {settings.get('gap_attack', 'pgd10')} accuracy on training samples minus on test samples "
