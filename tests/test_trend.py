@@ -98,6 +98,12 @@ def test_the_floor_is_tested_row_by_row():
     assert result["estimate"] == pytest.approx(-1.5)
     lost = _rows({0: [-9.0, 0.0, 1.0], 1: [-10.0, 1.0, 0.0], 2: [-9.5, 0.5, 0.5]}, IOUS, key="aa")
     assert trend.floor_test(lost, "-", h4)["verdict"] == "against"
+    # the row shown is the one that decides: the narrow row wholly below the floor, not the
+    # wide row whose interval reaches lower
+    narrow_and_wide = _rows({0: [-7.0, -12.0, 1.0], 1: [-7.5, 10.0, 0.0], 2: [-6.5, -1.0, 0.5]}, IOUS, key="aa")
+    decided = trend.floor_test(narrow_and_wide, "-", h4)
+    assert decided["verdict"] == "against" and decided["worst_row"] == "oracle[flip=0]"
+    assert decided["high"] < -5 and decided["per_row"]["oracle[flip=1]"]["diff"]["low"] < decided["low"]
     wide = _rows({0: [-12.0, 0.0, 1.0], 1: [2.0, 1.0, 0.0], 2: [-4.0, 0.5, 0.5]}, IOUS, key="aa")
     assert trend.floor_test(wide, "-", h4)["verdict"] == "inconclusive"
 

@@ -178,15 +178,16 @@ def floor_test(rows: Iterable, reference: str, hyp: Hypothesis) -> dict[str, Any
     points = paired_points(rows, reference, hyp.key)
     means = row_means(points)
     tested = {name: m["diff"] for name, m in means.items() if m["diff"]["low"] is not None}
+    below = {name: d for name, d in tested.items() if d["high"] < -hyp.margin}
+    # the row shown is the one that decides the verdict: wholly below the floor (against), else
+    # the lowest interval (supported: the closest to the floor; inconclusive: one across it)
     if not tested:
-        verdict = "not measured"
-    elif any(d["high"] < -hyp.margin for d in tested.values()):
-        verdict = "against"
-    elif all(d["low"] > -hyp.margin for d in tested.values()):
-        verdict = "supported"
+        verdict, worst = "not measured", None
+    elif below:
+        verdict, worst = "against", min(below, key=lambda name: below[name]["high"])
     else:
-        verdict = "inconclusive"
-    worst = min(tested, key=lambda name: tested[name]["low"]) if tested else None
+        verdict = "supported" if all(d["low"] > -hyp.margin for d in tested.values()) else "inconclusive"
+        worst = min(tested, key=lambda name: tested[name]["low"])
     return {"hypothesis": hyp.name, "key": hyp.key, "claim": hyp.claim, "kind": hyp.kind, "margin": hyp.margin,
             "statistic": f"each attention row's mean paired difference (points), 95 % t-interval; floor -{hyp.margin:g}",
             "estimate": tested[worst]["mean"] if worst else None, "low": tested[worst]["low"] if worst else None,
