@@ -386,10 +386,11 @@ def test_report_only_writes_the_finished_rows_and_runs_nothing(tmp_path, monkeyp
     assert calls == []  # nothing evaluated either
     rows = {r["row"]: r for r in result["rows"]}
     assert rows["- (UIAT)"]["n_seeds"] == 1 and rows["Grad-CAM"]["n_seeds"] == 1
-    assert "pending: not finished yet" in rows["Grad-CAM"]["status"]
+    assert rows["Grad-CAM"]["status"] == "ok (seed 0); pending (seed 1)"
     assert not (tmp_path / "out" / "seed-1").exists()
     md = (tmp_path / "out" / "ablation.md").read_text()
     assert "Paired by seed" in md  # seed 0 pairs Grad-CAM with UIAT
+    assert "`pending`: not finished yet (--report-only trains nothing)" in md
 
 
 def test_table_cells_keep_the_precision_of_their_column():

@@ -108,8 +108,9 @@ def _reads_oracle(study: Study, base: TrainConfig, name: str) -> bool:
     return entry is not None and entry.cls.needs_attention and cfg.attention == "oracle"
 
 
-#: status of a row not finished when ``report_only`` writes the table
-PENDING_REPORT_ONLY = "pending: not finished yet (--report-only runs nothing)"
+#: status of a row not finished when ``report_only`` writes the table (the report's
+#: footer says what it means)
+PENDING_REPORT_ONLY = "pending"
 
 
 def run_ablation(
