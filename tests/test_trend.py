@@ -124,6 +124,9 @@ def test_the_hypotheses_reach_the_ablation_outputs(tmp_path):
     assert [h["hypothesis"] for h in saved["hypotheses"]] == ["H1", "H2", "H3", "H4", "H5"]
     md = (tmp_path / "ablation.md").read_text()
     assert "## Hypotheses" in md and "| H1: DHAT's accuracy on random backgrounds" in md
+    h5 = next(line for line in md.splitlines() if line.startswith("| H5:"))
+    assert h5.endswith("| Grad-CAM +1.8, Integrated-Grad +1.7, SOLO +2.9, SAM +3.8 |")  # Table 10 minus UIAT
+    assert next(line for line in md.splitlines() if line.startswith("| H1:")).endswith("| not measured |")
     fig = ablate.plot(rows, tmp_path / "p.png")
     titles = [ax.get_title() for ax in fig.axes[1:]]
     assert [t.split(":")[0] for t in titles] == ["H1", "H2", "H3", "H4", "H5"]
@@ -197,3 +200,12 @@ def test_flagged_rows_stay_in_the_tests_and_the_tests_are_also_given_without_the
     clean = ablate.write_outputs(tmp_path, _rows({s: [1.0, 2.0] for s in range(2)}, [0.2, 0.5]), {"seeds": [0, 1]},
                                  ablate.ABLATE_PRESETS["quick"])
     assert "hypotheses_flagged_rows" not in clean and "hypotheses_without_flagged" not in clean
+
+
+def test_the_paper_column_is_each_row_minus_the_reference_from_the_papers_numbers():
+    paper = {"-": {"pgd10": 58.66, "robust_gap": 7.92}, "gradcam": {"pgd10": 60.49, "robust_gap": 3.51},
+             "sam": {"pgd10": 62.44}}
+    assert trend.paper_differences("pgd10", paper, "-", {"sam": "SAM"}) == "gradcam +1.8, SAM +3.8"
+    assert trend.paper_differences("robust_gap", paper, "-") == "gradcam -4.4"  # SAM has no Robust Gap here
+    assert trend.paper_differences("mixed_rand", paper, "-") == "not measured"
+    assert trend.paper_differences("pgd10", paper, "uiat") == "not measured"  # no reference row

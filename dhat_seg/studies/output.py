@@ -376,6 +376,8 @@ def write_outputs(out: Path, rows: list, meta: Mapping[str, Any], preset: Ablate
         if hypotheses:
             from dhat_seg.studies.trend import hypotheses_markdown
 
+            row_labels = {**{n: study.paper_label(n) for n in study.paper}, **{r.name: r.label for r in rows}}
+            paper = study.paper if study.reference_row in study.paper else None
             md += ["## Hypotheses: attention quality against the paired differences", "",
                    f"The hypotheses fixed before the runs (dhat-seg's docs, Results), tested on the rows with an "
                    f"attention IoU, each seed's values minus {study.label(study.reference_row)}'s. Trend: the mean over "
@@ -383,14 +385,16 @@ def write_outputs(out: Path, rows: list, meta: Mapping[str, Any], preset: Ablate
                    "its 95 % t-interval; supported when the interval lies wholly on the predicted side of zero, against "
                    "when wholly on the other, else inconclusive. Floor: every row's mean paired difference with its "
                    "95 % t-interval against the margin. Rank corr.: Spearman's, between the rows' mean IoU and mean "
-                   f"difference (a description, not a test). Per seed and per row: {study.stem}.json, `hypotheses`.",
-                   "", hypotheses_markdown(hypotheses, {r.name: r.label for r in rows}), ""]
+                   f"difference (a description, not a test). Per seed and per row: {study.stem}.json, `hypotheses`."
+                   + (f" Last column: {study.paper_caption}, each mask's row minus UIAT's (no IoU there: the "
+                      "direction a better segmenter moved the metric)." if paper else ""),
+                   "", hypotheses_markdown(hypotheses, row_labels, paper, study.reference_row), ""]
             if flagged:
                 names = "; ".join(f"{study.label(name)} ({', '.join(why)})" for name, why in flagged.items())
                 md += [f"Rows with a seed that failed a sanity check or ended off a plateau, kept above: {names}. "
                        "The same tests without them (the reference row kept): "
                        f"{study.stem}.json, `hypotheses_without_flagged`.", "",
-                       hypotheses_markdown(unflagged, {r.name: r.label for r in rows}), ""]
+                       hypotheses_markdown(unflagged, row_labels, paper, study.reference_row), ""]
     md += ["Clean, PGD-10, " + ("PGD-20, " if "pgd20" in columns else "")
            + "C&W (PGD-20 on the C&W margin loss), AA (AutoAttack standard): test accuracy in %, eps 8/255. "
            f"Robust Gap: {settings.get('gap_attack', 'pgd10')} accuracy on training samples minus on test samples "

@@ -207,11 +207,29 @@ def _num(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:+.{digits}f}"
 
 
-def hypotheses_markdown(results: Sequence[Mapping[str, Any]], labels: Mapping[str, str] | None = None) -> str:
-    """The results as a Markdown table: hypothesis, metric, estimate [95 % interval] (seeds), verdict."""
+def paper_differences(key: str, paper: Mapping[str, Mapping[str, float]], reference: str,
+                      labels: Mapping[str, str] | None = None) -> str:
+    """What the paper's table says on a hypothesis' metric: each of its other rows minus its
+    reference row, in its order ("Grad-CAM +1.8, SAM +3.8"), or "not measured" when the paper
+    has no such column. The paper gives no IoU, so this is the direction a better segmenter
+    moved the metric there, not a slope."""
     labels = labels or {}
-    lines = ["| hypothesis | metric | estimate [95 % interval] (seeds) | rank corr. of row means | verdict |",
-             "|---|---|---|---|---|"]
+    base = paper.get(reference, {}).get(key)
+    diffs = [(name, values[key] - base) for name, values in paper.items()
+             if name != reference and base is not None and key in values]
+    if not diffs:
+        return "not measured"
+    return ", ".join(f"{labels.get(name, name)} {_num(d)}" for name, d in diffs)
+
+
+def hypotheses_markdown(results: Sequence[Mapping[str, Any]], labels: Mapping[str, str] | None = None,
+                        paper: Mapping[str, Mapping[str, float]] | None = None, reference: str = "-") -> str:
+    """The results as a Markdown table: hypothesis, metric, estimate [95 % interval] (seeds), verdict;
+    with ``paper`` (its rows' metrics by row name), a last column of :func:`paper_differences`."""
+    labels = labels or {}
+    lines = ["| hypothesis | metric | estimate [95 % interval] (seeds) | rank corr. of row means | verdict |"
+             + (" the paper: each mask minus UIAT |" if paper else ""),
+             "|---|---|---|---|---|" + ("---|" if paper else "")]
     for r in results:
         hyp = next((h for h in HYPOTHESES if h.name == r["hypothesis"]), None)
         metric = hyp.header if hyp else r["key"]
@@ -222,5 +240,6 @@ def hypotheses_markdown(results: Sequence[Mapping[str, Any]], labels: Mapping[st
             worst = labels.get(r.get("worst_row"), r.get("worst_row")) or "n/a"
             estimate = f"worst row {worst}: {_num(r['estimate'])} [{_num(r['low'])}, {_num(r['high'])}] pts ({r['n_seeds']})"
             rho = ""
-        lines.append(f"| {r['hypothesis']}: {r['claim']} | {metric} | {estimate} | {rho} | {r['verdict']} |")
+        lines.append(f"| {r['hypothesis']}: {r['claim']} | {metric} | {estimate} | {rho} | {r['verdict']} |"
+                     + (f" {paper_differences(r['key'], paper, reference, labels)} |" if paper else ""))
     return "\n".join(lines)
