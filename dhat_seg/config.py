@@ -229,7 +229,7 @@ class TrainConfig:
         if self.attention_source == "self" and self.attention_burn_in == 0 and needs_attention(self.method):
             raise UserError("config option attention_burn_in=0 is invalid with attention_source='self': the first masks "
                             "would come from the randomly initialised model; expected attention_burn_in >= 1 epochs "
-                            "(PART uses 20 epochs of plain AT), or attention_source='frozen'")
+                            "(PART uses 20 epochs of plain AT, so the run needs >= 2 epochs), or attention_source='frozen'")
         object.__setattr__(self, "_validated", True)
         return self
 

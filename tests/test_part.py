@@ -287,6 +287,9 @@ def test_compare_rows():
         assert (cfg.attention_source, cfg.mask_refresh_every, cfg.threshold_policy) == ("self", 1, "mean_std")
         assert cfg.attention_burn_in == 4  # 20 of the paper's 80 epochs -> 4 of the quick preset's 15
     assert compare.method_config(quick_base(epochs=80), "part", "gradcam").attention_burn_in == 20
+    assert [compare.method_config(quick_base(epochs=e), "part", "gradcam").attention_burn_in for e in (2, 3, 6)] == [1, 1, 2]
+    with pytest.raises(UserError, match="needs >= 2 epochs"):  # 1 epoch: no room for the burn-in the model's masks need
+        compare.method_config(quick_base(epochs=1), "part", "gradcam")
     # a segmenter's or the ground truth's masks do not depend on the model: frozen, thresholded as the base says
     for attention in ("u2net", "oracle"):
         cfg = compare.method_config(base, "part-t", attention, options)
