@@ -265,8 +265,8 @@ def _time_line(rows: list, meta: Mapping[str, Any]) -> str:
     cost = total_cost(rows)
     wall = ("Report regenerated from the run folders (no wall time). " if meta.get("seconds") is None
             else f"Total time {meta.get('seconds')} s. ")
-    if any("pending" in row.status for row in rows):
-        wall += "`pending`: not finished yet (--report-only trains nothing). "
+    if any(row.pending for row in rows):
+        wall += "`pending`: not finished yet" + (" (--report-only trains nothing). " if meta.get("seconds") is None else ". ")
     if not cost["runs"]:
         return wall.rstrip()
     return wall + (f"Compute recorded in the {cost['runs']} runs' folders: training {cost['train_s'] / 60:.1f} min, "

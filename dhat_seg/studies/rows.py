@@ -28,6 +28,8 @@ DISPLAY = {"-": "- (UIAT)", "gradcam": "Grad-CAM", "ig": "Integrated-Grad", "sol
 #: Rows that need downloaded weights; their skip reason points at the segmenter that does not.
 NEEDS_DOWNLOAD = ("solo", "sam")
 NO_DOWNLOAD_HINT = "for a pretrained segmenter without download use u2net"
+#: status of a row x seed not finished (yet), or not run by ``--report-only``
+PENDING = "pending"
 
 #: DHAT Table 10 (WRN-28-10, CIFAR-10; REFERENCE section 1).
 PAPER_TABLE10: dict[str, dict[str, float]] = {
@@ -66,7 +68,7 @@ class Row(_Named):
     """One row of the ablation table."""
 
     name: str  # "-" or an attention method name
-    status: str = "pending"  # "ok", "reused", "suspect: <check> failed[ (reused)]", "skipped: ...", "failed: ..."
+    status: str = PENDING  # "ok", "reused", "suspect: <check> failed[ (reused)]", "skipped: ...", "failed: ..."
     run_dir: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     seconds: float | None = None
@@ -96,6 +98,10 @@ class Row(_Named):
     @property
     def has_results(self) -> bool:
         return self.status in ("ok", "reused") or self.suspect
+
+    @property
+    def pending(self) -> bool:
+        return self.status == PENDING
 
     def stat(self, key: str) -> tuple[float | None, float | None, int]:
         """(value, None, 1), or (None, None, 0) without one: the shape of :meth:`SeedRows.stat`."""
@@ -161,6 +167,10 @@ class SeedRows(_Named):
     @property
     def suspect(self) -> bool:
         return any(r.suspect for r in self.runs.values())
+
+    @property
+    def pending(self) -> bool:
+        return any(r.pending for r in self.runs.values())
 
     @property
     def status(self) -> str:

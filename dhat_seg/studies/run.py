@@ -18,7 +18,8 @@ from dhat_seg.evaluation.convergence import DEFAULT_THRESHOLD, run_verdict
 from dhat_seg.config import TrainConfig
 from dhat_seg.errors import UserError
 from dhat_seg.evaluation.report import EVAL_FILE, EvalOptions, run_eval
-from dhat_seg.studies.rows import AblatePreset, Row, SeedRows, _alternate_dir, attention_study, run_dir_for, sanity_status
+from dhat_seg.studies.rows import (PENDING, AblatePreset, Row, SeedRows, _alternate_dir, attention_study, run_dir_for,
+                                   sanity_status)
 from dhat_seg.studies.cost import run_cost
 from dhat_seg.studies.launch import Launcher, failure_status, fan_out, plan_all, provision_all
 from dhat_seg.studies.output import write_outputs
@@ -106,11 +107,6 @@ def _reads_oracle(study: Study, base: TrainConfig, name: str) -> bool:
         return False
     entry = TRAINING_METHODS.get(cfg.method)
     return entry is not None and entry.cls.needs_attention and cfg.attention == "oracle"
-
-
-#: status of a row not finished when ``report_only`` writes the table (the report's
-#: footer says what it means)
-PENDING_REPORT_ONLY = "pending"
 
 
 def run_ablation(
@@ -375,7 +371,7 @@ class _StudyRun:
             self.conclude(row, report, reused=True)
             return None
         if self.report_only:
-            row.status = PENDING_REPORT_ONLY
+            row.status = PENDING
             return None
         summary = run_dir / "summary.json"
         done = summary.is_file() and json.loads(summary.read_text()).get("config_digest") == cfg.digest()
