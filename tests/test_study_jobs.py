@@ -1,12 +1,18 @@
 """Studies fanned out (`--jobs N`, `--launcher submitit`): the same table as the sequential
 path, attention provisioned once in the parent, finished rows reused and interrupted rows
-resumed by either launcher, and clear errors for bad launcher settings."""
+resumed by either launcher, a signal to one worker stopping the whole study, and clear
+errors for bad launcher settings."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -16,7 +22,7 @@ from dhat_seg.studies import ablate
 from dhat_seg.attention import plugin_manager
 from dhat_seg.studies.launch import Launcher, available_cores, make_launcher
 from dhat_seg.cli import app
-from dhat_seg.errors import UserError
+from dhat_seg.errors import Interrupted, UserError
 from dhat_seg.evaluation.report import EvalOptions
 from cli_helpers import assert_one_line_error
 
@@ -112,6 +118,72 @@ def test_local_workers_run_only_what_is_missing(fanned):
     messages: list[str] = []
     result = study(out, root / "cache", Launcher("local", 2), messages=messages)
     _check_completed(out, result, messages, sequential, "in a worker process")
+
+
+class SignalledTrainer:
+    """The real trainer, except that the Grad-CAM row's worker receives SIGINT as its
+    training starts, as from ``kill -INT <worker pid>``."""
+
+    def __init__(self, cfg, run_dir, **kwargs):
+        from dhat_seg.run.experiment import Experiment
+
+        self.row, self.experiment = os.path.basename(run_dir), Experiment(cfg, run_dir, **kwargs)
+
+    def run(self, resume=False):
+        if self.row == "gradcam":
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.experiment.run(resume=resume)
+
+
+def test_a_signal_to_one_worker_stops_the_whole_study(fanned, tmp_path):
+    """A stop is never a failed row that the study goes past: no row starts after it, the
+    table is written, and the study ends as interrupted (exit code 130 in the CLI)."""
+    root = fanned[0]
+    preset, base, options = tiny()
+    messages: list[str] = []
+    with pytest.raises(Interrupted) as stopped:
+        ablate.run_ablation(ROWS, base, options, tmp_path / "out", cache_dir=root / "cache", seeds=[0, 1],
+                            preset=preset, log=messages.append, progress=False, launcher=Launcher("local", 2),
+                            trainer_factory=SignalledTrainer)
+    assert stopped.value.exit_code == 130 and "interrupted rows resume" in str(stopped.value)
+    assert any("SIGINT received by the worker of row Grad-CAM, seed 0: stopping the study" in m for m in messages), messages
+    started = [m for m in messages if ": started " in m]
+    assert len(started) == 2 and not any("seed 1" in m for m in started), messages
+    rows = {(r["attention"], r["seed"]): r["status"]
+            for row in json.loads((tmp_path / "out" / "ablation.json").read_text())["rows"] for r in row["per_seed"]}
+    assert rows[("gradcam", 0)].startswith("failed: interrupted (SIGINT received"), rows
+    assert rows[(None, 0)] == "ok" or rows[(None, 0)].startswith("failed: interrupted"), rows
+    assert rows[(None, 1)] == rows[("gradcam", 1)] == "pending", rows
+    assert not (tmp_path / "out" / "seed-1").exists()
+
+
+def test_ctrl_c_to_the_study_stops_its_workers_and_exits_130(fanned, tmp_path):
+    """SIGINT to the study's process alone (the workers sit in process groups of their own)
+    is forwarded once to each worker; the CLI waits for them and ends with one
+    ``interrupted:`` line, exit code 130, no traceback, and no row started after it."""
+    root, out = fanned[0], tmp_path / "out"
+    tiny_set = ["image_size=16", "train_size=120", "test_size=40", "val_size=0.2", "epochs=3", "batch_size=40",
+                "attack_steps=1", "inv_steps=1", "val_examples=16", "val_attack_steps=1", "attention_model_epochs=1",
+                "device=cpu"]
+    proc = subprocess.Popen([sys.executable, "-m", "dhat_seg.cli", "ablate", "--attention", ",".join(ROWS), "--seeds",
+                             "0,1", "--jobs", "2", "--out", str(out), "--cache-dir", str(root / "cache"),
+                             "--n-examples", "16", "--gap-examples", "16", "--sanity-examples", "16",
+                             *[a for kv in tiny_set for a in ("--set", kv)]],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 180
+    configs = [out / "seed-0" / row / "config.yaml" for row in ("uiat", "gradcam")]
+    while time.time() < deadline and proc.poll() is None and not all(c.exists() for c in configs):
+        time.sleep(0.02)
+    assert proc.poll() is None, "the study ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert "ablate: SIGINT received by the study's process: stopping the study (2 running row run(s)" in stderr
+    (line,) = [l for l in stderr.splitlines() if l.startswith("interrupted:")]
+    assert line.endswith("interrupted rows resume from their last checkpoint); run the same command again to continue")
+    assert "seed 1: started" not in stderr and not (out / "seed-1").exists()
 
 
 @pytest.mark.slow

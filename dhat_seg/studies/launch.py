@@ -10,6 +10,13 @@ everywhere (:func:`dhat_seg.studies.run.run_row`, wrapped by ``run_row_job``) in
 directory; the parent logs each row's start and end and rewrites the table files as
 results arrive. A job that fails (or is killed) fails its row only; the study run again
 reuses what finished and resumes the rest from their checkpoints.
+
+Stopping: SIGINT/SIGTERM to the study's process, or to one local worker, stops the whole
+study. Local workers sit in process groups of their own, so a Ctrl-C reaches the study's
+process only, which starts no new row and forwards the stop once to every worker: training
+stops at its next safe point (after a batch), an evaluation at once (AutoAttack's state is
+kept). The study waits for them, writes the table (those rows "failed: interrupted") and
+exits 130/143; a second signal stops at once. submitit jobs are cancelled instead.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import signal
 import tempfile
 import time
 import traceback
@@ -24,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from dhat_seg.errors import UserError
+from dhat_seg.errors import Interrupted, UserError
+from dhat_seg.run.stopping import GracefulStop
 
 #: the values of ``--launcher``
 LAUNCHERS = ("local", "submitit")
@@ -187,6 +196,28 @@ def _executor(launcher: Launcher, folder: Path) -> Any:
     return executor
 
 
+def _worker_init() -> None:
+    """A local worker: in a process group of its own (a Ctrl-C reaches the study's process
+    only, which forwards it once to each worker), ignoring SIGINT/SIGTERM while idle."""
+    os.setpgrp()
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def _stoppable(fn: Callable[[Any], Any], job: Any) -> Any:
+    """``fn(job)`` in a local worker, SIGINT/SIGTERM stopping it: at once (``Interrupted``),
+    or at the next safe point where the work enters its own GracefulStop (training)."""
+    def stop_now(signum: int, frame: Any) -> None:
+        raise Interrupted(signum, f"{signal.Signals(signum).name} received; stopped at once")
+
+    previous = {s: signal.signal(s, stop_now) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return fn(job)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 class _Pool:
     """Local worker processes ('spawn': a clean interpreter each, CUDA-safe)."""
 
@@ -194,10 +225,22 @@ class _Pool:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+        # each worker in a process group of its own: a Ctrl-C reaches this process only, which
+        # forwards it once to every worker (stop), so a worker never sees a stop twice
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_worker_init)
 
     def submit(self, fn: Callable[[Any], Any], job: Any) -> Any:
-        return self.pool.submit(fn, job)
+        return self.pool.submit(_stoppable, fn, job)
+
+    def stop(self, signum: int = signal.SIGINT) -> None:
+        """Ask every worker's row to stop (SIGINT: training at its next safe point, the
+        evaluation at once, its AutoAttack state kept); idle workers ignore it."""
+        for pid in list(getattr(self.pool, "_processes", None) or {}):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
 
     def where(self, handle: Any) -> str:
         return "in a worker process"
@@ -221,6 +264,10 @@ class _Submitit:
 
     def where(self, handle: Any) -> str:
         return f"as submitit job {handle.job_id} ({self.executor.cluster})"
+
+    def stop(self, signum: int) -> None:
+        """Cancel the jobs not done (a study stopped here does not wait for its cluster jobs)."""
+        self.close(cancel=True)
 
     def close(self, cancel: bool = False) -> None:
         if cancel:
@@ -297,45 +344,71 @@ def fan_out(ctx: Any, work: list[tuple[Any, Any, Any]], launcher: Launcher, writ
     backend: _Pool | _Submitit = (_Submitit(launcher, ctx.out / ".submitit") if launcher.kind == "submitit"
                                   else _Pool(cap))
     running: dict[Any, tuple[Any, Any, float]] = {}
-    try:
-        while ready or running:
-            while ready and len(running) < cap:
-                row, job = ready.popleft()
-                handle = backend.submit(job_fn, job)
-                running[handle] = (row, job, time.time())
-                log(f"{command}: row {job.name}: started {backend.where(handle)}: "
-                    f"{'resuming' if job.resume and job.train else 'training' if job.train else 'evaluating'} in {job.run_dir}")
-            finished = [h for h in running if h.done()]
-            if not finished:
-                time.sleep(poll_s)
-                continue
-            for handle in finished:
-                row, job, t0 = running.pop(handle)
-                _collect(ctx, row, job, handle)
-                row.seconds = round(time.time() - t0, 1)
-                write()
-    except KeyboardInterrupt:
-        for row, _, _ in running.values():
-            row.status = "failed: interrupted"
-        backend.close(cancel=True)
-        write()
-        raise
+    stopping: int | None = None  # the signal that stops the study, once one has
+    with GracefulStop() as stop:  # SIGINT/SIGTERM here: stop every row at its next safe point
+        try:
+            while ready or running:
+                if stopping is None and stop.requested() is not None:
+                    stopping = _stop_all(ctx, backend, running, stop.requested(), "the study's process")
+                while stopping is None and ready and len(running) < cap:
+                    row, job = ready.popleft()
+                    handle = backend.submit(job_fn, job)
+                    running[handle] = (row, job, time.time())
+                    log(f"{command}: row {job.name}: started {backend.where(handle)}: "
+                        f"{'resuming' if job.resume and job.train else 'training' if job.train else 'evaluating'} "
+                        f"in {job.run_dir}")
+                if stopping is not None and (isinstance(backend, _Submitit) or not running):
+                    break
+                finished = [h for h in running if h.done()]
+                if not finished:
+                    time.sleep(poll_s)
+                    continue
+                for handle in finished:
+                    row, job, t0 = running.pop(handle)
+                    signum = _collect(ctx, row, job, handle)
+                    row.seconds = round(time.time() - t0, 1)
+                    write()
+                    if signum is not None and stopping is None and isinstance(backend, _Pool):  # a local worker
+                        # stopped by a signal of its own (a cluster job's, e.g. a time limit, fails its row only)
+                        stopping = _stop_all(ctx, backend, running, signum, f"the worker of row {job.name}")
+            if stopping is not None:
+                raise Interrupted(stopping, f"the {command} stopped: finished rows and epochs are kept (interrupted "
+                                            "rows resume from their last checkpoint)")
+        except KeyboardInterrupt:  # Interrupted above, or a second signal: stop at once
+            for row, _, _ in running.values():
+                row.status = "failed: interrupted"
+            if running and isinstance(backend, _Pool):
+                backend.stop()  # a second stop: training stops at once too
+            backend.close(cancel=True)
+            write()
+            raise
     backend.close()
     return write()
 
 
-def _collect(ctx: Any, row: Any, job: Any, handle: Any) -> None:
-    """A finished job's row: concluded from its report, or failed with its error."""
+def _stop_all(ctx: Any, backend: Any, running: Mapping[Any, Any], signum: int, source: str) -> int:
+    """Stop the study: no row starts any more and every running one is asked to stop at its
+    next safe point; returns ``signum``."""
+    ctx.log(f"{ctx.command}: {signal.Signals(signum).name} received by {source}: stopping the study "
+            f"({len(running)} running row run(s) stop at their next safe point; no new one starts)")
+    backend.stop()
+    return signum
+
+
+def _collect(ctx: Any, row: Any, job: Any, handle: Any) -> int | None:
+    """A finished job's row: concluded from its report, or failed with its error; returns
+    the signal number that stopped the job (None: it was not stopped by a signal)."""
     try:
         result = handle.result()
     except Exception as exc:  # the job itself died (killed, timed out, lost)
         result = {"error": failure_status(exc), "traceback": traceback.format_exc()}
     if "error" in result:
         ctx.fail(row, result["error"], result["traceback"])
-        return
+        return result.get("signal")
     try:
         ctx.conclude(row, result["report"], reused=False)
     except Exception as exc:
         ctx.fail(row, failure_status(exc), traceback.format_exc())
-        return
+        return None
     ctx.log(f"{ctx.command}: row {job.name}: finished, {row.status}")
+    return None

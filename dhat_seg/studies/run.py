@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -16,7 +17,7 @@ from typing import Any, Callable, Mapping
 
 from dhat_seg.evaluation.convergence import DEFAULT_THRESHOLD, run_verdict
 from dhat_seg.config import TrainConfig
-from dhat_seg.errors import UserError
+from dhat_seg.errors import Interrupted, UserError
 from dhat_seg.evaluation.report import EVAL_FILE, EvalOptions, run_eval
 from dhat_seg.studies.rows import (PENDING, AblatePreset, Row, SeedRows, _alternate_dir, attention_study, run_dir_for,
                                    sanity_status)
@@ -306,9 +307,11 @@ def run_row_job(job: RowJob) -> dict[str, Any]:
     ...}``, or ``{"error": status, "traceback": text}`` as the study reports a failed row."""
     try:
         return {"report": run_row(job)}
-    except (Exception, KeyboardInterrupt) as exc:  # KeyboardInterrupt: SIGINT/SIGTERM of this job (Interrupted)
-        status = failure_status(exc) if isinstance(exc, Exception) else f"failed: interrupted ({exc})".replace(" ()", "")
-        return {"error": status, "traceback": traceback.format_exc()}
+    except Exception as exc:
+        return {"error": failure_status(exc), "traceback": traceback.format_exc()}
+    except KeyboardInterrupt as exc:  # SIGINT/SIGTERM of this job: "signal" tells the study to stop
+        return {"error": f"failed: interrupted ({exc})".replace(" ()", ""), "traceback": traceback.format_exc(),
+                "signal": exc.signum if isinstance(exc, Interrupted) else int(signal.SIGINT)}
 
 
 @dataclasses.dataclass
