@@ -428,6 +428,7 @@ def test_report_only_regenerates_the_table_files_bit_for_bit(tmp_path, monkeypat
     first, files = regenerate()
     second, again = regenerate()
     assert files == again and len(calls) == evaluated  # same bytes, nothing evaluated
+    assert [r["status"] for r in first["rows"]] == ["ok", "ok"]  # each row's verdict: all are read, none "reused"
     assert first["seconds"] is None and first["compute"] == {"train_s": 60.0, "eval_s": 90.0, "runs": 1}
     assert first["rows"][0]["per_seed"][0]["cost"] == {"train_s": 60.0, "eval_s": 90.0}
     md = files["ablation.md"].decode()

@@ -371,7 +371,8 @@ class _StudyRun:
                 report = _finished(run_dir, cfg, seed_settings)
         if report is not None:
             self.log(f"{self.command}: row {self.name(row)}: finished earlier in {run_dir}, reused")
-            self.conclude(row, report, reused=True)
+            # a report-only table reads every row from its folder: the status is its verdict ("ok")
+            self.conclude(row, report, reused=not self.report_only)
             return None
         if self.report_only:
             row.status = PENDING
