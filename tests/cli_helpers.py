@@ -1,4 +1,7 @@
-"""Shared assertion for CLI tests: bad input gives exactly one error line, no traceback."""
+"""Shared helpers for CLI tests: bad input gives exactly one error line, no traceback; a
+process started by a test is waited on until something it writes appears."""
+
+import time
 
 
 def assert_one_line_error(result, *needles):
@@ -8,3 +11,9 @@ def assert_one_line_error(result, *needles):
     assert len(errors) == 1, result.output
     for needle in needles:
         assert needle in errors[0], errors[0]
+
+
+def wait_while_running(proc, done, deadline):
+    """Poll until ``done()`` holds, ``proc`` ends or ``deadline`` (a time.time()) passes."""
+    while time.time() < deadline and proc.poll() is None and not done():
+        time.sleep(0.02)

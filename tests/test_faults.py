@@ -27,7 +27,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli_helpers import assert_one_line_error
+from cli_helpers import assert_one_line_error, wait_while_running
 from dhat_seg.run import checkpoint, trainer
 from dhat_seg.attention import AttentionSpec
 from dhat_seg.cache import MaskCache, build_masks, mask_key
@@ -300,13 +300,11 @@ def test_sigterm_from_outside_then_the_printed_command_resumes_exactly(tmp_path)
                              *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not (out / "config.yaml").exists():
-        time.sleep(0.02)
+    wait_while_running(proc, (out / "config.yaml").exists, deadline)
     second = runner.invoke(app, ["train", "--out", str(out), "--cache-dir", str(cache), *args])
     assert_one_line_error(second, f"run directory {str(out)!r} is in use by another dhat-seg process (pid {proc.pid}); "
                                   "wait for it to finish or choose another --out")
-    while time.time() < deadline and proc.poll() is None and not (out / "metrics.jsonl").exists():
-        time.sleep(0.02)
+    wait_while_running(proc, (out / "metrics.jsonl").exists, deadline)
     assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)

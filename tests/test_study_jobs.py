@@ -24,7 +24,7 @@ from dhat_seg.studies.launch import Launcher, available_cores, make_launcher
 from dhat_seg.cli import app
 from dhat_seg.errors import Interrupted, UserError
 from dhat_seg.evaluation.report import EvalOptions
-from cli_helpers import assert_one_line_error
+from cli_helpers import assert_one_line_error, wait_while_running
 
 ROWS = ["-", "gradcam"]
 #: what differs between two runs of the same row: where and how long
@@ -173,8 +173,7 @@ def test_ctrl_c_to_the_study_stops_its_workers_and_exits_130(fanned, tmp_path):
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     deadline = time.time() + 180
     configs = [out / "seed-0" / row / "config.yaml" for row in ("uiat", "gradcam")]
-    while time.time() < deadline and proc.poll() is None and not all(c.exists() for c in configs):
-        time.sleep(0.02)
+    wait_while_running(proc, lambda: all(c.exists() for c in configs), deadline)
     assert proc.poll() is None, "the study ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=180)
