@@ -280,3 +280,23 @@ def test_cli_passes_the_launcher_to_the_study(tmp_path):
     rows = json.loads((root / "cli" / "ablation.json").read_text())["rows"]
     assert [r["status"].split(":")[0] for r in rows] == ["pending", "pending", "pending"]
     assert not (root / "cli" / "uiat").exists()
+
+
+def test_a_submitit_study_stops_by_cancelling_its_jobs():
+    """The study stops either backend the same way (``backend.stop()``); submitit's cancels
+    the jobs not done."""
+    from dhat_seg.studies.launch import _Submitit
+
+    class Job:
+        cancelled = False
+
+        def done(self):
+            return False
+
+        def cancel(self, check=True):
+            self.cancelled = True
+
+    backend = _Submitit.__new__(_Submitit)
+    backend.jobs = [Job()]
+    backend.stop()
+    assert backend.jobs[0].cancelled

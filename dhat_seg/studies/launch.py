@@ -233,12 +233,12 @@ class _Pool:
     def submit(self, fn: Callable[[Any], Any], job: Any) -> Any:
         return self.pool.submit(_stoppable, fn, job)
 
-    def stop(self, signum: int = signal.SIGINT) -> None:
+    def stop(self) -> None:
         """Ask every worker's row to stop (SIGINT: training at its next safe point, the
         evaluation at once, its AutoAttack state kept); idle workers ignore it."""
         for pid in list(getattr(self.pool, "_processes", None) or {}):
             try:
-                os.kill(pid, signum)
+                os.kill(pid, signal.SIGINT)
             except ProcessLookupError:
                 pass
 
@@ -265,7 +265,7 @@ class _Submitit:
     def where(self, handle: Any) -> str:
         return f"as submitit job {handle.job_id} ({self.executor.cluster})"
 
-    def stop(self, signum: int) -> None:
+    def stop(self) -> None:
         """Cancel the jobs not done (a study stopped here does not wait for its cluster jobs)."""
         self.close(cancel=True)
 
