@@ -58,7 +58,8 @@ DEFAULT_OPTIONS = {
     "seed": 0,
 }
 
-NO_MASKS_HINT = "only the built-in data have them: --data synthetic or --data digits"
+NO_MASKS_HINT = ("the built-in data have them (--data synthetic or --data digits); an image folder has them "
+                 "in ROOT/masks/<split>/, see docs/datasets.md")
 
 
 def check_options(options: Mapping[str, Any]) -> None:

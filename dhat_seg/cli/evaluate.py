@@ -23,7 +23,7 @@ def register(root: typer.Typer) -> None:
         gap_attack: str = typer.Option("pgd10", help="attack of the Robust Gap (train minus test), or 'none'"),
         gap_examples: Optional[str] = typer.Option(None, metavar="N",
                                                    help="first N un-augmented training samples for the Robust Gap (default: as many as test; 0 = off)"),
-        bg_gap: bool = typer.Option(True, "--bg-gap/--no-bg-gap", help="BG-gap: test minus test-mixed-rand (built-in data)"),
+        bg_gap: bool = typer.Option(True, "--bg-gap/--no-bg-gap", help="BG-gap: test minus test-mixed-rand (built-in data; a folder with test-mixed-rand/)"),
         iou_examples: Optional[str] = typer.Option("500", metavar="N", help="attention IoU with ground truth on N test images (0 = off)"),
         sanity: bool = typer.Option(False, "--sanity", help="also run the gradient-masking sanity checks (PART H.3, FSR sec. 3)"),
         sanity_examples: Optional[str] = typer.Option("500", metavar="N", help="the first N samples of the split for the sanity checks (may exceed --n-examples)"),

@@ -5,7 +5,8 @@ with :func:`build_dataset`.
 """
 
 from dhat_seg.data.base import IndexedDataset, TensorImageDataset, carve_validation, channel_stats, derive_seed
-from dhat_seg.data.datasets import DEFAULT_DATA_ROOT, FolderDataset, SyntheticDataset
+from dhat_seg.data.datasets import DEFAULT_DATA_ROOT, SyntheticDataset
+from dhat_seg.data.folder import FolderDataset
 from dhat_seg.data.registry import DATASETS, DatasetInfo, build_dataset, list_datasets, split_args, split_for
 from dhat_seg.data.synthetic import BACKGROUNDS, SHAPES, SyntheticArrays, generate_synthetic
 from dhat_seg.data.transforms import JointAugment

@@ -66,6 +66,15 @@ def carve_validation(pool: int, n_val: int, seed: int) -> tuple[Tensor, Tensor]:
     return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
+def pool_split(split: str, pool: int, val_size: int | float, seed: int) -> Tensor:
+    """Indices (into a training pool of size ``pool``) of the train or val split."""
+    n_val = validation_count(pool, val_size)
+    if split == "val" and n_val == 0:
+        raise UserError(f"the validation split is empty with val_size={val_size!r}: use a positive fraction or count")
+    train_idx, val_idx = carve_validation(pool, n_val, seed)
+    return train_idx if split == "train" else val_idx
+
+
 def subset_indices(total: int, size: int | None, seed: int, key: str) -> Tensor | None:
     """Sorted indices of a deterministic random subset of ``size`` of ``total`` samples,
     or None for all of them."""

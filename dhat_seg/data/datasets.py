@@ -1,4 +1,5 @@
-"""Concrete datasets: synthetic (built in), CIFAR-10/100 (torchvision), image folders.
+"""Concrete datasets: synthetic and digits (built in), CIFAR-10/100 (torchvision); image
+folders are in :mod:`dhat_seg.data.folder`.
 
 Each ``load_*`` function returns an :class:`~dhat_seg.data.base.IndexedDataset` for one
 split. Train and val come from the same training pool: val is carved out of it
@@ -9,12 +10,10 @@ test set is never used for validation.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -22,10 +21,10 @@ from dhat_seg.data.base import (
     IndexedDataset,
     JointTransform,
     TensorImageDataset,
-    carve_validation,
     derive_seed,
     images_from_hwc,
     subset_indices,
+    pool_split,
     validation_count,
 )
 from dhat_seg.data.digits import DIGIT_NAMES, DIGITS_VERSION, generate_digits, source_split
@@ -47,18 +46,6 @@ DEFAULT_DATA_ROOT = "~/.cache/dhat-seg/data"
 
 SYNTHETIC_TRAIN_SIZE = 5000
 SYNTHETIC_TEST_SIZE = 1000
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
-
-
-def _pool_split(split: str, pool: int, val_size: int | float, seed: int) -> Tensor:
-    """Indices (into a training pool of size ``pool``) of the train or val split."""
-    n_val = validation_count(pool, val_size)
-    if split == "val" and n_val == 0:
-        raise UserError(f"the validation split is empty with val_size={val_size!r}: use a positive fraction or count")
-    train_idx, val_idx = carve_validation(pool, n_val, seed)
-    return train_idx if split == "train" else val_idx
-
 
 # ---------------------------------------------------------------------------------
 # Synthetic
@@ -146,7 +133,7 @@ def load_synthetic(
         idx = None
         take = slice(None)
     else:
-        idx = take = _pool_split(split, n, val_size, seed)
+        idx = take = pool_split(split, n, val_size, seed)
         params["val_size"] = val_size
     if edit == "only_fg":
         images = only_foreground(arrays)
@@ -218,7 +205,7 @@ def load_cifar(
     source = sub
     params: dict[str, Any] = {"size": size, "subset_seed": int(seed) if sub is not None else None}
     if split != "test":
-        idx = _pool_split(split, len(labels), val_size, seed)
+        idx = pool_split(split, len(labels), val_size, seed)
         images, labels = images[idx], labels[idx]
         source = idx if sub is None else sub[idx]
         params.update(seed=int(seed), val_size=val_size)
@@ -231,122 +218,6 @@ def load_cifar(
         split=split,
         num_classes=len(ds.classes),
         class_names=ds.classes,
-        source_indices=source,
-        transform=transform,
-    )
-
-
-# ---------------------------------------------------------------------------------
-# Image folders
-# ---------------------------------------------------------------------------------
-
-
-def scan_image_folder(path: Path) -> tuple[list[str], list[Path], list[str]]:
-    """ImageFolder layout: one subfolder per class. Returns (class names sorted, files
-    sorted by class then relative path, class name of each file). Classes without
-    images are skipped."""
-    classes, files, file_classes = [], [], []
-    for class_dir in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        found = sorted(
-            p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
-        if found:
-            classes.append(class_dir.name)
-            files.extend(found)
-            file_classes.extend([class_dir.name] * len(found))
-    return classes, files, file_classes
-
-
-class FolderDataset(IndexedDataset):
-    """Images read lazily from files, converted to RGB and resized to ``image_size``
-    (bilinear; the aspect ratio is not kept). Fingerprint: the files' relative paths,
-    labels and bytes."""
-
-    def __init__(self, files: list[Path], labels: Tensor, *, root: Path, **kwargs: Any):
-        super().__init__(labels=labels, **kwargs)
-        self.files = files
-        self.root = root
-
-    def load_image(self, index: int) -> Tensor:
-        from PIL import Image, UnidentifiedImageError
-
-        path = self.files[index]
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB").resize((self.image_size[1], self.image_size[0]), Image.BILINEAR)
-                array = np.asarray(im, dtype=np.uint8)
-        except (OSError, UnidentifiedImageError) as exc:
-            raise UserError(f"cannot read image {path}: {exc}") from exc
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
-
-    def _fingerprint_payload(self, h: "hashlib._Hash") -> None:
-        for path, label in zip(self.files, self._labels.tolist()):
-            h.update(f"{path.relative_to(self.root).as_posix()}:{label}\n".encode())
-            h.update(hashlib.sha256(path.read_bytes()).digest())
-
-
-def load_folder(
-    split: str,
-    *,
-    root: str | os.PathLike | None,
-    seed: int,
-    image_size: int,
-    size: int | None,
-    val_size: int | float,
-    transform: JointTransform | None,
-) -> FolderDataset:
-    """An image folder: either ``root/train`` (+ ``root/test``, optional ``root/val``)
-    each with one subfolder per class, or ``root`` itself with one subfolder per class
-    (training data only). Without ``root/val``, val is carved out of the training data.
-    """
-    if root is None:
-        raise UserError("dataset 'folder' needs the folder of images: pass --data-root PATH")
-    base = Path(root).expanduser()
-    if not base.is_dir():
-        raise UserError(f"image folder {base} does not exist or is not a directory")
-    split_layout = (base / "train").is_dir()
-    train_dir = base / "train" if split_layout else base
-    train_classes, _, _ = scan_image_folder(train_dir)
-    if not train_classes:
-        raise UserError(
-            f"no images found in {train_dir}: expected one subfolder per class holding image files "
-            f"({', '.join(IMAGE_EXTENSIONS)})"
-        )
-    has_val_dir = split_layout and (base / "val").is_dir()
-    if split == "test" or (split == "val" and has_val_dir):
-        source_dir = base / split
-        if not split_layout or not source_dir.is_dir():
-            raise UserError(f"image folder {base} has no {split}/ subfolder (expected {base}/{split}/<class>/<images>)")
-    else:
-        source_dir = train_dir
-    _, files, file_classes = scan_image_folder(source_dir)
-    if not files:
-        raise UserError(f"no images found in {source_dir}: expected one subfolder per class holding image files")
-    unknown = sorted(set(file_classes) - set(train_classes))
-    if unknown:
-        raise UserError(f"classes {unknown} in {source_dir} do not appear in the training folder {train_dir}")
-    class_index = {c: i for i, c in enumerate(train_classes)}
-    labels = torch.tensor([class_index[c] for c in file_classes], dtype=torch.int64)
-
-    sub = subset_indices(len(files), size, seed, f"folder-{source_dir.name}")
-    if sub is not None:
-        files = [files[i] for i in sub.tolist()]
-        labels = labels[sub]
-    source = sub
-    if split in ("train", "val") and not has_val_dir:
-        idx = _pool_split(split, len(files), val_size, seed)
-        files = [files[i] for i in idx.tolist()]
-        labels = labels[idx]
-        source = idx if sub is None else sub[idx]
-    return FolderDataset(
-        files,
-        labels,
-        root=base,
-        name="folder",
-        split=split,
-        num_classes=len(train_classes),
-        image_size=(image_size, image_size),
-        class_names=train_classes,
         source_indices=source,
         transform=transform,
     )

@@ -6,7 +6,8 @@ import os
 from dataclasses import dataclass
 
 from dhat_seg.data.base import IndexedDataset
-from dhat_seg.data.datasets import GENERATED_TEST_SPLITS, load_cifar, load_folder, load_synthetic
+from dhat_seg.data.datasets import GENERATED_TEST_SPLITS, load_cifar, load_synthetic
+from dhat_seg.data.folder import FOLDER_SPLITS, folder_splits, load_folder
 from dhat_seg.data.synthetic import DEFAULT_SALIENCE
 from dhat_seg.data.transforms import JointAugment
 from dhat_seg.errors import UserError
@@ -74,10 +75,11 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo("cifar100", "CIFAR-100 (torchvision), 32x32, 100 classes", 100, True),
         DatasetInfo(
             "folder",
-            "your images: --data-root with train/ and test/ (optional val/) subfolders of class "
-            "folders, or a single folder of class folders",
+            "your images: --data-root with train/ and test/ (optional val/, Backgrounds-Challenge "
+            "test splits, masks/) subfolders of class folders, or a single folder of class folders",
             None,
             False,
+            FOLDER_SPLITS,
         ),
     )
 }
@@ -93,6 +95,12 @@ def generator_version(name: str) -> str | None:
     from dhat_seg.data.synthetic import GENERATOR_VERSION
 
     return {"synthetic": GENERATOR_VERSION, "digits": f"{GENERATOR_VERSION}+digits-{DIGITS_VERSION}"}.get(name)
+
+
+def available_splits(name: str, root: str | os.PathLike | None = None) -> tuple[str, ...]:
+    """The splits dataset ``name`` has: all of :attr:`DatasetInfo.splits`, except for an
+    image folder, whose test splits are the subfolders ``root`` holds."""
+    return folder_splits(root) if name == "folder" else DATASETS[name].splits
 
 
 def list_datasets() -> list[DatasetInfo]:
@@ -118,9 +126,9 @@ def build_dataset(
 
     Args:
         name: a key of :data:`DATASETS`.
-        split: "train", "val", "test" (and for the built-in data "test-mixed-rand",
-            "test-only-fg", "test-no-fg"; "test" is the ``same`` variant, correlated like
-            training).
+        split: "train", "val", "test" (and for the built-in data, or a folder holding them,
+            "test-mixed-rand", "test-only-fg", "test-no-fg"; "test" is the ``same`` variant,
+            correlated like training).
         root: data folder (CIFAR: default ``~/.cache/dhat-seg/data``; folder: required).
         download: CIFAR only: fetch the data into ``root`` if it is missing.
         seed: seeds generation (synthetic), the validation carve-out and ``size`` subsets.

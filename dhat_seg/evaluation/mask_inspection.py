@@ -166,7 +166,7 @@ def score_method(cfg, split: str, n: int, root: Path, device, log: Callable[[str
     (nothing is written; the attention model is trained first when missing)."""
     dataset = split_for(cfg, split)
     if dataset.gt_masks is None:
-        raise UserError(f"dataset {cfg.data!r} has no ground-truth masks to score against; use --data synthetic or --data digits")
+        raise UserError(f"dataset {cfg.data!r} has no ground-truth masks to score against; use --data synthetic or --data digits, or give the image folder ROOT/masks/<split>/")
     n = min(n, len(dataset))
     key, spec, weights = settings_key(cfg, dataset, root, log, train=True)
     directory = cache_dir_for(root, key)

@@ -6,7 +6,8 @@ What is measured (DHAT evaluation protocol, REFERENCE section 1):
   on the first ``n_examples`` samples of the test split, and the per-sample worst case;
 * the Robust Gap: the same attack (``gap_attack``, default PGD-10) on the first
   ``gap_examples`` samples of the *un-augmented training split* minus on the test set;
-* on datasets with a background-shifted test set (the built-in data): the BG-gap,
+* on datasets with a background-shifted test set (the built-in data, an image folder
+  with ``test-mixed-rand/``): the BG-gap,
   clean and PGD-10 accuracy on ``test`` (training-like backgrounds) minus
   ``test-mixed-rand`` (random backgrounds), on the same objects; and the
   Backgrounds-Challenge accuracies ``background_challenge``: ``same``, ``mixed_rand``,
@@ -38,7 +39,7 @@ from dhat_seg.run.checkpoint import load_weights, resolve_weights
 from dhat_seg.config import FIELDS, TrainConfig
 from dhat_seg.method_options import migrate
 from dhat_seg.data import DATASETS, split_for
-from dhat_seg.data.registry import BACKGROUND_CHALLENGE_SPLITS
+from dhat_seg.data.registry import BACKGROUND_CHALLENGE_SPLITS, available_splits
 from dhat_seg.errors import UserError
 from dhat_seg.run.devices import select_device
 
@@ -183,8 +184,7 @@ def run_eval(target: str | Path, options: EvalOptions | None = None, *, log: Cal
     cfg = run_config_for(target.parent if target.is_file() else target) or TrainConfig()
     if opts.data:
         cfg.data = opts.data
-    info = DATASETS.get(cfg.data)
-    if info is None:
+    if cfg.data not in DATASETS:
         raise UserError(f"dataset {cfg.data!r} is unknown; known datasets: {', '.join(DATASETS)}")
     dev = select_device(opts.device)
     model = load_weights(weights).to(dev).eval()
@@ -264,7 +264,7 @@ def run_eval(target: str | Path, options: EvalOptions | None = None, *, log: Cal
     # ---- BG-gap and the Backgrounds-Challenge accuracies (built-in data)
     report["bg_gap"] = None
     report["background_challenge"] = None
-    if opts.bg_gap and MIXED_RAND_SPLIT in info.splits:
+    if opts.bg_gap and MIXED_RAND_SPLIT in available_splits(cfg.data, cfg.data_root):
         t0 = time.time()
         report["bg_gap"], report["background_challenge"] = _bg_gap(
             model, cfg, opts, flags if opts.split == "test" else {}, len(x), common)
@@ -340,7 +340,7 @@ def _bg_gap(model, cfg: TrainConfig, opts: EvalOptions, test_flags: dict, n: int
     xm, ym = evaluate.collect(_dataset(cfg, MIXED_RAND_SPLIT), n)
     mixed = evaluate.flags_for_attacks(model, xm, ym, names, label="bg mixed-rand ", **common)
     gap = {k: evaluate.background_gap(same[k], mixed[k]) for k in names} | {"n": min(n, len(ym))}
-    splits = DATASETS[cfg.data].splits
+    splits = available_splits(cfg.data, cfg.data_root)
     if not all(split in splits for split in BACKGROUND_CHALLENGE_SPLITS.values()):
         return gap, None
     xf, yf = evaluate.collect(_dataset(cfg, BACKGROUND_CHALLENGE_SPLITS["only_fg"]), n)
@@ -358,7 +358,7 @@ def _bg_gap(model, cfg: TrainConfig, opts: EvalOptions, test_flags: dict, n: int
                   "only_fg": evaluate.percent(only_fg["pgd10"])},
         "n": min(len(same["clean"]), len(ym), len(yf), len(xn)),
         "splits": dict(BACKGROUND_CHALLENGE_SPLITS),
-        "chance": round(100.0 / DATASETS[cfg.data].num_classes, 2),
+        "chance": round(100.0 / no_fg_ds.num_classes, 2),
     }
     return gap, challenge
 

@@ -209,7 +209,7 @@ def run_study(
         for name in rows:
             if name not in unavailable and _reads_oracle(study, base, name):
                 unavailable[name] = (f"the oracle reads ground-truth foreground masks, which the {base.data!r} data does "
-                                     "not have (the built-in synthetic data has them: --set data=synthetic)")
+                                     "not have (the built-in data have them: --set data=synthetic; an image folder, in ROOT/masks/)")
     out.mkdir(parents=True, exist_ok=True)
     root = cache_root(cache_dir)
     eval_options = dataclasses.replace(eval_options, sanity=True)  # every row checks for gradient masking
