@@ -139,7 +139,8 @@ def register(root: typer.Typer) -> None:
         set_: Optional[List[str]] = typer.Option(None, "--set", help="any training config option KEY=VALUE (repeatable)"),
     ):
         """Train and evaluate one run per attention method with identical settings: the paper's Table 10
-        (Clean, PGD-10, C&W, AA, Robust Gap; plus BG-gap and attention IoU on the built-in data).
+        (Clean, PGD-10, C&W, AA, Robust Gap; plus BG-gap and attention IoU on the built-in data, or on an
+        image folder with test-mixed-rand/ and masks/).
         Every row runs the gradient-masking sanity checks of `eval --sanity`; a row failing one is marked suspect.
         With --seeds, every row runs once per seed and the table shows mean ± std over the seeds.
         Writes ablation.md/.csv/.json/.png; finished rows are reused, interrupted ones resume.

@@ -50,8 +50,9 @@ def register(root: typer.Typer) -> None:
                                                  "(repeatable; not method, base, awp*, attention: the rows set those)"),
     ):
         """Train and evaluate one run per training method with identical data, model, schedule and evaluation
-        (Clean, PGD-10, C&W, AA, Robust Gap; plus BG-gap on the built-in data); the paper preset prints the DHAT
-        paper's main results beside them. Every row runs the gradient-masking sanity checks of `eval --sanity`.
+        (Clean, PGD-10, C&W, AA, Robust Gap; plus BG-gap on the built-in data, or on an image folder with
+        test-mixed-rand/); the paper preset prints the DHAT paper's main results beside them.
+        Every row runs the gradient-masking sanity checks of `eval --sanity`.
         With --seeds, every row runs once per seed and the table shows mean ± std over the seeds.
         Writes comparison.md/.csv/.json/.png; finished rows are reused, interrupted ones resume.
         --jobs N runs N rows at once; --launcher submitit runs each row x seed as a submitit (Slurm) job."""
