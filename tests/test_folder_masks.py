@@ -185,3 +185,29 @@ def test_a_folder_of_the_built_in_images_evaluates_as_the_built_in_data(tmp_path
     assert a["background_challenge"] == b["background_challenge"] and a["bg_gap"] == b["bg_gap"]
     assert a["accuracy"] == b["accuracy"]
     assert a["attention_iou"]["mean_iou"] == b["attention_iou"]["mean_iou"] == 1.0
+
+
+def test_the_datasets_command_lists_and_checks_a_folder(tmp_path):
+    from typer.testing import CliRunner
+
+    from dhat_seg.cli import app
+
+    from cli_helpers import assert_one_line_error
+
+    listed = CliRunner().invoke(app, ["datasets"])
+    assert listed.exit_code == 0 and "ROOT/masks/<split>/" in listed.output
+    assert "test-no-fg" in next(line for line in listed.output.splitlines() if line.startswith("folder"))
+    write_folder(tmp_path / "f", splits=("train", "test", "test-mixed-rand"), masks=("test",))
+    checked = CliRunner().invoke(app, ["datasets", "--data-root", str(tmp_path / "f"), "--read-masks"])
+    assert checked.exit_code == 0, checked.output
+    lines = {line.split()[0]: line.split() for line in checked.output.splitlines() if line[:1].isalpha()}
+    assert lines["train"][1:4] == ["7", "2", "train/"] and lines["val"][1] == "1"
+    fraction = 100 * sum(_box(top=k + c, left=2 * k).mean() for c in range(2) for k in range(4)) / 8
+    assert lines["test"][1:5] == ["8", "2", "test/", "8"] and f"(foreground {fraction:.1f} %)" in checked.output
+    assert lines["test-mixed-rand"][-1] == "-"
+    assert "Backgrounds-Challenge accuracies: no (test-only-fg/, test-no-fg/ missing); attention IoU: yes" in checked.output
+    (tmp_path / "f" / "masks" / "test" / "dog" / "im2.png").unlink()
+    assert_one_line_error(CliRunner().invoke(app, ["datasets", "--data-root", str(tmp_path / "f")]),
+                          "1 of 8 images", "im2.png or .npy")
+    assert_one_line_error(CliRunner().invoke(app, ["datasets", "--data-root", str(tmp_path / "none")]),
+                          "is not a folder")

@@ -2,7 +2,8 @@
 it parses, calls one library function, and prints.
 
 One module per command group: :mod:`.train`, :mod:`.evaluate` (``eval``), :mod:`.masks`,
-:mod:`.ablate`, :mod:`.compare`, :mod:`.methods`, :mod:`.plugins`, :mod:`.report`; shared helpers in :mod:`.common`.
+:mod:`.ablate`, :mod:`.compare`, :mod:`.methods`, :mod:`.plugins`, :mod:`.datasets`,
+:mod:`.report`; shared helpers in :mod:`.common`.
 User mistakes surface as one ``error: ...`` line on stderr and exit code 2; no
 tracebacks. Messages go through :mod:`logging` to stderr (``-v`` for more, ``-q`` for
 warnings only); progress bars go to stderr when it is a terminal; results to stdout.
@@ -51,9 +52,9 @@ def _root(
 
 configure_logging(0)
 
-from dhat_seg.cli import ablate, compare, evaluate, masks, methods, plugins, report, train  # noqa: E402  (commands register on app)
+from dhat_seg.cli import ablate, compare, datasets, evaluate, masks, methods, plugins, report, train  # noqa: E402
 
-for _module in (train, evaluate, masks, ablate, compare, methods, plugins, report):
+for _module in (train, evaluate, masks, ablate, compare, methods, plugins, datasets, report):  # commands register on app
     _module.register(app)
 
 

@@ -253,3 +253,26 @@ def load_folder(
         source_indices=take,
         transform=transform,
     )
+
+
+def describe_folder(root: str | os.PathLike, *, image_size: int = 32, val_size: int | float = 0.1, seed: int = 0,
+                    read_masks: bool = False) -> list[dict[str, Any]]:
+    """One row per split image folder ``root`` holds, as ``--set data=folder`` reads it:
+    images, classes, where they come from, and the masks (matched by name; with
+    ``read_masks`` every mask is read, which checks its format and size, and their mean
+    foreground fraction is given). Raises :class:`UserError` as loading would."""
+    rows = []
+    for split in folder_splits(root):
+        ds = load_folder(split, root=root, seed=seed, image_size=image_size, size=None, val_size=val_size,
+                         transform=None)
+        source = ds.files[0].relative_to(ds.root).parts[0] if ds.files else "-"
+        carved = split in ("train", "val") and not (Path(root).expanduser() / "val").is_dir()
+        masks = "-"
+        if ds.mask_files is not None:
+            masks = f"{len(ds.mask_files)}"
+            if read_masks:
+                masks += f" (foreground {100 * ds.gt_masks.float().mean().item():.1f} %)"
+        rows.append({"split": split, "images": len(ds), "classes": len(set(ds.labels.tolist())),
+                     "from": f"{source}/" + (" (val carved out)" if carved and source != "-" else ""),
+                     "masks": masks})
+    return rows
