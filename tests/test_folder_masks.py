@@ -211,3 +211,14 @@ def test_the_datasets_command_lists_and_checks_a_folder(tmp_path):
                           "1 of 8 images", "im2.png or .npy")
     assert_one_line_error(CliRunner().invoke(app, ["datasets", "--data-root", str(tmp_path / "none")]),
                           "is not a folder")
+
+
+def test_test_splits_of_a_folder_draw_the_same_subset(tmp_path):
+    """ImageNet-9's variants list the same objects in the same order: a --set test_size subset
+    keeps them paired across test, test-mixed-rand, test-only-fg and test-no-fg."""
+    write_folder(tmp_path, per_class=6, splits=("train", "test", "test-mixed-rand", "test-only-fg"), masks=())
+    subsets = [build_dataset("folder", s, root=tmp_path, size=5, seed=3) for s in ("test", "test-mixed-rand", "test-only-fg")]
+    names = [[p.relative_to(tmp_path / d.split).as_posix() for p in d.files] for d in subsets]
+    assert len(names[0]) == 5 and names[0] == names[1] == names[2]
+    assert names[0] != [p.relative_to(tmp_path / "test").as_posix() for p in
+                        build_dataset("folder", "test", root=tmp_path, size=5, seed=4).files]

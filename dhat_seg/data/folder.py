@@ -232,7 +232,9 @@ def load_folder(
     labels = torch.tensor([class_index[c] for c in file_classes], dtype=torch.int64)
     masks = find_masks(files, source_dir, base / MASKS_DIR / source_dir.name) if split_layout else None
 
-    take = subset_indices(len(files), size, seed, f"folder-{source_dir.name}")
+    # the test splits share one draw: ImageNet-9's variants list the same objects in the same order
+    key = "folder-test" if split.startswith("test") else f"folder-{source_dir.name}"
+    take = subset_indices(len(files), size, seed, key)
     if split in ("train", "val") and not has_val_dir:
         idx = pool_split(split, len(files) if take is None else len(take), val_size, seed)
         take = idx if take is None else take[idx]

@@ -261,7 +261,7 @@ def run_eval(target: str | Path, options: EvalOptions | None = None, *, log: Cal
                                 "test_split": f"{opts.split}, first {len(test_flags)} samples"}
         seconds["robust_gap"] = round(time.time() - t0, 2)
 
-    # ---- BG-gap and the Backgrounds-Challenge accuracies (built-in data)
+    # ---- BG-gap and the Backgrounds-Challenge accuracies (built-in data, folders holding the splits)
     report["bg_gap"] = None
     report["background_challenge"] = None
     if opts.bg_gap and MIXED_RAND_SPLIT in available_splits(cfg.data, cfg.data_root):
