@@ -211,6 +211,9 @@ def test_the_datasets_command_lists_and_checks_a_folder(tmp_path):
                           "1 of 8 images", "im2.png or .npy")
     assert_one_line_error(CliRunner().invoke(app, ["datasets", "--data-root", str(tmp_path / "none")]),
                           "is not a folder")
+    write_folder(tmp_path / "flat", splits=("train",), masks=())
+    flat = CliRunner().invoke(app, ["datasets", "--data-root", str(tmp_path / "flat" / "train")])
+    assert flat.exit_code == 0 and "./ (val carved out)" in flat.output and "attention IoU: no (no test/ split)" in flat.output
 
 
 def test_test_splits_of_a_folder_draw_the_same_subset(tmp_path):

@@ -45,8 +45,14 @@ def register(root: typer.Typer) -> None:
         splits = {r["split"] for r in rows}
         missing = [s for s in ("test-mixed-rand", "test-only-fg", "test-no-fg") if s not in splits]
         typer.echo("\nBackgrounds-Challenge accuracies: " + ("yes" if not missing else f"no ({'/, '.join(missing)}/ missing)")
-                   + "; attention IoU: " + ("yes" if any(r["split"] == "test" and r["masks"] != "-" for r in rows)
-                                            else "no (masks/test/ missing)"))
+                   + "; attention IoU: " + _iou_verdict(rows))
+
+
+def _iou_verdict(rows: list[dict]) -> str:
+    test = [r for r in rows if r["split"] == "test"]
+    if not test:
+        return "no (no test/ split)"
+    return "yes" if test[0]["masks"] != "-" else "no (masks/test/ missing)"
 
 
 def _masks_of(name: str) -> str:

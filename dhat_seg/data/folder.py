@@ -267,7 +267,8 @@ def describe_folder(root: str | os.PathLike, *, image_size: int = 32, val_size: 
     for split in folder_splits(root):
         ds = load_folder(split, root=root, seed=seed, image_size=image_size, size=None, val_size=val_size,
                          transform=None)
-        source = ds.files[0].relative_to(ds.root).parts[0] if ds.files else "-"
+        split_layout = (Path(root).expanduser() / "train").is_dir()
+        source = ds.files[0].relative_to(ds.root).parts[0] if split_layout else "."
         carved = split in ("train", "val") and not (Path(root).expanduser() / "val").is_dir()
         masks = "-"
         if ds.mask_files is not None:
@@ -275,6 +276,6 @@ def describe_folder(root: str | os.PathLike, *, image_size: int = 32, val_size: 
             if read_masks:
                 masks += f" (foreground {100 * ds.gt_masks.float().mean().item():.1f} %)"
         rows.append({"split": split, "images": len(ds), "classes": len(set(ds.labels.tolist())),
-                     "from": f"{source}/" + (" (val carved out)" if carved and source != "-" else ""),
+                     "from": f"{source}/" + (" (val carved out)" if carved else ""),
                      "masks": masks})
     return rows
