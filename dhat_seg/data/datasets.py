@@ -23,8 +23,8 @@ from dhat_seg.data.base import (
     TensorImageDataset,
     derive_seed,
     images_from_hwc,
-    subset_indices,
     pool_split,
+    subset_indices,
     validation_count,
 )
 from dhat_seg.data.digits import DIGIT_NAMES, DIGITS_VERSION, generate_digits, source_split
