@@ -3,7 +3,7 @@
 # after another, each into results/<study>/ of the current folder: the method comparison
 # (24 rows x seeds 0-2), the `digits` ablation (8 rows x seeds 0-2), then the `synthetic`
 # ablation (8 rows x seeds 0-4; its UIAT, Grad-CAM, U^2-Net-p and oracle runs of seeds 0-2
-# are the comparison's, copied with --reuse). About a day on 2 CPU cores; resumable: run it
+# are the comparison's, copied with --reuse). About 30 h on 2 CPU cores; resumable: run it
 # again after an interruption and every finished run is reused, an interrupted one resumes.
 # Run it from the repository root to add to the records kept in results/ (results/README.md).
 #
