@@ -36,7 +36,7 @@ def test_every_record_folder_has_its_command_and_its_table():
         assert list((TABLES / name).glob("*.json")), f"results/{name} has no published table in docs/tables/{name}"
 
 
-def test_results_track_records_and_tables_only():
+def test_results_track_complete_run_records_only():
     """Checkpoints, logs and tables stay out of results/ (its .gitignore): only what
     --report-only reads is tracked."""
     listed = subprocess.run(["git", "ls-files", "results"], cwd=ROOT, capture_output=True, text=True)
