@@ -344,6 +344,21 @@ def test_the_plot_is_a_bar_chart_with_error_bars(tmp_path):
     assert bars.get_title().startswith("dhat-seg compare: training methods")
 
 
+def test_the_plot_of_many_rows_gives_each_its_own_colour_and_a_legend_beside_the_bars(tmp_path):
+    study = compare.method_study("gradcam")
+    names = [*compare.method_rows(), "dhat[attention=u2net]", "dhat[attention=oracle]"]  # every row: 24
+    rows = [ablate.SeedRows(n, {0: ablate.Row(n, status="ok", seed=0, metrics={"clean": 50.0 + i}, study=study)},
+                            study=study) for i, n in enumerate(names)]
+    fig = ablate.plot(rows, tmp_path / "p.png")
+    (bars,) = fig.axes
+    colours = {tuple(p.get_facecolor()) for p in bars.patches}
+    assert len(colours) == 24  # the default cycle has 10: rows 11-24 would repeat rows 1-14
+    legend = bars.get_legend()
+    assert len(legend.get_texts()) == 24
+    renderer = fig.canvas.get_renderer()
+    assert legend.get_window_extent(renderer).x0 >= bars.get_window_extent(renderer).x1  # hides no bar
+
+
 # ---------------------------------------------------------------------------------
 # the command line
 # ---------------------------------------------------------------------------------

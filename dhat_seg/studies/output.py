@@ -177,6 +177,17 @@ def _hypothesis_panel(ax, result: Mapping[str, Any], rows: list, colours: dict[s
     ax.tick_params(labelsize=7)
 
 
+def _colour(i: int, n: int):
+    """Row ``i`` of ``n``'s colour: matplotlib's default cycle up to 10 rows; beyond, the
+    tab20, tab20b and tab20c colours (60), so that no two rows share one."""
+    if n <= 10:
+        return f"C{i}"
+    from matplotlib import colormaps
+
+    maps = ("tab20", "tab20b", "tab20c")
+    return colormaps[maps[(i // 20) % 3]](i % 20)
+
+
 def plot(rows: list, path: Path, study: Study | None = None, hypotheses: list[dict[str, Any]] | None = None):
     """Top: grouped bars, one group per metric, one bar per row with results (IoU x 100),
     error bars = std over seeds (several seeds). Suspect rows (a failed sanity check) are
@@ -190,7 +201,7 @@ def plot(rows: list, path: Path, study: Study | None = None, hypotheses: list[di
 
     study = _study(rows, study)
     done = [r for r in rows if r.has_results]
-    colours = {r.name: f"C{i % 10}" for i, r in enumerate(done)}
+    colours = {r.name: _colour(i, len(done)) for i, r in enumerate(done)}
     seeds = max((len(getattr(r, "done", [r])) for r in done), default=1)
     metrics = [(k, h) for k, h in study.columns if any(r.stat(k)[0] is not None for r in done)]
     if hypotheses is None:
@@ -217,8 +228,9 @@ def plot(rows: list, path: Path, study: Study | None = None, hypotheses: list[di
     ax.axhline(0, color="black", linewidth=0.6)
     title = f"dhat-seg {study.command}: " + (study.title if done else "no finished rows yet")
     ax.set_title(title + (f" (mean ± std over up to {seeds} seeds)" if seeds > 1 else ""))
-    if done:
-        ax.legend(fontsize=8)
+    if done:  # beside the bars once there are many rows, so it hides none of them
+        ax.legend(fontsize=8, **({} if len(done) <= 8 else dict(loc="upper left", bbox_to_anchor=(1.005, 1.0),
+                                                                 ncol=1 + len(done) // 13)))
     if hypotheses:
         from dhat_seg.studies.trend import HYPOTHESES
 
