@@ -106,6 +106,12 @@ def test_the_floor_is_tested_row_by_row():
     assert decided["high"] < -5 and decided["per_row"]["oracle[flip=1]"]["diff"]["low"] < decided["low"]
     wide = _rows({0: [-12.0, 0.0, 1.0], 1: [2.0, 1.0, 0.0], 2: [-4.0, 0.5, 0.5]}, IOUS, key="aa")
     assert trend.floor_test(wide, "-", h4)["verdict"] == "inconclusive"
+    # in a partly filled table the seed count shown is the worst row's own, not the largest
+    partial = _rows({0: [-4.0, 0.0, 1.0], 1: [-3.0, 1.0, 0.0], 2: [-4.5, 0.5, 0.5]}, IOUS, key="aa")
+    del partial[1].runs[2]
+    shown = trend.floor_test(partial, "-", h4)
+    assert shown["worst_row"] == "oracle[flip=0]" and shown["n_seeds"] == 2
+    assert "pts (2) |" in trend.hypotheses_markdown([shown])
 
 
 def test_the_hypotheses_reach_the_ablation_outputs(tmp_path):

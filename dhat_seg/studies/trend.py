@@ -192,7 +192,7 @@ def floor_test(rows: Iterable, reference: str, hyp: Hypothesis) -> dict[str, Any
             "statistic": f"each attention row's mean paired difference (points), 95 % t-interval; floor -{hyp.margin:g}",
             "estimate": tested[worst]["mean"] if worst else None, "low": tested[worst]["low"] if worst else None,
             "high": tested[worst]["high"] if worst else None, "worst_row": worst,
-            "n_seeds": max((d["n"] for d in tested.values()), default=0),
+            "n_seeds": tested[worst]["n"] if worst else 0,  # the shown row's own n
             "per_row": means, "rows": sorted(means), "verdict": verdict}
 
 
